@@ -1,0 +1,153 @@
+"""``VmdkFile``: an image as a Python file object (``io.RawIOBase``).
+
+Reads and writes go straight to :class:`vmdk.image.Image`, which works on
+whole requests; no buffering layer sits in between, because a disk is used
+with random seeks and large blocks.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+from .errors import OutOfRangeError
+from .image import Image, MapRun
+
+
+class VmdkFile(io.RawIOBase):
+    """A virtual disk opened for reading (mode "r") or reading and writing ("r+")."""
+
+    def __init__(self, image: Image) -> None:
+        super().__init__()
+        self.image = image
+        self._pos = 0
+
+    # io protocol ---------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.image.path
+
+    @property
+    def mode(self) -> str:
+        return "rb" if self.image.read_only else "r+b"
+
+    @property
+    def size(self) -> int:
+        """Virtual size in bytes."""
+        return self.image.size
+
+    def readable(self) -> bool:
+        self._checkClosed()
+        return True
+
+    def writable(self) -> bool:
+        self._checkClosed()
+        return not self.image.read_only
+
+    def seekable(self) -> bool:
+        self._checkClosed()
+        return True
+
+    def tell(self) -> int:
+        self._checkClosed()
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self._checkClosed()
+        if whence == os.SEEK_SET:
+            pos = offset
+        elif whence == os.SEEK_CUR:
+            pos = self._pos + offset
+        elif whence == os.SEEK_END:
+            pos = self.image.size + offset
+        else:
+            raise ValueError(f"invalid whence {whence}")
+        if pos < 0:
+            raise ValueError(f"negative seek position {pos}")
+        self._pos = pos
+        return pos
+
+    def readinto(self, buffer: Any) -> int:
+        self._checkClosed()
+        view = memoryview(buffer).cast("B")
+        n = max(0, min(len(view), self.image.size - self._pos))
+        if n:
+            self.image.readinto_at(self._pos, view[:n])
+            self._pos += n
+        return n
+
+    def readall(self) -> bytes:
+        return self.read(max(0, self.image.size - self._pos))
+
+    def write(self, data: Any) -> int:
+        self._checkClosed()
+        view = memoryview(data).cast("B")
+        if self._pos + len(view) > self.image.size:
+            raise OutOfRangeError(
+                f"write of {len(view)} bytes at offset {self._pos} passes the end of the "
+                f"disk ({self.image.size} bytes); resize the image first", self.image.path)
+        self.image.write_at(self._pos, view)
+        self._pos += len(view)
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int:
+        raise io.UnsupportedOperation("a virtual disk has a fixed size; use vmdk resize")
+
+    def flush(self) -> None:
+        """Write descriptor and metadata, then fsync every file."""
+        if not self.closed:
+            self.image.flush()
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self.image.close()
+            finally:
+                super().close()
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("a VMDK image has no single file descriptor")
+
+    def __enter__(self) -> VmdkFile:
+        self._checkClosed()
+        return self
+
+    # positional API (what the NBD server and convert use) ------------------
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        return self.image.read_at(offset, length)
+
+    def readinto_at(self, offset: int, buf: Any) -> None:
+        self.image.readinto_at(offset, buf)
+
+    def write_at(self, offset: int, data: Any) -> None:
+        self.image.write_at(offset, data)
+
+    def write_zeroes_at(self, offset: int, length: int) -> None:
+        self.image.write_zeroes_at(offset, length)
+
+    def discard_at(self, offset: int, length: int) -> None:
+        self.image.discard_at(offset, length)
+
+    def map(self, offset: int = 0, length: int | None = None) -> list[MapRun]:
+        return self.image.map(offset, length)
+
+    def info(self) -> dict[str, Any]:
+        return self.image.info()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else self.mode
+        return f"<vmdk.VmdkFile {self.image.path!r} {state} size={self.image.size}>"
+
+
+def open(path: str | os.PathLike[str], mode: str = "r", *, allow_external: bool = False,
+         ignore_cid: bool = False) -> VmdkFile:
+    """Open a VMDK image (descriptor, monolithic or bare extent file) as a file object.
+
+    ``mode`` is "r" (the default) or "r+" to write.  ``allow_external`` lets
+    the descriptor name files outside the image's folder or devices, which is
+    refused by default; ``ignore_cid`` opens a snapshot whose parent changed.
+    """
+    return VmdkFile(Image.open(path, mode, allow_external=allow_external, ignore_cid=ignore_cid))

@@ -1,0 +1,202 @@
+"""Consistency checks of an image, reported as counts as ``qemu-img check`` does.
+
+Exit codes (``CheckResult.exit_code``): 0 clean, 1 the check could not run,
+2 corruptions found, 3 only leaked space found.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import numpy as np
+
+from ._structs import SparseFlags
+from .errors import VmdkError
+from .extents.base import SECTOR_SIZE
+from .extents.flat import FlatExtent
+from .extents.sparse import SparseExtent
+from .image import Image
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    kind: str  # "corruption", "leak" or "warning"
+    message: str
+    filename: str | None = None
+
+
+@dataclasses.dataclass
+class CheckResult:
+    filename: str
+    corruptions: int = 0
+    leaks: int = 0  # leaked clusters (grain-sized pieces of unused file space)
+    check_errors: int = 0
+    problems: list[Problem] = dataclasses.field(default_factory=list)
+    allocated_clusters: int = 0
+    total_clusters: int = 0
+    image_end_offset: int = 0
+
+    def add(self, kind: str, message: str, filename: str | None, count: int = 1) -> None:
+        self.problems.append(Problem(kind, message, filename))
+        if kind == "corruption":
+            self.corruptions += count
+        elif kind == "leak":
+            self.leaks += count
+
+    @property
+    def exit_code(self) -> int:
+        if self.check_errors:
+            return 1
+        if self.corruptions:
+            return 2
+        if self.leaks:
+            return 3
+        return 0
+
+    def to_json(self) -> dict[str, Any]:
+        """The keys of ``qemu-img check --output=json``, plus the list of problems."""
+        out: dict[str, Any] = {
+            "filename": self.filename,
+            "format": "vmdk",
+            "check-errors": self.check_errors,
+            "image-end-offset": self.image_end_offset,
+            "allocated-clusters": self.allocated_clusters,
+            "total-clusters": self.total_clusters,
+            "problems": [dataclasses.asdict(p) for p in self.problems],
+        }
+        if self.corruptions:
+            out["corruptions"] = self.corruptions
+        if self.leaks:
+            out["leaks"] = self.leaks
+        return out
+
+
+def check(path: str | os.PathLike[str], *, allow_external: bool = False) -> CheckResult:
+    """Check an image (read-only) and report every inconsistency found."""
+    path = os.fspath(path)
+    result = CheckResult(path)
+    try:
+        image = Image.open(path, "r", allow_external=allow_external, open_parent=False)
+    except VmdkError as exc:
+        result.check_errors += 1
+        result.problems.append(Problem("error", str(exc), path))
+        return result
+    try:
+        for extent in image.extents:
+            if isinstance(extent, SparseExtent):
+                _check_sparse(extent, result)
+            elif isinstance(extent, FlatExtent):
+                _check_flat(extent, result)
+    finally:
+        image.close()
+    return result
+
+
+def _check_flat(extent: FlatExtent, result: CheckResult) -> None:
+    assert extent.filename is not None
+    have = os.fstat(extent.fd).st_size
+    need = extent.base + extent.size
+    if have < need and os.path.isfile(extent.filename):
+        result.add("corruption", f"flat extent file holds {have} bytes but the descriptor "
+                   f"needs {need}", extent.filename)
+
+
+def _check_sparse(extent: SparseExtent, result: CheckResult) -> None:
+    name = extent.filename
+    h = extent.header
+    if h.unclean_shutdown:
+        result.add("warning", "the image was not closed cleanly (unclean-shutdown flag set)", name)
+    gt_sectors = -(-h.num_gtes_per_gt * 4 // SECTOR_SIZE)
+    gd = extent.gd
+    file_sectors = -(-extent.file_size // SECTOR_SIZE)
+    _compare_redundant(extent, result, gt_sectors)
+    tables = [extent._gt(int(i)) if gd[i] else None for i in range(len(gd))]
+    entries = np.concatenate([t for t in tables if t is not None]) if any(
+        t is not None for t in tables) else np.zeros(0, dtype=np.uint32)
+    first_data = 2 if extent.zeroed_gte else 1
+    grains = entries[entries >= first_data].astype(np.int64)
+    result.total_clusters += -(-h.capacity // h.grain_size)
+    result.allocated_clusters += int(grains.size)
+    if extent.compressed:
+        beyond = grains[grains >= file_sectors]
+        if beyond.size:
+            result.add("corruption", f"{beyond.size} grain entries point past the end of the file",
+                       name, int(beyond.size))
+        result.image_end_offset = max(result.image_end_offset, extent.file_size)
+        return
+    grain_end = grains + h.grain_size
+    beyond = grains[grain_end > file_sectors]
+    if beyond.size:
+        result.add("corruption", f"{beyond.size} grain entries point past the end of the file "
+                   f"(first at sector {int(beyond[0])})", name, int(beyond.size))
+    # Every used area of the file, as sector intervals: metadata first, then grains.
+    meta = [(0, 1)]
+    if h.descriptor_offset:
+        meta.append((h.descriptor_offset, h.descriptor_offset + h.descriptor_size))
+    gd_sectors = -(-len(gd) * 4 // SECTOR_SIZE)
+    meta.append((h.gd_offset, h.gd_offset + gd_sectors))
+    if extent.rgd is not None:
+        meta.append((h.rgd_offset, h.rgd_offset + gd_sectors))
+    for table in (gd, extent.rgd):
+        if table is not None:
+            meta += [(int(s), int(s) + gt_sectors) for s in table[table != 0]]
+    meta_arr = np.array(meta, dtype=np.int64)
+    into_meta = _overlaps(grains, grain_end, meta_arr)
+    if into_meta:
+        result.add("corruption", f"{into_meta} grain entries point into metadata", name, into_meta)
+    order = np.argsort(grains, kind="stable")
+    s, e = grains[order], grain_end[order]
+    shared = int(np.count_nonzero(s[1:] < e[:-1])) if s.size > 1 else 0
+    if shared:
+        result.add("corruption", f"{shared} grains are referenced by more than one entry "
+                   "or overlap", name, shared)
+    used_end = max(int(e.max()) if e.size else 0, int(meta_arr[:, 1].max()))
+    result.image_end_offset = max(result.image_end_offset, used_end * SECTOR_SIZE)
+    _count_leaks(extent, result, meta_arr, s, e, file_sectors)
+
+
+def _overlaps(starts: np.ndarray, ends: np.ndarray, areas: np.ndarray) -> int:
+    hits = np.zeros(starts.shape, dtype=bool)
+    for a, b in areas:
+        hits |= (starts < b) & (ends > a)
+    return int(np.count_nonzero(hits))
+
+
+def _count_leaks(extent: SparseExtent, result: CheckResult, meta: np.ndarray,
+                 grain_starts: np.ndarray, grain_ends: np.ndarray, file_sectors: int) -> None:
+    """Space past the metadata that no table references, counted in grains."""
+    h = extent.header
+    starts = np.concatenate((meta[:, 0], grain_starts))
+    ends = np.concatenate((meta[:, 1], grain_ends))
+    order = np.argsort(starts, kind="stable")
+    starts, ends = starts[order], np.maximum.accumulate(ends[order])
+    gaps = np.maximum(starts[1:] - ends[:-1], 0)
+    unused = int(gaps[starts[1:] >= h.overhead].sum()) if gaps.size else 0
+    unused += max(0, file_sectors - max(int(ends.max()), h.overhead))
+    leaked = unused // h.grain_size
+    if leaked:
+        result.add("leak", f"{leaked} grains of file space are not referenced by any table",
+                   extent.filename, leaked)
+
+
+def _compare_redundant(extent: SparseExtent, result: CheckResult, gt_sectors: int) -> None:
+    if extent.rgd is None or not extent.header.has(SparseFlags.REDUNDANT_GT):
+        return
+    name = extent.filename
+    gd, rgd = extent.gd, extent.rgd
+    mismatch = np.flatnonzero((gd == 0) != (rgd == 0))
+    if mismatch.size:
+        result.add("corruption", f"grain directory and its redundant copy disagree in "
+                   f"{mismatch.size} entries", name, int(mismatch.size))
+    n = extent.header.num_gtes_per_gt
+    differing = 0
+    for i in np.flatnonzero((gd != 0) & (rgd != 0)):
+        raw = os.pread(extent.fd, n * 4, int(rgd[i]) * SECTOR_SIZE)
+        backup = np.frombuffer(raw.ljust(n * 4, b"\0"), dtype="<u4")
+        if not np.array_equal(backup, extent._gt(int(i))):
+            differing += 1
+    if differing:
+        result.add("corruption", f"{differing} grain tables differ from their redundant copies",
+                   name, differing)

@@ -1,0 +1,392 @@
+"""The ``vmdk`` command: qemu-img's verbs and spelling, over the library.
+
+Every verb is a thin function over the public API; errors become one line
+on stderr (``vmdk: error: ...``) and an exit code, never a traceback
+(``--debug`` shows it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from . import __version__
+from .check import check
+from .convert import DEFAULT_SPARSE_SIZE, convert, open_source
+from .create import SUBFORMATS, create
+from .errors import VmdkError
+from .image import Image
+
+log = logging.getLogger("vmdk")
+
+_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
+             "p": 1 << 50, "e": 1 << 60}
+
+
+def parse_size(text: str) -> int:
+    """Sizes as qemu-img takes them: bytes, or a number with K, M, G, T, P or E (powers of 1024)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([bkmgtpe]?)(?:i?b)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}")
+    value = float(m.group(1)) * _SUFFIXES[m.group(2).lower()]
+    return int(value)
+
+
+def parse_options(items: Sequence[str]) -> dict[str, str]:
+    """``-o key=value,key=value`` (repeatable) into a dict."""
+    out: dict[str, str] = {}
+    for item in items:
+        for part in item.split(","):
+            if not part:
+                continue
+            key, sep, value = part.partition("=")
+            if not sep:
+                raise VmdkError(f"option {part!r} needs a value (key=value)")
+            out[key.strip()] = value.strip()
+    return out
+
+
+_BOOL = {"on": True, "yes": True, "true": True, "1": True,
+         "off": False, "no": False, "false": False, "0": False}
+
+
+def create_kwargs(options: dict[str, str]) -> dict[str, Any]:
+    """Translate qemu-img's create options (``-o``) into ``vmdk.create`` arguments."""
+    kwargs: dict[str, Any] = {}
+    for key, value in options.items():
+        if key == "subformat":
+            kwargs["subformat"] = value
+        elif key in ("adapter_type", "hwversion", "toolsversion", "comment"):
+            kwargs[key] = value
+        elif key == "compat6":
+            if _BOOL.get(value.lower(), False):
+                kwargs["hwversion"] = "6"
+        elif key in ("zeroed_grain", "preallocation"):
+            if key == "preallocation":
+                kwargs["preallocate"] = value in ("full", "falloc")
+            else:
+                kwargs["zeroed_grain"] = _BOOL.get(value.lower(), False)
+        elif key == "cluster_size":
+            kwargs["cluster_size"] = parse_size(value)
+        elif key == "compression_level":
+            kwargs["compression_level"] = int(value)
+        elif key in ("backing_file",):
+            kwargs["parent"] = value
+        elif key == "backing_fmt":
+            if value != "vmdk":
+                raise VmdkError("a VMDK snapshot's parent must be a VMDK image")
+        else:
+            raise VmdkError(f"unknown option {key!r}")
+    return kwargs
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool, total: int, desc: str) -> Iterator[Callable[[int], None] | None]:
+    """A tqdm bar on stderr when asked for and stderr is a terminal; otherwise nothing."""
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+              leave=False) as bar:
+        yield bar.update
+
+
+def _human_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    raise AssertionError
+
+
+def _open_flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {"allow_external": getattr(args, "allow_external", False)}
+
+
+# ----------------------------------------------------------------------- verbs
+
+def cmd_info(args: argparse.Namespace) -> int:
+    with Image.open(args.image, "r", **_open_flags(args)) as image:
+        infos = [img.info() for img in (image.chain() if args.backing_chain else [image])]
+    if args.output == "json":
+        print(json.dumps(infos if args.backing_chain else infos[0], indent=4))
+        return 0
+    for n, info in enumerate(infos):
+        if n:
+            print()
+        _print_info(info)
+    return 0
+
+
+def _print_info(info: dict[str, Any]) -> None:
+    data = info["format-specific"]["data"]
+    print(f"image: {info['filename']}")
+    print("file format: vmdk")
+    print(f"virtual size: {_human_size(info['virtual-size'])} ({info['virtual-size']} bytes)")
+    print(f"disk size: {_human_size(info['actual-size'])}")
+    if "cluster-size" in info:
+        print(f"cluster_size: {info['cluster-size']}")
+    if "backing-filename" in info:
+        print(f"backing file: {info['backing-filename']}")
+    for key in ("adapter-type", "hardware-version", "uuid", "comment"):
+        if key in info:
+            print(f"{key.replace('-', ' ')}: {info[key]}")
+    geo = info["geometry"]
+    print(f"geometry: {geo['cylinders']}/{geo['heads']}/{geo['sectors']}")
+    print(f"dirty flag: {'yes' if info['dirty-flag'] else 'no'}")
+    print("Format specific information:")
+    print(f"    cid: {data['cid']}")
+    print(f"    parent cid: {data['parent-cid']}")
+    print(f"    create type: {data['create-type']}")
+    print("    extents:")
+    for i, ext in enumerate(data["extents"]):
+        print(f"        [{i}]:")
+        for key, value in ext.items():
+            print(f"            {key.replace('-', ' ')}: {value}")
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    kwargs = create_kwargs(parse_options(args.options))
+    if args.backing:
+        kwargs["parent"] = args.backing
+    size = args.size
+    if size is None and "parent" not in kwargs:
+        raise VmdkError("a size is required (for example 10G)")
+    with create(args.image, size, overwrite=True, **kwargs):
+        pass
+    if not args.quiet:
+        sub = kwargs.get("subformat", "monolithicSparse")
+        print(f"Formatting '{args.image}', fmt=vmdk subformat={sub} size={size}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    kwargs = create_kwargs(parse_options(args.options))
+    size = os.path.getsize(args.source) if args.source_format == "raw" else None
+    if size is None:
+        source = open_source(args.source, args.source_format, **_open_flags(args))
+        size = source.size
+        source.close()
+    with progress_bar(args.progress, size, "convert") as bar:
+        convert(args.source, args.target, src_format=args.source_format,
+                out_format=args.output_format, sparse_size=args.sparse_size, progress=bar,
+                allow_external=args.allow_external, **kwargs)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    result = check(args.image, **_open_flags(args))
+    if args.output == "json":
+        print(json.dumps(result.to_json(), indent=4))
+        return result.exit_code
+    for problem in result.problems:
+        label = {"corruption": "ERROR", "leak": "Leaked", "warning": "Warning"}.get(
+            problem.kind, "ERROR")
+        print(f"{label}: {problem.filename or result.filename}: {problem.message}")
+    if result.check_errors:
+        print("An error occurred during the check.")
+    elif result.corruptions:
+        print(f"\n{result.corruptions} errors were found on the image.\n"
+              "Data may be corrupted, or further writes to the image may corrupt it.")
+    elif result.leaks:
+        print(f"\n{result.leaks} leaked clusters were found on the image.\n"
+              "This means waste of disk space, but no harm to data.")
+    else:
+        print("No errors were found on the image.")
+    if result.total_clusters:
+        pct = 100.0 * result.allocated_clusters / result.total_clusters
+        print(f"{result.allocated_clusters}/{result.total_clusters} = {pct:.2f}% allocated")
+    return result.exit_code
+
+
+def cmd_map(args: argparse.Namespace) -> int:
+    with Image.open(args.image, "r", **_open_flags(args)) as image:
+        runs = image.map()
+    if args.output == "json":
+        print("[" + ",\n".join(json.dumps(r.to_json()) for r in runs) + "]")
+        return 0
+    print(f"{'Offset':<20}{'Length':<20}{'Mapped to':<20}File")
+    for r in runs:
+        if r.data and r.offset is not None:
+            print(f"{r.start:<#20x}{r.length:<#20x}{r.offset:<#20x}{r.filename}")
+        elif r.data:
+            print(f"{r.start:<#20x}{r.length:<#20x}{'(compressed)':<20}{r.filename}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    a = open_source(args.first, args.first_format, **_open_flags(args))
+    b = open_source(args.second, args.second_format, **_open_flags(args))
+    try:
+        return _compare(a, b, args.strict, args.quiet)
+    finally:
+        a.close()
+        b.close()
+
+
+def _compare(a: Any, b: Any, strict: bool, quiet: bool) -> int:
+    if strict and a.size != b.size:
+        if not quiet:
+            print(f"Strict mode: Image size mismatch! ({a.size} vs {b.size})")
+        return 1
+    chunk = 8 << 20
+    common = min(a.size, b.size)
+    buf_a, buf_b = bytearray(chunk), bytearray(chunk)
+    pos = 0
+    while pos < max(a.size, b.size):
+        n = min(chunk, max(a.size, b.size) - pos)
+        va, vb = memoryview(buf_a)[:n], memoryview(buf_b)[:n]
+        _read_padded(a, pos, va)
+        _read_padded(b, pos, vb)
+        if va != vb:
+            first = next(i for i in range(n) if va[i] != vb[i]) if n < 65536 else _first_diff(va, vb)
+            if not quiet:
+                where = "Content mismatch" if pos + first < common else "Image size mismatch"
+                print(f"{where} at offset {pos + first}!")
+            return 1
+        pos += n
+    if not quiet:
+        print("Images are identical.")
+    return 0
+
+
+def _first_diff(a: memoryview, b: memoryview) -> int:
+    import numpy as np
+
+    diff = np.flatnonzero(np.frombuffer(a, dtype=np.uint8) != np.frombuffer(b, dtype=np.uint8))
+    return int(diff[0])
+
+
+def _read_padded(src: Any, pos: int, view: memoryview) -> None:
+    n = max(0, min(len(view), src.size - pos))
+    if n:
+        src.readinto_at(pos, view[:n])
+    if n < len(view):
+        view[n:] = bytes(len(view) - n)
+
+
+def cmd_cat(args: argparse.Namespace) -> int:
+    source = open_source(args.image, args.format, **_open_flags(args))
+    out = sys.stdout.buffer
+    try:
+        chunk = bytearray(4 << 20)
+        pos = 0
+        while pos < source.size:
+            n = min(len(chunk), source.size - pos)
+            view = memoryview(chunk)[:n]
+            source.readinto_at(pos, view)
+            out.write(view)
+            pos += n
+        out.flush()
+    finally:
+        source.close()
+    return 0
+
+
+# ---------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vmdk",
+        description="Inspect, create, convert, check and serve VMware VMDK virtual disks.",
+        epilog="Run 'vmdk VERB --help' for the options of each verb.")
+    parser.add_argument("--version", action="version", version=f"vmdk {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what is done")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    def verb(name: str, func: Callable[[argparse.Namespace], int], help: str,
+             image: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        p.add_argument("--allow-external", action="store_true",
+                       help="trust descriptor paths outside the image's folder, and devices")
+        return p
+
+    p = verb("info", cmd_info, "show an image's size, kind, metadata and extents")
+    p.add_argument("--output", choices=("human", "json"), default="human")
+    p.add_argument("--backing-chain", action="store_true", help="also show every parent")
+    p.add_argument("-f", dest="format", choices=("vmdk",), default="vmdk")
+    p.add_argument("image")
+
+    p = verb("create", cmd_create, "create a new image")
+    p.add_argument("-f", dest="format", choices=("vmdk",), default="vmdk")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                   help=f"subformat={{{','.join(SUBFORMATS)}}}, adapter_type=ide|buslogic|"
+                        "lsilogic|legacyESX, hwversion=N, compat6=on, toolsversion=N, "
+                        "zeroed_grain=on, cluster_size=SIZE, preallocation=off|full, "
+                        "compression_level=N, backing_file=PATH")
+    p.add_argument("-b", dest="backing", metavar="PARENT",
+                   help="create a snapshot (child) of PARENT")
+    p.add_argument("-F", dest="backing_format", choices=("vmdk",), default="vmdk")
+    p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("image")
+    p.add_argument("size", nargs="?", type=parse_size, help="bytes, or with a suffix: 10G, 512M")
+
+    p = verb("convert", cmd_convert, "copy a disk into a new image or raw file")
+    p.add_argument("-f", dest="source_format", choices=("raw", "vmdk"), default=None,
+                   help="source format (detected when omitted)")
+    p.add_argument("-O", dest="output_format", choices=("raw", "vmdk"), default="vmdk")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                   help="create options of the target, as for 'create'")
+    p.add_argument("-S", dest="sparse_size", type=parse_size, default=DEFAULT_SPARSE_SIZE,
+                   help="runs of zeros of at least this size are not written (default 4k)")
+    p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
+    p.add_argument("source")
+    p.add_argument("target")
+
+    p = verb("check", cmd_check, "check an image for inconsistencies")
+    p.add_argument("--output", choices=("human", "json"), default="human")
+    p.add_argument("-f", dest="format", choices=("vmdk",), default="vmdk")
+    p.add_argument("image")
+
+    p = verb("map", cmd_map, "show where the image's data is stored")
+    p.add_argument("--output", choices=("human", "json"), default="human")
+    p.add_argument("-f", dest="format", choices=("vmdk",), default="vmdk")
+    p.add_argument("image")
+
+    p = verb("compare", cmd_compare, "compare the contents of two disks (raw or vmdk)")
+    p.add_argument("-f", dest="first_format", choices=("raw", "vmdk"), default=None)
+    p.add_argument("-F", dest="second_format", choices=("raw", "vmdk"), default=None)
+    p.add_argument("-s", dest="strict", action="store_true", help="sizes must match too")
+    p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("first")
+    p.add_argument("second")
+
+    p = verb("cat", cmd_cat, "write the disk's contents to standard output")
+    p.add_argument("-f", dest="format", choices=("raw", "vmdk"), default=None)
+    p.add_argument("image")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="vmdk: %(message)s")
+    else:
+        logging.basicConfig(level=logging.WARNING, format="vmdk: warning: %(message)s")
+    try:
+        return int(args.func(args))
+    except (VmdkError, OSError, ValueError) as exc:
+        if args.debug:
+            raise
+        print(f"vmdk: error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader went away (as with "| head"): not an error of ours.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        print("vmdk: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,202 @@
+"""Copying a disk from one image or raw file to another, skipping what reads as zeros.
+
+The source's allocation map drives the copy: unallocated and zero ranges are
+never read; stored ranges are read in large blocks, and blocks of zeros
+inside them are dropped so the target stays sparse (holes in raw files,
+unallocated grains in sparse images).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+import numpy as np
+
+from .errors import VmdkError
+from .image import Image, sniff
+
+#: Bytes moved per read/write system call.
+CHUNK = 8 << 20
+#: Default granularity of zero detection (qemu-img's -S default is 4 KiB).
+DEFAULT_SPARSE_SIZE = 4096
+
+Progress = Callable[[int], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Span:
+    start: int
+    length: int
+    data: bool  # False: known to read as zeros, need not be read
+
+
+class Source(Protocol):
+    size: int
+
+    def spans(self) -> Iterator[Span]: ...
+    def readinto_at(self, offset: int, buf: memoryview) -> None: ...
+    def close(self) -> None: ...
+
+
+class RawSource:
+    """A raw disk file; holes found with SEEK_DATA/SEEK_HOLE are not read."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self.size = os.lseek(self.fd, 0, os.SEEK_END)
+
+    def spans(self) -> Iterator[Span]:
+        pos = 0
+        while pos < self.size:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole remains
+                data = self.size
+            if data > pos:
+                yield Span(pos, data - pos, False)
+            if data >= self.size:
+                return
+            try:
+                hole = os.lseek(self.fd, data, os.SEEK_HOLE)
+            except OSError:
+                hole = self.size
+            yield Span(data, hole - data, True)
+            pos = hole
+
+    def readinto_at(self, offset: int, buf: memoryview) -> None:
+        done = 0
+        while done < len(buf):
+            n = os.preadv(self.fd, [buf[done:]], offset + done)
+            if n == 0:
+                buf[done:] = bytes(len(buf) - done)
+                return
+            done += n
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class ImageSource:
+    """A VMDK image (with its whole chain): ranges stored in no layer are skipped."""
+
+    def __init__(self, image: Image) -> None:
+        self.image = image
+        self.size = image.size
+
+    def spans(self) -> Iterator[Span]:
+        for run in self.image.map():
+            yield Span(run.start, run.length, run.data)
+
+    def readinto_at(self, offset: int, buf: memoryview) -> None:
+        self.image.readinto_at(offset, buf)
+
+    def close(self) -> None:
+        self.image.close()
+
+
+def open_source(path: str, fmt: str | None = None, **open_args: Any) -> Source:
+    """Open ``path`` as "raw" or "vmdk"; the kind is detected when ``fmt`` is None."""
+    if fmt is None:
+        fmt = "raw" if sniff(path) == "raw" else "vmdk"
+    if fmt == "raw":
+        return RawSource(path)
+    if fmt == "vmdk":
+        return ImageSource(Image.open(path, "r", **open_args))
+    raise VmdkError(f"unknown source format {fmt!r} (raw or vmdk)", path)
+
+
+def nonzero_runs(view: memoryview, block: int) -> list[tuple[int, int]]:
+    """(start, length) runs of ``view`` whose ``block``-sized pieces are not all zeros."""
+    n = len(view)
+    whole = n - n % block
+    runs: list[tuple[int, int]] = []
+    if whole:
+        words = np.frombuffer(view[:whole], dtype=np.uint8).reshape(-1, block)
+        nz = words.any(axis=1) if block % 8 else words.view(np.uint64).any(axis=1)
+        edges = np.flatnonzero(np.diff(np.concatenate(([False], nz, [False])).astype(np.int8)))
+        runs = [(int(a) * block, int(b - a) * block) for a, b in zip(edges[::2], edges[1::2])]
+    if whole < n and any(view[whole:]):
+        if runs and runs[-1][0] + runs[-1][1] == whole:
+            runs[-1] = (runs[-1][0], runs[-1][1] + n - whole)
+        else:
+            runs.append((whole, n - whole))
+    return runs
+
+
+class RawTarget:
+    """A raw output file: created at full size as one hole, then data is written into it."""
+
+    def __init__(self, path: str, size: int) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0),
+                          0o644)
+        os.ftruncate(self.fd, size)
+
+    def write_at(self, offset: int, data: memoryview) -> None:
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self.fd, data[done:], offset + done)
+
+    def close(self) -> None:
+        os.fsync(self.fd)
+        os.close(self.fd)
+
+
+def copy(source: Source, write_at: Callable[[int, memoryview], None], *,
+         sparse_size: int = DEFAULT_SPARSE_SIZE, progress: Progress | None = None) -> int:
+    """Copy every stored, non-zero byte of ``source`` through ``write_at``; returns bytes written."""
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    written = 0
+    for span in source.spans():
+        if not span.data:
+            if progress:
+                progress(span.length)
+            continue
+        pos, end = span.start, span.start + span.length
+        while pos < end:
+            n = min(CHUNK, end - pos)
+            chunk = view[:n]
+            source.readinto_at(pos, chunk)
+            for start, length in (nonzero_runs(chunk, sparse_size) if sparse_size else [(0, n)]):
+                write_at(pos + start, chunk[start:start + length])
+                written += length
+            pos += n
+            if progress:
+                progress(n)
+    return written
+
+
+def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
+            src_format: str | None = None, out_format: str = "vmdk",
+            subformat: str = "monolithicSparse", sparse_size: int = DEFAULT_SPARSE_SIZE,
+            progress: Progress | None = None, overwrite: bool = True,
+            allow_external: bool = False, **create_options: Any) -> int:
+    """Convert ``src`` (raw or any VMDK, chains flattened) into ``dst``; returns bytes written."""
+    src, dst = os.fspath(src), os.fspath(dst)
+    extra = {"allow_external": allow_external} if src_format != "raw" else {}
+    source = open_source(src, src_format, **extra)
+    try:
+        if os.path.exists(dst) and os.path.samefile(src, dst):
+            raise VmdkError("source and destination are the same file", dst)
+        if out_format == "raw":
+            target = RawTarget(dst, source.size)
+            try:
+                return copy(source, target.write_at, sparse_size=sparse_size, progress=progress)
+            finally:
+                target.close()
+        if out_format != "vmdk":
+            raise VmdkError(f"unknown output format {out_format!r} (raw or vmdk)", dst)
+        from .create import create
+
+        if "Sparse" in subformat or subformat == "streamOptimized":
+            # Zeros inside a grain cost nothing to write; whole zero grains are skipped anyway.
+            sparse_size = max(sparse_size, create_options.get("cluster_size", 65536))
+        with create(dst, source.size, subformat, overwrite=overwrite, **create_options) as out:
+            return copy(source, out.write_at, sparse_size=sparse_size, progress=progress)
+    finally:
+        source.close()

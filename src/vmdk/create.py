@@ -1,0 +1,355 @@
+"""Creating new images of every subformat VMware, VirtualBox and qemu-img make.
+
+One small writer per ``createType``; each lays out its files, writes a
+descriptor in VMware's canonical spelling, and hands back the image opened
+for writing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from .descriptor import Descriptor, ExtentLine
+from .errors import UnsupportedFormatError, VmdkError
+from .extents.base import SECTOR_SIZE
+from .extents.flat import FlatExtent
+from .extents.sparse import SparseExtent
+from .image import Image, compute_geometry, new_cid
+
+#: VMware and VirtualBox cut split images into extents of 2047 MiB.
+SPLIT_SECTORS = 2047 * 2048
+ADAPTER_TYPES = ("ide", "buslogic", "lsilogic", "legacyESX", "pvscsi", "lsisas1068")
+SUBFORMATS = ("monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse",
+              "twoGbMaxExtentFlat", "streamOptimized", "vmfs", "fullDevice",
+              "partitionedDevice")
+#: Accepted spellings of subformats, as VMware's own documents use both.
+ALIASES = {"2GbMaxExtentSparse": "twoGbMaxExtentSparse", "2GbMaxExtentFlat": "twoGbMaxExtentFlat"}
+DEFAULT_TOOLS_VERSION = "2147483647"  # "use the host's tools", what vSphere looks for
+NIL_UUID = "00000000-0000-0000-0000-000000000000"
+
+
+@dataclasses.dataclass(frozen=True)
+class RawRange:
+    """A range of a ``partitionedDevice`` disk.
+
+    ``data`` (a copy of a partition table or boot sector) is stored in the
+    ``name-pt.vmdk`` file; ``device`` maps the range onto a device or file from
+    ``device_offset``; with neither the range reads as zeros.
+    """
+
+    start: int
+    size: int
+    device: str | None = None
+    device_offset: int = 0
+    data: bytes | None = None
+
+
+@dataclasses.dataclass
+class CreateOptions:
+    adapter_type: str = "ide"
+    hwversion: str = "4"
+    geometry: tuple[int, int, int] | None = None
+    comment: str | None = None
+    preallocate: bool = False
+    cluster_size: int = 65536
+    zeroed_grain: bool = False
+    toolsversion: str = DEFAULT_TOOLS_VERSION
+    compression_level: int = 1
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _sibling(path: str, suffix: str) -> tuple[str, str]:
+    """(full path, name for the descriptor) of ``base<suffix>.vmdk`` next to ``path``."""
+    folder, name = os.path.split(path)
+    stem = name[:-5] if name.lower().endswith(".vmdk") else name
+    base = f"{stem}{suffix}.vmdk"
+    return os.path.join(folder, base), base
+
+
+def _ddb(size: int, opts: CreateOptions, parent: Image | None = None) -> dict[str, str]:
+    c, h, s = opts.geometry or compute_geometry(size, opts.adapter_type)
+    ddb = {
+        "ddb.adapterType": opts.adapter_type,
+        "ddb.geometry.cylinders": str(c),
+        "ddb.geometry.heads": str(h),
+        "ddb.geometry.sectors": str(s),
+        "ddb.longContentID": os.urandom(16).hex(),
+        "ddb.uuid.image": str(uuid.uuid4()),
+        "ddb.uuid.modification": NIL_UUID,
+        "ddb.uuid.parent": str(parent.uuid) if parent is not None and parent.uuid else NIL_UUID,
+        "ddb.uuid.parentmodification": NIL_UUID,
+        "ddb.virtualHWVersion": opts.hwversion,
+        "ddb.toolsVersion": opts.toolsversion,
+    }
+    if opts.comment is not None:
+        ddb["ddb.comment"] = opts.comment
+    return ddb
+
+
+def _check_options(size: int, opts: CreateOptions) -> None:
+    if size < 0:
+        raise ValueError("size must not be negative")
+    if opts.adapter_type not in ADAPTER_TYPES:
+        raise ValueError(f"unknown adapter type {opts.adapter_type!r} "
+                         f"(one of {', '.join(ADAPTER_TYPES)})")
+    g = opts.cluster_size
+    if g < 4096 or g & (g - 1) or g > (1 << 24):
+        raise ValueError("cluster size must be a power of two from 4 KiB to 16 MiB")
+
+
+def _remove_if(paths: Sequence[str], overwrite: bool) -> None:
+    for p in paths:
+        if os.path.lexists(p):
+            if not overwrite:
+                raise FileExistsError(f"{p}: file exists")
+            if not os.path.isfile(p) or os.path.islink(p):
+                raise VmdkError("refusing to overwrite something that is not a plain file", p)
+            os.unlink(p)
+
+
+def _write_text_descriptor(path: str, descriptor: Descriptor) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        data = descriptor.to_bytes()
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _split_sizes(sectors: int) -> list[int]:
+    if sectors == 0:
+        return [0]
+    full, rest = divmod(sectors, SPLIT_SECTORS)
+    return [SPLIT_SECTORS] * full + ([rest] if rest else [])
+
+
+def create(
+    path: str | os.PathLike[str],
+    size: int | None = None,
+    subformat: str = "monolithicSparse",
+    *,
+    parent: str | os.PathLike[str] | None = None,
+    adapter_type: str = "ide",
+    hwversion: str = "4",
+    geometry: tuple[int, int, int] | None = None,
+    comment: str | None = None,
+    preallocate: bool = False,
+    cluster_size: int = 65536,
+    zeroed_grain: bool = False,
+    toolsversion: str = DEFAULT_TOOLS_VERSION,
+    compression_level: int = 1,
+    raw_device: str | None = None,
+    partitions: Sequence[RawRange] | None = None,
+    overwrite: bool = False,
+    allow_external: bool = False,
+) -> Any:
+    """Create an image and return it opened for writing (a :class:`vmdk.VmdkFile`).
+
+    ``size`` is in bytes and rounded up to a whole sector; with ``parent`` it
+    defaults to the parent's size and the new image is a snapshot (child) of it.
+    """
+    from ._file import VmdkFile
+
+    path = os.fspath(path)
+    subformat = ALIASES.get(subformat, subformat)
+    if subformat not in SUBFORMATS:
+        raise UnsupportedFormatError(
+            f"unknown subformat {subformat!r} (one of {', '.join(SUBFORMATS)})", path)
+    opts = CreateOptions(adapter_type, hwversion, geometry, comment, preallocate, cluster_size,
+                         zeroed_grain, toolsversion, compression_level)
+    parent_image = None
+    if parent is not None:
+        if subformat not in ("monolithicSparse", "twoGbMaxExtentSparse"):
+            raise UnsupportedFormatError(f"a snapshot cannot be {subformat}; use a sparse subformat",
+                                         path)
+        parent_image = Image.open(parent, "r", allow_external=allow_external)
+        if size is None:
+            size = parent_image.size
+    if size is None:
+        if subformat == "fullDevice" and raw_device is not None:
+            size = _device_size(raw_device)
+        else:
+            raise ValueError("size is required")
+    _check_options(size, opts)
+    sectors = _ceil_div(size, SECTOR_SIZE)
+    size = sectors * SECTOR_SIZE
+    try:
+        writer = _WRITERS[subformat]
+        writer(path, sectors, opts, parent_image, overwrite, raw_device, partitions)
+    finally:
+        if parent_image is not None:
+            parent_image.close()
+    if subformat == "streamOptimized":
+        from .stream import StreamFile
+
+        return StreamFile.open_new(path, compression_level=compression_level)
+    return VmdkFile(Image.open(path, "r+", allow_external=allow_external or subformat in (
+        "fullDevice", "partitionedDevice")))
+
+
+def _parent_fields(path: str, parent: Image | None) -> dict[str, Any]:
+    if parent is None:
+        return {}
+    hint = os.path.relpath(os.path.abspath(parent.path), os.path.dirname(os.path.abspath(path)))
+    return {"parent_cid": parent.cid, "parent_file_name_hint": hint}
+
+
+def _create_monolithic_sparse(path: str, sectors: int, opts: CreateOptions, parent: Image | None,
+                              overwrite: bool, *_: Any) -> None:
+    _remove_if([path], overwrite)
+    name = os.path.basename(path)
+    descriptor = Descriptor.new("monolithicSparse", [ExtentLine("RW", sectors, "SPARSE", name, None)],
+                                cid=new_cid(), ddb=_ddb(sectors * SECTOR_SIZE, opts, parent),
+                                **_parent_fields(path, parent))
+    extent = SparseExtent.create(path, sectors, grain_size=opts.cluster_size // SECTOR_SIZE,
+                                 descriptor=descriptor.to_bytes(),
+                                 zeroed_grain=opts.zeroed_grain)
+    extent.close()
+
+
+def _create_split_sparse(path: str, sectors: int, opts: CreateOptions, parent: Image | None,
+                         overwrite: bool, *_: Any) -> None:
+    sizes = _split_sizes(sectors)
+    names = [_sibling(path, f"-s{i + 1:03d}") for i in range(len(sizes))]
+    _remove_if([path] + [full for full, _ in names], overwrite)
+    lines = []
+    for (full, base), n in zip(names, sizes):
+        SparseExtent.create(full, n, grain_size=opts.cluster_size // SECTOR_SIZE,
+                            zeroed_grain=opts.zeroed_grain).close()
+        lines.append(ExtentLine("RW", n, "SPARSE", base, None))
+    descriptor = Descriptor.new("twoGbMaxExtentSparse", lines, cid=new_cid(),
+                                ddb=_ddb(sectors * SECTOR_SIZE, opts, parent),
+                                **_parent_fields(path, parent))
+    _write_text_descriptor(path, descriptor)
+
+
+def _create_flat(path: str, sectors: int, opts: CreateOptions, parent: Image | None,
+                 overwrite: bool, *_: Any, create_type: str = "monolithicFlat",
+                 extent_type: str = "FLAT") -> None:
+    full, base = _sibling(path, "-flat")
+    _remove_if([path, full], overwrite)
+    FlatExtent.create(full, sectors, preallocate=opts.preallocate).close()
+    # ESX (VMFS) extent lines carry no offset; hosted FLAT lines always do.
+    offset = None if extent_type == "VMFS" else 0
+    descriptor = Descriptor.new(create_type, [ExtentLine("RW", sectors, extent_type, base, offset)],
+                                cid=new_cid(), ddb=_ddb(sectors * SECTOR_SIZE, opts))
+    _write_text_descriptor(path, descriptor)
+
+
+def _create_vmfs(path: str, sectors: int, opts: CreateOptions, parent: Image | None,
+                 overwrite: bool, *rest: Any) -> None:
+    _create_flat(path, sectors, opts, parent, overwrite, create_type="vmfs", extent_type="VMFS")
+
+
+def _create_split_flat(path: str, sectors: int, opts: CreateOptions, parent: Image | None,
+                       overwrite: bool, *_: Any) -> None:
+    sizes = _split_sizes(sectors)
+    names = [_sibling(path, f"-f{i + 1:03d}") for i in range(len(sizes))]
+    _remove_if([path] + [full for full, _ in names], overwrite)
+    lines = []
+    for (full, base), n in zip(names, sizes):
+        FlatExtent.create(full, n, preallocate=opts.preallocate).close()
+        lines.append(ExtentLine("RW", n, "FLAT", base, 0))
+    descriptor = Descriptor.new("twoGbMaxExtentFlat", lines, cid=new_cid(),
+                                ddb=_ddb(sectors * SECTOR_SIZE, opts))
+    _write_text_descriptor(path, descriptor)
+
+
+def _create_stream(path: str, sectors: int, opts: CreateOptions, parent: Image | None,
+                   overwrite: bool, *_: Any) -> None:
+    _remove_if([path], overwrite)
+    from .stream import StreamFile
+
+    ddb = _ddb(sectors * SECTOR_SIZE, opts)
+    descriptor = Descriptor.new("streamOptimized",
+                                [ExtentLine("RW", sectors, "SPARSE", os.path.basename(path), None)],
+                                cid=new_cid(), ddb=ddb)
+    StreamFile.prepare(path, sectors, descriptor.to_bytes(), grain_size=opts.cluster_size // SECTOR_SIZE)
+
+
+def _device_size(device: str) -> int:
+    fd = os.open(device, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def _create_full_device(path: str, sectors: int, opts: CreateOptions, parent: Image | None,
+                        overwrite: bool, raw_device: str | None, *_: Any) -> None:
+    if not raw_device:
+        raise ValueError("fullDevice needs raw_device (the disk or file to expose)")
+    _remove_if([path], overwrite)
+    descriptor = Descriptor.new("fullDevice", [ExtentLine("RW", sectors, "FLAT", raw_device, 0)],
+                                cid=new_cid(), ddb=_ddb(sectors * SECTOR_SIZE, opts))
+    _write_text_descriptor(path, descriptor)
+
+
+def _partition_lines(path: str, sectors: int, ranges: Sequence[RawRange]
+                     ) -> tuple[list[ExtentLine], bytes]:
+    """Extent lines covering the disk, and the bytes of the partition-table copy file."""
+    pt_full, pt_base = _sibling(path, "-pt")
+    lines: list[ExtentLine] = []
+    table = bytearray()
+    pos = 0
+    for r in sorted(ranges, key=lambda r: r.start):
+        if r.start % SECTOR_SIZE or r.size % SECTOR_SIZE:
+            raise ValueError(f"raw range at {r.start} (+{r.size}) is not sector-aligned")
+        if r.start < pos:
+            raise ValueError(f"raw range at {r.start} overlaps the one before it")
+        if r.start > pos:
+            lines.append(ExtentLine("RW", (r.start - pos) // SECTOR_SIZE, "ZERO", None, None))
+        n = r.size // SECTOR_SIZE
+        if r.data is not None:
+            lines.append(ExtentLine("RW", n, "FLAT", pt_base, len(table) // SECTOR_SIZE))
+            table += bytes(r.data[:r.size]).ljust(r.size, b"\0")
+        elif r.device is not None:
+            lines.append(ExtentLine("RW", n, "FLAT", r.device, r.device_offset // SECTOR_SIZE))
+        else:
+            lines.append(ExtentLine("RW", n, "ZERO", None, None))
+        pos = r.start + r.size
+    if pos > sectors * SECTOR_SIZE:
+        raise ValueError("raw ranges reach past the end of the disk")
+    if pos < sectors * SECTOR_SIZE:
+        lines.append(ExtentLine("RW", sectors - pos // SECTOR_SIZE, "ZERO", None, None))
+    return lines, bytes(table)
+
+
+def _create_partitioned_device(path: str, sectors: int, opts: CreateOptions,
+                               parent: Image | None, overwrite: bool, raw_device: str | None,
+                               partitions: Sequence[RawRange] | None) -> None:
+    if not partitions:
+        raise ValueError("partitionedDevice needs partitions (a list of RawRange)")
+    lines, table = _partition_lines(path, sectors, partitions)
+    pt_full, _ = _sibling(path, "-pt")
+    _remove_if([path] + ([pt_full] if table else []), overwrite)
+    if table:
+        fd = os.open(pt_full, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, table)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    descriptor = Descriptor.new("partitionedDevice", lines, cid=new_cid(),
+                                ddb=_ddb(sectors * SECTOR_SIZE, opts))
+    _write_text_descriptor(path, descriptor)
+
+
+_WRITERS = {
+    "monolithicSparse": _create_monolithic_sparse,
+    "twoGbMaxExtentSparse": _create_split_sparse,
+    "monolithicFlat": _create_flat,
+    "twoGbMaxExtentFlat": _create_split_flat,
+    "vmfs": _create_vmfs,
+    "streamOptimized": _create_stream,
+    "fullDevice": _create_full_device,
+    "partitionedDevice": _create_partitioned_device,
+}

@@ -1,0 +1,160 @@
+"""The one small interface every extent kind implements.
+
+An extent maps byte offsets inside itself (0 .. size) to storage.  The image
+stitches extents together and handles the parent chain, so an extent only
+reports which of its ranges are unallocated ("holes") and lets the image fill
+those from the parent or with zeros.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import enum
+import os
+from collections.abc import Callable
+
+from ..errors import OutOfRangeError, ReadOnlyError
+
+SECTOR_SIZE = 512
+
+#: Reads ``len(buf)`` bytes of the parent (or zeros) at an extent-relative
+#: offset: used to complete a partial grain on its first write.
+BackingReader = Callable[[int, memoryview], None]
+
+
+class Alloc(enum.Enum):
+    DATA = "data"  # stored in this extent
+    ZERO = "zero"  # reads as zeros without reaching a parent (ZERO extent, zeroed GTE)
+    UNALLOCATED = "unallocated"  # not stored here: the parent's bytes, or zeros
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Run:
+    """A range of an extent with one allocation state.
+
+    ``host_offset`` is where the bytes start in ``filename`` when they are
+    stored uncompressed and contiguous, else ``None``.
+    """
+
+    offset: int
+    length: int
+    alloc: Alloc
+    host_offset: int | None = None
+    filename: str | None = None
+    compressed: bool = False
+
+
+class Extent(abc.ABC):
+    """Base of FLAT, ZERO, SPARSE, stream, COWD and seSparse extents."""
+
+    #: The file holding this extent's data (None for ZERO).
+    filename: str | None = None
+    #: Nominal size in bytes, as the descriptor's extent line gives it.
+    size: int
+    read_only: bool = True
+
+    @abc.abstractmethod
+    def read_into(self, offset: int, buf: memoryview) -> list[tuple[int, int]]:
+        """Fill ``buf`` from ``offset``; return the unallocated holes as (start, length) in buf.
+
+        Holes are left untouched in ``buf``: the caller fills them from the
+        parent or with zeros.
+        """
+
+    @abc.abstractmethod
+    def status(self, offset: int, length: int) -> list[Run]:
+        """Allocation runs covering ``offset .. offset+length``, merged where alike."""
+
+    def write(self, offset: int, data: memoryview, backing: BackingReader | None = None) -> None:
+        raise ReadOnlyError(f"{type(self).__name__} extents cannot be written", self.filename)
+
+    def write_zeroes(self, offset: int, length: int, backing: BackingReader | None = None) -> None:
+        """Make a range read as zeros; kinds that can mark zeros cheaply override this."""
+        chunk = memoryview(bytes(min(length, 1 << 22)))
+        while length:
+            n = min(length, len(chunk))
+            self.write(offset, chunk[:n], backing)
+            offset += n
+            length -= n
+
+    def flush(self) -> None:
+        """Push buffered state to the file and fsync it."""
+
+    def close(self) -> None:
+        """Release the file; a writable extent is flushed first."""
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Bytes the extent's file occupies on the host (for "actual-size")."""
+        if self.filename is None:
+            return 0
+        try:
+            return os.stat(self.filename).st_blocks * 512
+        except OSError:
+            return 0
+
+    def info(self) -> dict[str, object]:
+        """The extent's entry in ``info()['format-specific']['data']['extents']``."""
+        return {"filename": self.filename, "virtual-size": self.size}
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise OutOfRangeError(
+                f"request {offset}+{length} is outside the extent of {self.size} bytes",
+                self.filename,
+            )
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyError("extent is read-only", self.filename)
+
+
+def merge_runs(runs: list[Run]) -> list[Run]:
+    """Join neighbouring runs whose state continues (same kind, contiguous host bytes)."""
+    merged: list[Run] = []
+    for run in runs:
+        if merged:
+            last = merged[-1]
+            if (
+                last.alloc == run.alloc
+                and last.filename == run.filename
+                and last.compressed == run.compressed
+                and last.offset + last.length == run.offset
+                and (
+                    (last.host_offset is None and run.host_offset is None)
+                    or (
+                        last.host_offset is not None
+                        and run.host_offset is not None
+                        and last.host_offset + last.length == run.host_offset
+                    )
+                )
+            ):
+                merged[-1] = dataclasses.replace(last, length=last.length + run.length)
+                continue
+        merged.append(run)
+    return merged
+
+
+def pread_exact(fd: int, buf: memoryview, offset: int, filename: str | None) -> int:
+    """Read into ``buf`` at ``offset``; bytes past the file's end read as zeros.
+
+    Returns how many bytes came from the file.  A flat extent file shorter than
+    its nominal size reads as zeros past its end, as qemu does.
+    """
+    done = 0
+    total = len(buf)
+    while done < total:
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n == 0:
+            buf[done:] = bytes(total - done)
+            break
+        done += n
+    return done
+
+
+def pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)

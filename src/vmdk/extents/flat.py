@@ -1,0 +1,90 @@
+"""FLAT / VMFS extents (a plain file, or a device, from an offset) and ZERO extents."""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import MissingExtentError
+from .base import SECTOR_SIZE, Alloc, BackingReader, Extent, Run, pread_exact, pwrite_all
+
+
+class FlatExtent(Extent):
+    """Bytes stored as they are, starting ``start_sector`` sectors into ``filename``."""
+
+    def __init__(self, filename: str, sectors: int, start_sector: int = 0, *, read_only: bool = True) -> None:
+        self.filename = filename
+        self.size = sectors * SECTOR_SIZE
+        self.base = start_sector * SECTOR_SIZE
+        self.read_only = read_only
+        flags = os.O_RDONLY if read_only else os.O_RDWR
+        try:
+            self.fd = os.open(filename, flags | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError as exc:
+            raise MissingExtentError("extent file does not exist", filename) from exc
+        self._dirty = False
+
+    @classmethod
+    def create(cls, filename: str, sectors: int, *, preallocate: bool = False) -> FlatExtent:
+        fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            if preallocate and sectors:
+                os.posix_fallocate(fd, 0, sectors * SECTOR_SIZE)
+            else:
+                os.ftruncate(fd, sectors * SECTOR_SIZE)
+        finally:
+            os.close(fd)
+        return cls(filename, sectors, read_only=False)
+
+    def read_into(self, offset: int, buf: memoryview) -> list[tuple[int, int]]:
+        self._check_range(offset, len(buf))
+        pread_exact(self.fd, buf, self.base + offset, self.filename)
+        return []
+
+    def status(self, offset: int, length: int) -> list[Run]:
+        self._check_range(offset, length)
+        if not length:
+            return []
+        return [Run(offset, length, Alloc.DATA, self.base + offset, self.filename)]
+
+    def write(self, offset: int, data: memoryview, backing: BackingReader | None = None) -> None:
+        self._check_writable()
+        self._check_range(offset, len(data))
+        pwrite_all(self.fd, data, self.base + offset)
+        self._dirty = True
+
+    def flush(self) -> None:
+        if self._dirty:
+            os.fsync(self.fd)
+            self._dirty = False
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            try:
+                self.flush()
+            finally:
+                os.close(self.fd)
+                self.fd = -1
+
+    def info(self) -> dict[str, object]:
+        return {"filename": self.filename, "virtual-size": self.size, "format": "FLAT",
+                "offset": self.base}
+
+
+class ZeroExtent(Extent):
+    """A range with no storage that always reads as zeros (raw-disk gaps)."""
+
+    def __init__(self, sectors: int) -> None:
+        self.size = sectors * SECTOR_SIZE
+        self.read_only = True
+
+    def read_into(self, offset: int, buf: memoryview) -> list[tuple[int, int]]:
+        self._check_range(offset, len(buf))
+        buf[:] = bytes(len(buf))
+        return []
+
+    def status(self, offset: int, length: int) -> list[Run]:
+        self._check_range(offset, length)
+        return [Run(offset, length, Alloc.ZERO)] if length else []
+
+    def info(self) -> dict[str, object]:
+        return {"filename": None, "virtual-size": self.size, "format": "ZERO"}

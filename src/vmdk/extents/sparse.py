@@ -1,0 +1,680 @@
+"""Hosted sparse extents ("KDMV"): monolithicSparse, split sparse and streamOptimized reads.
+
+Lookup is two-level: the grain directory (GD) points at grain tables (GT),
+whose entries (GTE) give the sector of each grain.  Requests are mapped to
+runs of grains whose host sectors are contiguous, with the tables as numpy
+arrays, so a large read or write costs one system call per run.
+
+Crash safety: grain data is written first; changed grain tables are kept in
+the cache, marked dirty, and reach the file only after the data was synced
+(on ``flush`` or when the cache must evict one); grain directory entries are
+written last.  A crash therefore leaves at worst unused space at the end of
+the file, never a table that points at garbage.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+
+import numpy as np
+
+from .. import _deflate
+from .._structs import (
+    GD_AT_END,
+    KNOWN_SPARSE_FLAGS,
+    NEWLINE_CHECK,
+    SPARSE_MAGIC,
+    ZEROED_GTE,
+    CompressAlgorithm,
+    GrainMarker,
+    MarkerType,
+    MetadataMarker,
+    SparseFlags,
+    SparseHeader,
+)
+from ..errors import (
+    CorruptImageError,
+    InvalidHeaderError,
+    MissingExtentError,
+    OutOfRangeError,
+    UnsupportedFormatError,
+)
+from .base import SECTOR_SIZE, Alloc, BackingReader, Extent, Run, pread_exact, pwrite_all
+
+log = logging.getLogger(__name__)
+
+MAX_VERSION = 3
+#: Grains above 32 MiB are refused: real tools use 4-1024 KiB, and a grain is a buffer.
+MAX_GRAIN_SECTORS = 1 << 16
+MAX_GTES_PER_GT = 1 << 16
+#: u32 sector numbers cannot address past 2 TiB of extent file.
+MAX_FILE_SECTORS = 1 << 32
+#: Embedded descriptors above 1 MiB are refused before reading.
+MAX_DESCRIPTOR_SECTORS = 2048
+#: Default memory budget for cached grain tables (bytes).
+DEFAULT_GT_CACHE_BYTES = 16 << 20
+#: Decompressed grains kept for small reads that hit the same grain again.
+GRAIN_CACHE_ENTRIES = 16
+
+# GTE classes used by the run mapper.
+_UNALLOC, _ZERO, _DATA, _COMPRESSED = 0, 1, 2, 3
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class SparseExtent(Extent):
+    """One hosted sparse extent file."""
+
+    def __init__(
+        self,
+        filename: str,
+        fd: int,
+        header: SparseHeader,
+        *,
+        read_only: bool,
+        nominal_sectors: int | None,
+        gt_cache_bytes: int = DEFAULT_GT_CACHE_BYTES,
+    ) -> None:
+        self.filename = filename
+        self.fd = fd
+        self.header = header
+        self.read_only = read_only
+        self.file_size = os.fstat(fd).st_size
+        self._validate_header()
+        self.grain_bytes = header.grain_size * SECTOR_SIZE
+        self.gt_coverage = header.num_gtes_per_gt * header.grain_size  # sectors per GT
+        self.gd_entries = _ceil_div(header.capacity, self.gt_coverage)
+        self.compressed = header.has(SparseFlags.COMPRESSED)
+        self.markers = header.has(SparseFlags.MARKERS)
+        self.zeroed_gte = header.has(SparseFlags.ZEROED_GTE)
+        sectors = header.capacity if nominal_sectors is None else nominal_sectors
+        if sectors > header.capacity:
+            raise CorruptImageError(
+                f"descriptor gives {sectors} sectors but the header's capacity is "
+                f"{header.capacity}", filename)
+        self.size = sectors * SECTOR_SIZE
+        self._resolve_footer()
+        self.gd = self._read_directory(self.header.gd_offset, "grain directory")
+        self.rgd: np.ndarray | None = None
+        if header.has(SparseFlags.REDUNDANT_GT) and header.rgd_offset and not self.compressed:
+            self.rgd = self._read_directory(header.rgd_offset, "redundant grain directory")
+            self._compare_directories()
+        self._gt_cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._gt_dirty: set[int] = set()
+        self._gd_dirty: set[int] = set()
+        self._max_gts = max(4, gt_cache_bytes // (header.num_gtes_per_gt * 4))
+        self._grain_cache: OrderedDict[int, bytes] = OrderedDict()
+        self._data_unsynced = False
+        self._header_dirty = False
+        self._end = _ceil_div(self.file_size, SECTOR_SIZE)  # next free sector
+        if not read_only:
+            if self.compressed:
+                raise UnsupportedFormatError(
+                    "compressed (streamOptimized) extents are append-only and cannot be "
+                    "opened for writing; convert the image first", filename)
+            self._mark_unclean(True)
+
+    # ----------------------------------------------------------------- opening
+
+    @classmethod
+    def open(
+        cls,
+        filename: str,
+        *,
+        read_only: bool = True,
+        nominal_sectors: int | None = None,
+        gt_cache_bytes: int = DEFAULT_GT_CACHE_BYTES,
+    ) -> SparseExtent:
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(filename, flags)
+        except FileNotFoundError as exc:
+            raise MissingExtentError("extent file does not exist", filename) from exc
+        try:
+            raw = os.pread(fd, SparseHeader.SIZE, 0)
+            if len(raw) < SparseHeader.SIZE or raw[:4] != SPARSE_MAGIC:
+                raise InvalidHeaderError("not a hosted sparse extent (no KDMV header)", filename)
+            header = SparseHeader.unpack(raw)
+            return cls(filename, fd, header, read_only=read_only,
+                       nominal_sectors=nominal_sectors, gt_cache_bytes=gt_cache_bytes)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _validate_header(self) -> None:
+        h, name = self.header, self.filename
+        if h.version < 1 or h.version > MAX_VERSION:
+            raise UnsupportedFormatError(f"sparse header version {h.version} is not supported", name)
+        unknown = h.flags & ~int(KNOWN_SPARSE_FLAGS)
+        if unknown & ~int(SparseFlags.COMPATIBLE_MASK):
+            raise UnsupportedFormatError(f"unknown incompatible header flags {unknown:#x}", name)
+        if h.has(SparseFlags.VALID_NEWLINE) and h.newline_check != NEWLINE_CHECK:
+            raise CorruptImageError(
+                "newline check bytes are damaged: the file was probably transferred in text mode",
+                name)
+        if h.grain_size < 1 or h.grain_size > MAX_GRAIN_SECTORS or h.grain_size & (h.grain_size - 1):
+            raise InvalidHeaderError(f"invalid grain size {h.grain_size} sectors", name)
+        if not 1 <= h.num_gtes_per_gt <= MAX_GTES_PER_GT:
+            raise InvalidHeaderError(f"invalid number of entries per grain table {h.num_gtes_per_gt}",
+                                     name)
+        if h.has(SparseFlags.COMPRESSED) and h.compress_algorithm != CompressAlgorithm.DEFLATE:
+            raise UnsupportedFormatError(f"unknown compression algorithm {h.compress_algorithm}", name)
+        if h.capacity >= 1 << 47:
+            raise InvalidHeaderError(f"capacity of {h.capacity} sectors is not plausible", name)
+        if h.descriptor_offset:
+            self._check_area(h.descriptor_offset, h.descriptor_size, "embedded descriptor")
+            if h.descriptor_size > MAX_DESCRIPTOR_SECTORS:
+                raise InvalidHeaderError(
+                    f"embedded descriptor of {h.descriptor_size} sectors is too large", name)
+
+    def _check_area(self, sector: int, sectors: int, what: str) -> None:
+        end = (sector + sectors) * SECTOR_SIZE
+        if sector <= 0 or end > self.file_size:
+            raise InvalidHeaderError(
+                f"{what} at sector {sector} ({sectors} sectors) lies outside the file "
+                f"of {self.file_size} bytes", self.filename)
+
+    def _resolve_footer(self) -> None:
+        """Streams written front to back keep the real header in a footer before EOS."""
+        if self.header.gd_offset != GD_AT_END:
+            return
+        name = self.filename
+        if self.file_size < 3 * SECTOR_SIZE:
+            raise CorruptImageError("stream is too short to hold a footer", name)
+        tail = os.pread(self.fd, 3 * SECTOR_SIZE, self.file_size - 3 * SECTOR_SIZE)
+        try:
+            marker = MetadataMarker.unpack(tail[:SECTOR_SIZE])
+            eos = MetadataMarker.unpack(tail[2 * SECTOR_SIZE:])
+            footer = SparseHeader.unpack(tail[SECTOR_SIZE:2 * SECTOR_SIZE])
+        except ValueError as exc:
+            raise CorruptImageError(
+                "stream has no valid footer (truncated or not finished writing)", name) from exc
+        if marker.type != MarkerType.FOOTER or eos.type != MarkerType.EOS or eos.num_sectors:
+            raise CorruptImageError(
+                "stream has no valid footer (truncated or not finished writing)", name)
+        if footer.gd_offset == GD_AT_END:
+            raise CorruptImageError("stream footer does not give the grain directory offset", name)
+        if (footer.capacity, footer.grain_size, footer.num_gtes_per_gt) != (
+                self.header.capacity, self.header.grain_size, self.header.num_gtes_per_gt):
+            raise CorruptImageError("stream footer contradicts the header", name)
+        self.header.gd_offset = footer.gd_offset
+        self.header.rgd_offset = footer.rgd_offset
+
+    def _read_directory(self, sector: int, what: str) -> np.ndarray:
+        count = self.gd_entries
+        gd_sectors = _ceil_div(count * 4, SECTOR_SIZE)
+        if count == 0:
+            return np.zeros(0, dtype=np.uint32)
+        self._check_area(sector, gd_sectors, what)
+        raw = os.pread(self.fd, count * 4, sector * SECTOR_SIZE)
+        gd = np.frombuffer(raw, dtype="<u4").astype(np.uint32)
+        file_sectors = _ceil_div(self.file_size, SECTOR_SIZE)
+        gt_sectors = _ceil_div(self.header.num_gtes_per_gt * 4, SECTOR_SIZE)
+        bad = np.flatnonzero((gd != 0) & (gd.astype(np.uint64) + gt_sectors > file_sectors))
+        if bad.size:
+            i = int(bad[0])
+            raise CorruptImageError(
+                f"{what} entry {i} points at sector {int(gd[i])}, past the end of the file", self.filename)
+        return gd
+
+    def _compare_directories(self) -> None:
+        assert self.rgd is not None
+        mismatch = np.flatnonzero((self.gd == 0) != (self.rgd == 0))
+        if mismatch.size:
+            msg = (f"grain directory and its redundant copy disagree at entry {int(mismatch[0])} "
+                   f"({mismatch.size} entries); run 'vmdk check -r all'")
+            if not self.read_only:
+                raise CorruptImageError(msg, self.filename)
+            log.warning("%s: %s", self.filename, msg)
+
+    @classmethod
+    def create(
+        cls,
+        filename: str,
+        capacity: int,
+        *,
+        grain_size: int = 128,
+        num_gtes_per_gt: int = 512,
+        descriptor: bytes | None = None,
+        descriptor_sectors: int = 20,
+        redundant: bool = True,
+        zeroed_grain: bool = False,
+    ) -> SparseExtent:
+        """Create a sparse extent with every grain table preallocated, as VMware lays it out.
+
+        Layout: header, embedded descriptor, redundant GD, redundant GTs, GD,
+        GTs, then grains from the first grain-aligned sector.  The tables are
+        left as holes of zeros in the file, so even a 2 TiB extent is created
+        at once.
+        """
+        gt_sectors = _ceil_div(num_gtes_per_gt * 4, SECTOR_SIZE)
+        gd_entries = _ceil_div(capacity, num_gtes_per_gt * grain_size)
+        gd_sectors = _ceil_div(gd_entries * 4, SECTOR_SIZE)
+        sector = 1
+        desc_offset = desc_size = 0
+        if descriptor is not None:
+            desc_size = max(descriptor_sectors, _ceil_div(len(descriptor), SECTOR_SIZE))
+            desc_offset, sector = sector, sector + desc_size
+        rgd_offset = 0
+        flags = SparseFlags.VALID_NEWLINE
+        if redundant:
+            flags |= SparseFlags.REDUNDANT_GT
+            rgd_offset, sector = sector, sector + gd_sectors
+            rgts, sector = sector, sector + gd_entries * gt_sectors
+        gd_offset, sector = sector, sector + gd_sectors
+        gts, sector = sector, sector + gd_entries * gt_sectors
+        overhead = _ceil_div(sector, grain_size) * grain_size
+        if zeroed_grain:
+            flags |= SparseFlags.ZEROED_GTE
+        header = SparseHeader(
+            version=2 if zeroed_grain else 1, flags=int(flags), capacity=capacity,
+            grain_size=grain_size, descriptor_offset=desc_offset, descriptor_size=desc_size,
+            num_gtes_per_gt=num_gtes_per_gt, rgd_offset=rgd_offset, gd_offset=gd_offset,
+            overhead=overhead)
+        if overhead > MAX_FILE_SECTORS:
+            raise UnsupportedFormatError("disk is too large for one sparse extent", filename)
+        fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            os.ftruncate(fd, overhead * SECTOR_SIZE)
+            if descriptor is not None:
+                pwrite_all(fd, descriptor.ljust(desc_size * SECTOR_SIZE, b"\0"), SECTOR_SIZE)
+            steps = np.arange(gd_entries, dtype=np.uint32) * gt_sectors
+            if redundant:
+                pwrite_all(fd, (steps + rgts).astype("<u4").tobytes(), rgd_offset * SECTOR_SIZE)
+            pwrite_all(fd, (steps + gts).astype("<u4").tobytes(), gd_offset * SECTOR_SIZE)
+            pwrite_all(fd, header.pack(), 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return cls.open(filename, read_only=False)
+
+    # ------------------------------------------------------------- descriptor
+
+    def read_descriptor(self) -> bytes | None:
+        h = self.header
+        if not h.descriptor_offset or not h.descriptor_size:
+            return None
+        raw = os.pread(self.fd, h.descriptor_size * SECTOR_SIZE, h.descriptor_offset * SECTOR_SIZE)
+        return raw.split(b"\0", 1)[0]
+
+    def write_descriptor(self, data: bytes) -> None:
+        """Rewrite the embedded descriptor in place (``data`` already padded to its area)."""
+        self._check_writable()
+        h = self.header
+        if len(data) != h.descriptor_size * SECTOR_SIZE:
+            raise ValueError("descriptor must be padded to the embedded area")
+        pwrite_all(self.fd, data, h.descriptor_offset * SECTOR_SIZE)
+
+    # ----------------------------------------------------------- grain tables
+
+    def _gt(self, index: int) -> np.ndarray:
+        """The grain table of GD slot ``index`` (all zeros when the slot is empty)."""
+        table = self._gt_cache.get(index)
+        if table is not None:
+            self._gt_cache.move_to_end(index)
+            return table
+        n = self.header.num_gtes_per_gt
+        sector = int(self.gd[index])
+        if sector == 0:
+            table = np.zeros(n, dtype=np.uint32)
+        else:
+            raw = os.pread(self.fd, n * 4, sector * SECTOR_SIZE)
+            if len(raw) != n * 4:
+                raise CorruptImageError(f"grain table {index} at sector {sector} is truncated",
+                                        self.filename)
+            table = np.frombuffer(raw, dtype="<u4").astype(np.uint32)
+        self._gt_cache[index] = table
+        self._evict_tables()
+        return table
+
+    def _evict_tables(self) -> None:
+        while len(self._gt_cache) > self._max_gts:
+            oldest = next(iter(self._gt_cache))
+            if oldest in self._gt_dirty:
+                self._write_back_tables()
+            self._gt_cache.popitem(last=False)
+
+    def _entries(self, first: int, last: int) -> np.ndarray:
+        """Grain table entries for grains ``first .. last`` inclusive, as one array."""
+        n = self.header.num_gtes_per_gt
+        parts = []
+        g = first
+        while g <= last:
+            index, slot = divmod(g, n)
+            stop = min(last + 1, (index + 1) * n)
+            parts.append(self._gt(index)[slot:slot + (stop - g)])
+            g = stop
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _classify(self, gtes: np.ndarray) -> np.ndarray:
+        kinds = np.full(gtes.shape, _COMPRESSED if self.compressed else _DATA, dtype=np.int8)
+        kinds[gtes == 0] = _UNALLOC
+        if self.zeroed_gte:
+            kinds[gtes == ZEROED_GTE] = _ZERO
+        return kinds
+
+    def _runs(self, gtes: np.ndarray) -> list[tuple[int, int, int]]:
+        """Split grains into (first, count, kind) runs; data runs have contiguous sectors."""
+        if gtes.size == 0:
+            return []
+        kinds = self._classify(gtes)
+        step = self.header.grain_size
+        brk = kinds[1:] != kinds[:-1]
+        brk |= (kinds[1:] == _DATA) & (gtes[1:].astype(np.int64) != gtes[:-1].astype(np.int64) + step)
+        brk |= kinds[1:] == _COMPRESSED  # every compressed grain stands alone
+        starts = np.concatenate(([0], np.flatnonzero(brk) + 1))
+        ends = np.concatenate((starts[1:], [gtes.size]))
+        return [(int(s), int(e - s), int(kinds[s])) for s, e in zip(starts, ends)]
+
+    # -------------------------------------------------------------------- read
+
+    def read_into(self, offset: int, buf: memoryview) -> list[tuple[int, int]]:
+        self._check_range(offset, len(buf))
+        if not len(buf):
+            return []
+        g = self.grain_bytes
+        first, last = offset // g, (offset + len(buf) - 1) // g
+        gtes = self._entries(first, last)
+        holes: list[tuple[int, int]] = []
+        compressed: list[tuple[int, int, int]] = []
+        for start, count, kind in self._runs(gtes):
+            lo = max(offset, (first + start) * g)
+            hi = min(offset + len(buf), (first + start + count) * g)
+            piece = buf[lo - offset:hi - offset]
+            if kind == _UNALLOC:
+                holes.append((lo - offset, hi - lo))
+            elif kind == _ZERO:
+                piece[:] = bytes(len(piece))
+            elif kind == _DATA:
+                host = int(gtes[start]) * SECTOR_SIZE + (lo - (first + start) * g)
+                self._pread_grains(piece, host)
+            else:
+                compressed.append((first + start, lo, hi))
+        if compressed:
+            self._read_compressed(compressed, buf, offset, gtes, first)
+        return holes
+
+    def _pread_grains(self, piece: memoryview, host: int) -> None:
+        got = pread_exact(self.fd, piece, host, self.filename)
+        if got < len(piece):
+            raise CorruptImageError(
+                f"grain data at byte {host} ({len(piece)} bytes) lies past the end of the file",
+                self.filename)
+
+    def _read_compressed(self, grains: list[tuple[int, int, int]], buf: memoryview, offset: int,
+                         gtes: np.ndarray, first: int) -> None:
+        for grain, lo, hi in grains:
+            data = self._grain_cache.get(grain)
+            if data is None:
+                data = self._inflate_grain(grain, int(gtes[grain - first]))
+                self._grain_cache[grain] = data
+                if len(self._grain_cache) > GRAIN_CACHE_ENTRIES:
+                    self._grain_cache.popitem(last=False)
+            base = grain * self.grain_bytes
+            buf[lo - offset:hi - offset] = data[lo - base:hi - base]
+
+    def _inflate_grain(self, grain: int, sector: int) -> bytes:
+        """Read one compressed grain record and inflate it to exactly a grain."""
+        name, g = self.filename, self.grain_bytes
+        head_len = GrainMarker.SIZE if self.markers else 4
+        host = sector * SECTOR_SIZE
+        # One read usually covers the whole record: compressed grains are smaller than a grain.
+        raw = os.pread(self.fd, head_len + g, host)
+        if len(raw) < head_len:
+            raise CorruptImageError(f"grain {grain} at sector {sector} lies past the end of the file",
+                                    name)
+        if self.markers:
+            marker = GrainMarker.unpack(raw)
+            size = marker.size
+            if marker.lba != grain * self.header.grain_size:
+                raise CorruptImageError(
+                    f"grain {grain} at sector {sector}: marker names sector {marker.lba}", name)
+        else:
+            size = int.from_bytes(raw[:4], "little")
+        if size == 0 or size > 2 * g:
+            raise CorruptImageError(f"grain {grain} at sector {sector}: bad compressed size {size}",
+                                    name)
+        if head_len + size > len(raw):
+            raw = os.pread(self.fd, head_len + size, host)
+            if len(raw) < head_len + size:
+                raise CorruptImageError(f"grain {grain} at sector {sector} is truncated", name)
+        try:
+            data = _deflate.inflate_bounded(memoryview(raw)[head_len:head_len + size], g)
+        except ValueError as exc:
+            raise CorruptImageError(f"grain {grain} at sector {sector}: {exc}", name) from exc
+        # A short last grain (qemu writes those) is completed with zeros.
+        return data if len(data) == g else data + bytes(g - len(data))
+
+    def status(self, offset: int, length: int) -> list[Run]:
+        self._check_range(offset, length)
+        if not length:
+            return []
+        g = self.grain_bytes
+        first, last = offset // g, (offset + length - 1) // g
+        gtes = self._entries(first, last)
+        out: list[Run] = []
+        for start, count, kind in self._runs(gtes):
+            lo = max(offset, (first + start) * g)
+            hi = min(offset + length, (first + start + count) * g)
+            if kind == _UNALLOC:
+                run = Run(lo, hi - lo, Alloc.UNALLOCATED)
+            elif kind == _ZERO:
+                run = Run(lo, hi - lo, Alloc.ZERO)
+            elif kind == _DATA:
+                host = int(gtes[start]) * SECTOR_SIZE + (lo - (first + start) * g)
+                run = Run(lo, hi - lo, Alloc.DATA, host, self.filename)
+            else:
+                run = Run(lo, hi - lo, Alloc.DATA, None, self.filename, compressed=True)
+            if out and out[-1].alloc == run.alloc and out[-1].compressed and run.compressed:
+                prev = out.pop()
+                run = Run(prev.offset, prev.length + run.length, Alloc.DATA, None, self.filename, True)
+            out.append(run)
+        return out
+
+    # ------------------------------------------------------------------- write
+
+    def write(self, offset: int, data: memoryview, backing: BackingReader | None = None) -> None:
+        self._check_writable()
+        self._check_range(offset, len(data))
+        if not len(data):
+            return
+        g = self.grain_bytes
+        first, last = offset // g, (offset + len(data) - 1) // g
+        gtes = self._entries(first, last).copy()
+        for start, count, kind in self._runs(gtes):
+            lo = max(offset, (first + start) * g)
+            hi = min(offset + len(data), (first + start + count) * g)
+            piece = data[lo - offset:hi - offset]
+            if kind == _DATA:
+                host = int(gtes[start]) * SECTOR_SIZE + (lo - (first + start) * g)
+                pwrite_all(self.fd, piece, host)
+                self._data_unsynced = True
+            else:
+                self._allocate_and_write(first + start, count, lo, piece,
+                                         backing if kind == _UNALLOC else None)
+
+    def _allocate_and_write(self, grain0: int, count: int, lo: int, piece: memoryview,
+                            backing: BackingReader | None) -> None:
+        """Write grains ``grain0 ..`` that have no storage yet, appending them to the file."""
+        g = self.grain_bytes
+        span_lo, span_hi = grain0 * g, (grain0 + count) * g
+        head, tail = lo - span_lo, span_hi - (lo + len(piece))
+        skip = self._zero_grains(grain0, count, head, tail, piece, backing)
+        keep = np.flatnonzero(~skip)
+        if keep.size == 0:
+            return
+        # Grains that stay unallocated split the span; each kept run is appended contiguously.
+        breaks = np.flatnonzero(np.diff(keep) != 1) + 1
+        for run in np.split(keep, breaks):
+            a, b = int(run[0]), int(run[-1]) + 1
+            self._append_grains(grain0 + a, b - a, lo, piece, backing)
+
+    def _zero_grains(self, grain0: int, count: int, head: int, tail: int, piece: memoryview,
+                     backing: BackingReader | None) -> np.ndarray:
+        """Which wholly written grains are all zeros and need no storage."""
+        skip = np.zeros(count, dtype=bool)
+        g = self.grain_bytes
+        full_first = 1 if head else 0
+        full_last = count - (1 if tail else 0)
+        if full_last <= full_first or (backing is not None and not self.zeroed_gte):
+            return skip
+        start = full_first * g - head
+        words = np.frombuffer(piece[start:start + (full_last - full_first) * g], dtype=np.uint64)
+        zero = ~words.reshape(full_last - full_first, g // 8).any(axis=1)
+        skip[full_first:full_last] = zero
+        if backing is not None:  # a parent exists: mark the grains as zero instead of storing
+            for i in np.flatnonzero(zero):
+                self._set_entry(grain0 + full_first + int(i), ZEROED_GTE)
+        return skip
+
+    def _append_grains(self, grain0: int, count: int, lo: int, piece: memoryview,
+                       backing: BackingReader | None) -> None:
+        g = self.grain_bytes
+        span_lo, span_hi = grain0 * g, (grain0 + count) * g
+        plo, phi = max(lo, span_lo), min(lo + len(piece), span_hi)
+        src = piece[plo - lo:phi - lo]
+        host = self._end * SECTOR_SIZE
+        if self._end + count * self.header.grain_size > MAX_FILE_SECTORS:
+            raise UnsupportedFormatError("extent file would grow past 2 TiB (u32 sector numbers)",
+                                         self.filename)
+        if plo == span_lo and phi == span_hi:
+            pwrite_all(self.fd, src, host)
+        else:
+            block = bytearray(span_hi - span_lo)
+            view = memoryview(block)
+            self._fill_partial(view[:g], span_lo, backing)
+            if count > 1:
+                self._fill_partial(view[-g:], span_hi - g, backing)
+            view[plo - span_lo:phi - span_lo] = src
+            pwrite_all(self.fd, view, host)
+        self._data_unsynced = True
+        sector = self._end
+        self._end += count * self.header.grain_size
+        for i in range(count):  # a handful of table slots per run, not per sector
+            self._set_entry(grain0 + i, sector + i * self.header.grain_size)
+
+    @staticmethod
+    def _fill_partial(view: memoryview, offset: int, backing: BackingReader | None) -> None:
+        if backing is not None:
+            backing(offset, view)
+
+    def _set_entry(self, grain: int, value: int) -> None:
+        index, slot = divmod(grain, self.header.num_gtes_per_gt)
+        if self.gd[index] == 0:
+            if value == 0:
+                return  # an absent table already reads as unallocated
+            self._allocate_table(index)
+        table = self._gt(index)
+        table[slot] = value
+        self._gt_dirty.add(index)
+
+    def _allocate_table(self, index: int) -> None:
+        """Reserve space for a new grain table (and its redundant copy) at the end of the file."""
+        gt_sectors = _ceil_div(self.header.num_gtes_per_gt * 4, SECTOR_SIZE)
+        self.gd[index] = self._end
+        self._end += gt_sectors
+        if self.rgd is not None:
+            self.rgd[index] = self._end
+            self._end += gt_sectors
+        # The new tables are written (zero-filled where unused) before the GD entry.
+        os.ftruncate(self.fd, max(self.file_size, self._end * SECTOR_SIZE))
+        self.file_size = max(self.file_size, self._end * SECTOR_SIZE)
+        self._gd_dirty.add(index)
+
+    def write_zeroes(self, offset: int, length: int, backing: BackingReader | None = None) -> None:
+        """Zero a range: whole grains become unallocated (no parent) or zeroed entries."""
+        self._check_writable()
+        self._check_range(offset, length)
+        g = self.grain_bytes
+        first_full = _ceil_div(offset, g)
+        last_full = (offset + length) // g  # exclusive
+        can_mark = backing is None or self.zeroed_gte
+        if not can_mark or last_full <= first_full:
+            super().write_zeroes(offset, length, backing)
+            return
+        if offset < first_full * g:
+            super().write_zeroes(offset, first_full * g - offset, backing)
+        marker = 0 if backing is None else ZEROED_GTE
+        gtes = self._entries(first_full, last_full - 1)
+        # Only grains not already reading as zeros need a change.
+        for i in np.flatnonzero(gtes != marker):
+            self._set_entry(first_full + int(i), marker)
+        if offset + length > last_full * g:
+            super().write_zeroes(last_full * g, offset + length - last_full * g, backing)
+
+    # ---------------------------------------------------------------- flushing
+
+    def _write_back_tables(self) -> None:
+        """Sync grain data, then write every dirty grain table (both copies)."""
+        if not self._gt_dirty:
+            return
+        if self._data_unsynced:
+            os.fdatasync(self.fd)
+            self._data_unsynced = False
+        for index in sorted(self._gt_dirty):
+            raw = self._gt_cache[index].astype("<u4").tobytes()
+            pwrite_all(self.fd, raw, int(self.gd[index]) * SECTOR_SIZE)
+            if self.rgd is not None and self.rgd[index]:
+                pwrite_all(self.fd, raw, int(self.rgd[index]) * SECTOR_SIZE)
+        self._gt_dirty.clear()
+
+    def _write_back_directory(self) -> None:
+        if not self._gd_dirty:
+            return
+        os.fdatasync(self.fd)  # the tables must be durable before anything points at them
+        for index in sorted(self._gd_dirty):
+            for table, sector in ((self.gd, self.header.gd_offset), (self.rgd, self.header.rgd_offset)):
+                if table is not None:
+                    pwrite_all(self.fd, table[index:index + 1].astype("<u4").tobytes(),
+                               sector * SECTOR_SIZE + index * 4)
+        self._gd_dirty.clear()
+
+    def flush(self) -> None:
+        if self.read_only or self.fd < 0:
+            return
+        self._write_back_tables()
+        self._write_back_directory()
+        os.fsync(self.fd)
+        self._data_unsynced = False
+
+    def _mark_unclean(self, unclean: bool) -> None:
+        self.header.unclean_shutdown = int(unclean)
+        pwrite_all(self.fd, self.header_bytes(), 0)
+        os.fsync(self.fd)
+
+    def header_bytes(self) -> bytes:
+        """The header as it belongs at sector 0 (the footer's gdOffset is not copied back)."""
+        return self.header.pack()
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        try:
+            if not self.read_only:
+                self.flush()
+                self._mark_unclean(False)
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+
+    # -------------------------------------------------------------------- info
+
+    @property
+    def allocated_grains(self) -> int:
+        total = 0
+        for index in np.flatnonzero(self.gd):
+            total += int(np.count_nonzero(self._gt(int(index)) > (1 if self.zeroed_gte else 0)))
+        return total
+
+    def info(self) -> dict[str, object]:
+        return {
+            "filename": self.filename,
+            "virtual-size": self.size,
+            "format": "SPARSE",
+            "cluster-size": self.grain_bytes,
+            "compressed": self.compressed,
+        }

@@ -1,0 +1,699 @@
+"""An image: a descriptor, its extents stitched end to end, and an optional parent.
+
+All I/O here is positional (``read_at``/``write_at``); :mod:`vmdk._file`
+adds the file-object position on top.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import logging
+import os
+import secrets
+import stat
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from ._structs import COWD_MAGIC, SESPARSE_CONST_MAGIC, SPARSE_MAGIC, SparseFlags
+from .descriptor import Descriptor, ExtentLine
+from .errors import (
+    ChainError,
+    DescriptorError,
+    OutOfRangeError,
+    ReadOnlyError,
+    UnsafePathError,
+    UnsupportedFormatError,
+    VmdkError,
+)
+from .extents.base import SECTOR_SIZE, Alloc, Extent, Run
+from .extents.flat import FlatExtent, ZeroExtent
+from .extents.sparse import SparseExtent
+
+log = logging.getLogger(__name__)
+
+#: Separate descriptor files above this size are not descriptors (and are not read whole).
+MAX_DESCRIPTOR_BYTES = 1 << 20
+#: Deepest snapshot chain followed before assuming a loop or an attack.
+MAX_CHAIN_DEPTH = 64
+NO_PARENT_CID = 0xFFFFFFFF
+
+#: createType values that name a raw device or partition rather than image files.
+RAW_DEVICE_TYPES = {"fullDevice", "partitionedDevice", "vmfsRaw", "vmfsRawDeviceMap",
+                    "vmfsPassthroughRawDeviceMap", "vmfsRDM", "vmfsRDMP"}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MapRun:
+    """One range of ``Image.map``, with ``qemu-img map`` meanings."""
+
+    start: int
+    length: int
+    data: bool  # stored in some layer of the chain
+    zero: bool  # reads as zeros
+    depth: int  # 0 = this image, 1 = its parent, ...
+    present: bool = True  # allocated (as data or as zeros) in some layer
+    offset: int | None = None  # host offset in ``filename`` when stored uncompressed
+    filename: str | None = None
+    compressed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"start": self.start, "length": self.length, "depth": self.depth,
+                               "present": self.present,
+                               "zero": self.zero, "data": self.data}
+        if self.compressed:
+            out["compressed"] = True
+        if self.offset is not None:
+            out["offset"] = self.offset
+        if self.filename is not None:
+            out["filename"] = self.filename
+        return out
+
+
+def new_cid() -> int:
+    """A random content id that is never one of the two reserved values."""
+    while True:
+        cid = secrets.randbits(32)
+        if cid not in (0xFFFFFFFF, 0xFFFFFFFE):
+            return cid
+
+
+def sniff(path: str) -> str:
+    """What kind of file ``path`` is: "sparse", "cowd", "sesparse", "descriptor" or "raw"."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:4] == SPARSE_MAGIC:
+        return "sparse"
+    if head[:4] == COWD_MAGIC:
+        return "cowd"
+    if len(head) == 8 and int.from_bytes(head, "little") == SESPARSE_CONST_MAGIC:
+        return "sesparse"
+    if _looks_like_descriptor(path):
+        return "descriptor"
+    return "raw"
+
+
+def _looks_like_descriptor(path: str) -> bool:
+    try:
+        if os.path.getsize(path) > MAX_DESCRIPTOR_BYTES:
+            return False
+        with open(path, "rb") as f:
+            text = f.read(4096)
+    except OSError:
+        return False
+    if b"\0" in text:
+        return False
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith(b"#"):
+            continue
+        return line.replace(b" ", b"").startswith(b"version=")
+    return False
+
+
+class Image:
+    """A VMDK image opened for positional I/O."""
+
+    def __init__(self, path: str, descriptor: Descriptor, extents: list[Extent], *,
+                 read_only: bool, embedded: SparseExtent | None, parent: Image | None,
+                 allow_external: bool) -> None:
+        self.path = path
+        self.descriptor = descriptor
+        self.extents = extents
+        self.read_only = read_only
+        self.embedded = embedded
+        self.parent = parent
+        self.allow_external = allow_external
+        self._starts: list[int] = []
+        pos = 0
+        for extent in extents:
+            self._starts.append(pos)
+            pos += extent.size
+        self.size = pos
+        self._descriptor_bytes = descriptor.to_bytes()
+        self._written = False
+        self.closed = False
+
+    # ------------------------------------------------------------------ open
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], mode: str = "r", *,
+             allow_external: bool = False, ignore_cid: bool = False,
+             open_parent: bool = True, _depth: int = 0, _seen: frozenset[str] = frozenset()
+             ) -> Image:
+        path = os.fspath(path)
+        if mode not in ("r", "r+", "rb", "r+b", "rb+"):
+            raise ValueError(f"invalid mode {mode!r}: use 'r' or 'r+'")
+        read_only = "+" not in mode
+        real = os.path.realpath(path)
+        if real in _seen:
+            raise ChainError("snapshot chain loops back to this image", path)
+        if _depth > MAX_CHAIN_DEPTH:
+            raise ChainError(f"snapshot chain is deeper than {MAX_CHAIN_DEPTH} images", path)
+        kind = sniff(path)
+        embedded: SparseExtent | None = None
+        if kind == "sparse":
+            embedded = SparseExtent.open(path, read_only=read_only)
+            descriptor = _embedded_descriptor(embedded, path)
+        elif kind == "descriptor":
+            with open(path, "rb") as f:
+                descriptor = Descriptor.parse(f.read(MAX_DESCRIPTOR_BYTES), filename=path)
+        elif kind in ("cowd", "sesparse"):
+            descriptor = _synthesize_descriptor(path, kind)
+        else:
+            raise UnsupportedFormatError("not a VMDK image (no descriptor or known header)", path)
+        extents: list[Extent] = []
+        parent: Image | None = None
+        try:
+            extents = _open_extents(path, descriptor, embedded, read_only, allow_external)
+            if open_parent:
+                parent = _open_parent(path, descriptor, allow_external, ignore_cid,
+                                      _depth, _seen | {real})
+        except BaseException:
+            for extent in extents:
+                extent.close()
+            if embedded is not None and embedded not in extents:
+                embedded.close()
+            raise
+        return cls(path, descriptor, extents, read_only=read_only, embedded=embedded,
+                   parent=parent, allow_external=allow_external)
+
+    # ------------------------------------------------------------- addressing
+
+    def _pieces(self, offset: int, length: int) -> Iterator[tuple[Extent, int, int, int]]:
+        """(extent, offset in extent, length, offset in request) covering a request."""
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise OutOfRangeError(
+                f"request of {length} bytes at offset {offset} is outside the disk of "
+                f"{self.size} bytes", self.path)
+        done = 0
+        i = bisect.bisect_right(self._starts, offset) - 1
+        while done < length:
+            while self.extents[i].size == 0 or offset + done >= self._starts[i] + self.extents[i].size:
+                i += 1
+            extent = self.extents[i]
+            inner = offset + done - self._starts[i]
+            n = min(length - done, extent.size - inner)
+            yield extent, inner, n, done
+            done += n
+
+    # ------------------------------------------------------------------- read
+
+    def readinto_at(self, offset: int, buf: memoryview | bytearray) -> None:
+        view = memoryview(buf).cast("B")
+        for extent, inner, n, at in self._pieces(offset, len(view)):
+            for start, count in extent.read_into(inner, view[at:at + n]):
+                self._fill_hole(offset + at + start, view[at + start:at + start + count])
+
+    def _fill_hole(self, offset: int, view: memoryview) -> None:
+        if self.parent is not None and offset < self.parent.size:
+            n = min(len(view), self.parent.size - offset)
+            self.parent.readinto_at(offset, view[:n])
+            if n < len(view):
+                view[n:] = bytes(len(view) - n)
+        else:
+            view[:] = bytes(len(view))
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        self.readinto_at(offset, buf)
+        return bytes(buf)
+
+    # ------------------------------------------------------------------ write
+
+    def _check_writable(self) -> None:
+        if self.read_only or self.closed:
+            raise ReadOnlyError("image is open read-only", self.path)
+
+    def _first_write(self) -> None:
+        if not self._written:
+            self._written = True
+            self.descriptor.cid = new_cid()
+
+    def write_at(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self._check_writable()
+        view = memoryview(data).cast("B")
+        self._first_write()
+        for extent, inner, n, at in self._pieces(offset, len(view)):
+            extent.write(inner, view[at:at + n], self._backing_for(extent))
+
+    def write_zeroes_at(self, offset: int, length: int) -> None:
+        self._check_writable()
+        self._first_write()
+        for extent, inner, n, _at in self._pieces(offset, length):
+            extent.write_zeroes(inner, n, self._backing_for(extent))
+
+    def discard_at(self, offset: int, length: int) -> None:
+        """Forget a range (NBD TRIM); without a parent it reads as zeros afterwards."""
+        if self.parent is None:
+            self.write_zeroes_at(offset, length)
+
+    def _backing_for(self, extent: Extent) -> Any:
+        if self.parent is None:
+            return None
+        start = self._starts[self.extents.index(extent)]
+
+        def backing(inner: int, view: memoryview) -> None:
+            self._fill_hole(start + inner, view)
+
+        return backing
+
+    # ----------------------------------------------------------------- status
+
+    def map(self, offset: int = 0, length: int | None = None) -> list[MapRun]:
+        """Allocation of the whole chain over a range, as ``qemu-img map`` reports it."""
+        if length is None:
+            length = self.size - offset
+        out: list[MapRun] = []
+        for extent, inner, n, at in self._pieces(offset, length):
+            base = offset + at - inner
+            for run in extent.status(inner, n):
+                out.extend(self._map_run(base, run))
+        return _merge_map(out)
+
+    def _map_run(self, base: int, run: Run) -> list[MapRun]:
+        start = base + run.offset
+        if run.alloc is Alloc.DATA:
+            return [MapRun(start, run.length, True, False, 0, True, run.host_offset,
+                           run.filename, run.compressed)]
+        if run.alloc is Alloc.ZERO:
+            return [MapRun(start, run.length, False, True, 0, True)]
+        if self.parent is None:
+            return [MapRun(start, run.length, False, True, 0, False)]
+        end = min(start + run.length, self.parent.size)
+        below = [dataclasses.replace(r, depth=r.depth + 1)
+                 for r in self.parent.map(start, end - start)] if end > start else []
+        if end < start + run.length:
+            below.append(MapRun(end, start + run.length - end, False, True, 1, False))
+        return below
+
+    # ---------------------------------------------------------------- flushing
+
+    def flush(self) -> None:
+        if self.read_only or self.closed:
+            return
+        self._write_descriptor()
+        for extent in self.extents:
+            extent.flush()
+
+    def _write_descriptor(self) -> None:
+        data = self.descriptor.to_bytes()
+        if data == self._descriptor_bytes:
+            return
+        if self.embedded is not None:
+            size = self.embedded.header.descriptor_size * SECTOR_SIZE
+            self.embedded.write_descriptor(self.descriptor.to_bytes_padded(size))
+        else:
+            _replace_file(self.path, data)
+        self._descriptor_bytes = data
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self.closed = True
+            for extent in self.extents:
+                extent.close()
+            if self.parent is not None:
+                self.parent.close()
+
+    def __enter__(self) -> Image:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- metadata
+
+    @property
+    def create_type(self) -> str:
+        return self.descriptor.create_type
+
+    @property
+    def cid(self) -> int:
+        return self.descriptor.cid
+
+    @property
+    def parent_cid(self) -> int:
+        return self.descriptor.parent_cid
+
+    @property
+    def adapter_type(self) -> str | None:
+        return self.descriptor.ddb_get("ddb.adapterType")
+
+    @property
+    def hardware_version(self) -> str | None:
+        return self.descriptor.ddb_get("ddb.virtualHWVersion")
+
+    @property
+    def geometry(self) -> tuple[int, int, int]:
+        """Physical (cylinders, heads, sectors); computed as qemu-img does when absent."""
+        ddb = self.descriptor
+        try:
+            c = int(ddb.ddb_get("ddb.geometry.cylinders") or "")
+            h = int(ddb.ddb_get("ddb.geometry.heads") or "")
+            s = int(ddb.ddb_get("ddb.geometry.sectors") or "")
+            if h > 0 and s > 0:
+                return c, h, s
+        except ValueError:
+            pass
+        return compute_geometry(self.size, self.adapter_type or "ide")
+
+    def set_geometry(self, cylinders: int, heads: int, sectors: int) -> None:
+        self._check_writable()
+        self.descriptor.ddb_set("ddb.geometry.cylinders", str(cylinders))
+        self.descriptor.ddb_set("ddb.geometry.heads", str(heads))
+        self.descriptor.ddb_set("ddb.geometry.sectors", str(sectors))
+
+    @property
+    def bios_geometry(self) -> tuple[int, int, int] | None:
+        d = self.descriptor
+        try:
+            return (int(d.ddb_get("ddb.geometry.biosCylinders") or ""),
+                    int(d.ddb_get("ddb.geometry.biosHeads") or ""),
+                    int(d.ddb_get("ddb.geometry.biosSectors") or ""))
+        except ValueError:
+            return None
+
+    @property
+    def bios_translation(self) -> str:
+        """"lba" or "none", as the reference derives it from the geometry."""
+        c, h, _s = self.geometry
+        return "lba" if c >= 1024 or h != 16 else "none"
+
+    def _uuid(self, key: str) -> uuid.UUID | None:
+        value = self.descriptor.ddb_get(key)
+        if not value:
+            return None
+        try:
+            return uuid.UUID(value.replace(" ", "").replace("-", ""))
+        except ValueError:
+            return None
+
+    @property
+    def uuid(self) -> uuid.UUID | None:
+        return self._uuid("ddb.uuid.image") or self._uuid("ddb.uuid")
+
+    @property
+    def modification_uuid(self) -> uuid.UUID | None:
+        return self._uuid("ddb.uuid.modification")
+
+    @property
+    def parent_uuid(self) -> uuid.UUID | None:
+        return self._uuid("ddb.uuid.parent")
+
+    @property
+    def comment(self) -> str | None:
+        return self.descriptor.ddb_get("ddb.comment")
+
+    def set_metadata(self, key: str, value: str) -> None:
+        """Set a disk database key (``ddb.`` is added when missing)."""
+        self._check_writable()
+        if not key.startswith("ddb."):
+            key = "ddb." + key
+        self.descriptor.ddb_set(key, value)
+
+    @property
+    def dirty(self) -> bool:
+        return any(isinstance(e, SparseExtent) and e.header.unclean_shutdown for e in self.extents)
+
+    @property
+    def cluster_size(self) -> int | None:
+        sizes = [getattr(e, "grain_bytes", None) for e in self.extents]
+        known = [s for s in sizes if s]
+        return known[0] if known else None
+
+    def actual_size(self) -> int:
+        seen: set[str] = {self.path}
+        total = _allocated(self.path)
+        for extent in self.extents:
+            if extent.filename and extent.filename not in seen:
+                seen.add(extent.filename)
+                total += extent.allocated_bytes
+        return total
+
+    def info(self) -> dict[str, Any]:
+        """What ``vmdk info --output=json`` prints, with qemu-img's keys where it has them."""
+        compressed = any(getattr(e, "compressed", False) for e in self.extents)
+        data: dict[str, Any] = {
+            "cid": self.cid,
+            "parent-cid": self.parent_cid,
+            "create-type": self.create_type,
+            "extents": [self._extent_info(e) for e in self.extents],
+        }
+        hint = self.descriptor.parent_file_name_hint
+        if hint:
+            data["parent-filename-hint"] = hint
+        out: dict[str, Any] = {
+            "filename": self.path,
+            "format": "vmdk",
+            "virtual-size": self.size,
+            "actual-size": self.actual_size(),
+            "dirty-flag": self.dirty,
+            "format-specific": {"type": "vmdk", "data": data},
+            "compressed": compressed,
+        }
+        if self.cluster_size:
+            out["cluster-size"] = self.cluster_size
+        if self.parent is not None:
+            out["backing-filename"] = hint
+            out["full-backing-filename"] = self.parent.path
+        c, h, s = self.geometry
+        out["geometry"] = {"cylinders": c, "heads": h, "sectors": s}
+        for key, value in (("adapter-type", self.adapter_type),
+                           ("hardware-version", self.hardware_version),
+                           ("uuid", self.uuid), ("parent-uuid", self.parent_uuid),
+                           ("modification-uuid", self.modification_uuid),
+                           ("comment", self.comment)):
+            if value is not None:
+                out[key] = str(value)
+        return out
+
+    def _extent_info(self, extent: Extent) -> dict[str, Any]:
+        info = dict(extent.info())
+        info.setdefault("format", type(extent).__name__)
+        return info
+
+    def chain(self) -> list[Image]:
+        images: list[Image] = []
+        node: Image | None = self
+        while node is not None:
+            images.append(node)
+            node = node.parent
+        return images
+
+
+def _merge_map(runs: list[MapRun]) -> list[MapRun]:
+    out: list[MapRun] = []
+    for run in runs:
+        if out:
+            last = out[-1]
+            same = (last.data, last.zero, last.depth, last.present, last.filename,
+                    last.compressed) == (run.data, run.zero, run.depth, run.present,
+                                         run.filename, run.compressed)
+            contiguous = (last.offset is None and run.offset is None) or (
+                last.offset is not None and run.offset is not None
+                and last.offset + last.length == run.offset)
+            if same and contiguous and last.start + last.length == run.start:
+                out[-1] = dataclasses.replace(last, length=last.length + run.length)
+                continue
+        out.append(run)
+    return out
+
+
+def compute_geometry(size: int, adapter: str) -> tuple[int, int, int]:
+    """Cylinders/heads/sectors as qemu-img writes them: 16 heads for IDE, else 255."""
+    heads = 16 if adapter == "ide" else 255
+    sectors = 63
+    cylinders = size // (heads * sectors * SECTOR_SIZE)
+    return cylinders, heads, sectors
+
+
+def _allocated(path: str) -> int:
+    try:
+        return os.stat(path).st_blocks * 512
+    except OSError:
+        return 0
+
+
+def _replace_file(path: str, data: bytes) -> None:
+    """Write a whole small file so a crash leaves either the old or the new content."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dirfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
+
+
+def _embedded_descriptor(extent: SparseExtent, path: str) -> Descriptor:
+    raw = extent.read_descriptor()
+    if raw is None or not raw.strip():
+        if raw is not None and extent.header.descriptor_size:
+            raise DescriptorError("embedded descriptor is empty", path)
+        return _synthesize_descriptor(path, "sparse", extent)
+    return Descriptor.parse(raw, filename=path)
+
+
+def _synthesize_descriptor(path: str, kind: str, extent: SparseExtent | None = None) -> Descriptor:
+    """A descriptor for a bare extent file opened on its own (split part, ESX delta)."""
+    name = os.path.basename(path)
+    if kind == "sparse":
+        assert extent is not None
+        compressed = extent.header.has(SparseFlags.COMPRESSED)
+        line = ExtentLine("RW", extent.header.capacity, "SPARSE", name, None)
+        create_type = "streamOptimized" if compressed else "monolithicSparse"
+    elif kind == "cowd":
+        from .extents.cowd import CowdExtent
+
+        cowd = CowdExtent.open(path)
+        try:
+            line = ExtentLine("RW", cowd.size // SECTOR_SIZE, "VMFSSPARSE", name, None)
+        finally:
+            cowd.close()
+        create_type = "vmfsSparse"
+    else:
+        from .extents.sesparse import SESparseExtent
+
+        ses = SESparseExtent.open(path)
+        try:
+            line = ExtentLine("RW", ses.size // SECTOR_SIZE, "SESPARSE", name, None)
+        finally:
+            ses.close()
+        create_type = "seSparse"
+    return Descriptor.new(create_type, [line], cid=0xFFFFFFFE)
+
+
+def resolve_extent_path(image_path: str, name: str, *, allow_external: bool) -> str:
+    """Where an extent or parent named in a descriptor lives; refuses escapes by default."""
+    folder = os.path.dirname(os.path.abspath(image_path))
+    if "\0" in name:
+        raise UnsafePathError(f"file name {name!r} contains a NUL byte", image_path)
+    target = os.path.normpath(os.path.join(folder, name))
+    if allow_external:
+        return target
+    if os.path.isabs(name):
+        raise UnsafePathError(
+            f"refers to the absolute path {name!r}; pass allow_external=True "
+            "(--allow-external) to trust it", image_path)
+    real_folder = os.path.realpath(folder)
+    real = os.path.realpath(target)
+    if os.path.commonpath([real_folder, real]) != real_folder:
+        raise UnsafePathError(
+            f"refers to {name!r}, outside the image's folder; pass allow_external=True "
+            "(--allow-external) to trust it", image_path)
+    try:
+        mode = os.stat(real).st_mode
+    except FileNotFoundError:
+        return target
+    if not stat.S_ISREG(mode):
+        raise UnsafePathError(
+            f"refers to {name!r}, which is not a regular file; pass allow_external=True "
+            "(--allow-external) to trust it", image_path)
+    return target
+
+
+def _open_extents(path: str, descriptor: Descriptor, embedded: SparseExtent | None,
+                  read_only: bool, allow_external: bool) -> list[Extent]:
+    lines = descriptor.extents
+    if embedded is not None:
+        # A monolithic file is its own extent, whatever name the descriptor still carries
+        # (renamed files are common).
+        if len(lines) != 1 or lines[0].type != "SPARSE":
+            raise UnsupportedFormatError(
+                "a sparse file with an embedded descriptor must describe exactly one "
+                "SPARSE extent", path)
+        if lines[0].sectors > embedded.header.capacity:
+            raise DescriptorError(
+                f"extent of {lines[0].sectors} sectors is larger than the sparse capacity "
+                f"{embedded.header.capacity}", path)
+        embedded.size = lines[0].sectors * SECTOR_SIZE
+        return [embedded]
+    extents: list[Extent] = []
+    try:
+        for line in lines:
+            extents.append(_open_extent(path, line, descriptor, read_only, allow_external))
+    except BaseException:
+        for extent in extents:
+            extent.close()
+        raise
+    return extents
+
+
+def _open_extent(path: str, line: ExtentLine, descriptor: Descriptor, read_only: bool,
+                 allow_external: bool) -> Extent:
+    ro = read_only or line.access != "RW"
+    if line.type == "ZERO":
+        return ZeroExtent(line.sectors)
+    if line.filename is None:
+        raise DescriptorError(f"{line.type} extent has no file name", path)
+    raw_device = descriptor.create_type in RAW_DEVICE_TYPES or line.type in ("VMFSRDM", "VMFSRAW")
+    target = resolve_extent_path(path, line.filename, allow_external=allow_external)
+    if raw_device and not allow_external and not os.path.isfile(target):
+        raise UnsafePathError(
+            f"raw-disk extent {line.filename!r} names a device; pass allow_external=True "
+            "(--allow-external) to open it", path)
+    if line.type in ("FLAT", "VMFS", "VMFSRDM", "VMFSRAW"):
+        return FlatExtent(target, line.sectors, line.offset or 0, read_only=ro)
+    kind = sniff(target) if os.path.exists(target) else "missing"
+    if kind == "missing":
+        from .errors import MissingExtentError
+
+        raise MissingExtentError(f"extent file {line.filename!r} does not exist", path)
+    if kind == "sparse":
+        return SparseExtent.open(target, read_only=ro, nominal_sectors=line.sectors)
+    if kind == "cowd":
+        from .extents.cowd import CowdExtent
+
+        return CowdExtent.open(target, read_only=ro, nominal_sectors=line.sectors)
+    if kind == "sesparse":
+        from .extents.sesparse import SESparseExtent
+
+        if not ro:
+            raise UnsupportedFormatError("seSparse extents can only be opened read-only", target)
+        return SESparseExtent.open(target, nominal_sectors=line.sectors)
+    raise UnsupportedFormatError(f"{line.type} extent {line.filename!r} has no known header", path)
+
+
+def _open_parent(path: str, descriptor: Descriptor, allow_external: bool, ignore_cid: bool,
+                 depth: int, seen: frozenset[str]) -> Image | None:
+    hint = descriptor.parent_file_name_hint
+    if descriptor.parent_cid == NO_PARENT_CID or not hint:
+        return None
+    candidates = [hint]
+    base = hint.replace("\\", "/").rsplit("/", 1)[-1]
+    if base != hint:
+        candidates.insert(0, base)  # Windows and absolute hints: try next to the child first
+    target = None
+    for name in candidates:
+        try:
+            resolved = resolve_extent_path(path, name, allow_external=allow_external)
+        except UnsafePathError:
+            if name is candidates[-1]:
+                raise
+            continue
+        if os.path.exists(resolved):
+            target = resolved
+            break
+    if target is None:
+        raise ChainError(f"parent image {hint!r} was not found", path)
+    parent = Image.open(target, "r", allow_external=allow_external, ignore_cid=ignore_cid,
+                        _depth=depth + 1, _seen=seen)
+    if parent.cid != descriptor.parent_cid and not ignore_cid:
+        parent.close()
+        raise ChainError(
+            f"parentCID {descriptor.parent_cid:08x} does not match the CID {parent.cid:08x} of "
+            f"parent {target!r}: the parent changed after this snapshot was taken "
+            "(ignore_cid=True opens it anyway)", path)
+    return parent
+
+
+__all__ = ["Image", "MapRun", "VmdkError", "compute_geometry", "resolve_extent_path", "sniff"]

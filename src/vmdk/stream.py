@@ -1,0 +1,426 @@
+"""Writer for streamOptimized sparse extents, in the footer layout of the VMware spec.
+
+The file is produced front to back and never seeked, so the target may be a
+pipe or a socket as well as a regular file::
+
+    header (gdOffset = GD_AT_END)  descriptor  zero padding up to overHead
+    for every grain-table range that holds data:
+        grain records in ascending LBA   (GrainMarker + zlib data, padded to a sector)
+        GT marker + GT                   (sector of each grain record, 0 = absent)
+    GD marker + GD                       (sector of each GT, 0 = range not stored)
+    footer marker + footer               (the header again, with the real gdOffset)
+    EOS marker
+
+Every grain is compressed at its full size (the last grain of the disk is
+zero-padded) because VirtualBox refuses grains that inflate to less, and
+all-zero grains are not stored.  Grains are compressed on a thread pool and
+written in submission order, so the output does not depend on the thread count.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import stat
+import zlib
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from types import TracebackType
+from typing import BinaryIO, Self
+
+import numpy as np
+
+from ._structs import (
+    GD_AT_END,
+    SECTOR_SIZE,
+    CompressAlgorithm,
+    GrainMarker,
+    MarkerType,
+    MetadataMarker,
+    SparseFlags,
+    SparseHeader,
+)
+from .errors import OutOfRangeError, UnsupportedFormatError
+
+try:
+    from isal import isal_zlib as _isal_zlib
+except ImportError:  # pragma: no cover - the tests monkeypatch this to None instead
+    _isal_zlib = None  # type: ignore[assignment]
+
+#: ISA-L knows levels 0..3 only; higher levels are clamped to this one.
+ISAL_MAX_LEVEL = 3
+
+GTES_PER_GT = 512
+FLAGS = int(SparseFlags.VALID_NEWLINE | SparseFlags.COMPRESSED | SparseFlags.MARKERS)
+#: The spec wants grains above 8 sectors (libvmdk refuses 8); qemu refuses more than 0x200000.
+MIN_GRAIN_SECTORS = 16
+MAX_GRAIN_SECTORS = 0x200000
+#: GT and GD entries are u32 sector numbers, so the file must stay below 2 TiB.
+MAX_FILE_SECTOR = 0xFFFFFFFF
+#: Output is collected in memory and handed to the file in chunks of about this size.
+FLUSH_BYTES = 4 << 20
+#: Grains travel to the workers in batches of about this many bytes, so the GIL
+#: changes hands once per batch rather than once per grain.
+BATCH_BYTES = 1 << 20
+#: Batches in flight per worker thread; with BATCH_BYTES this bounds the memory held.
+WINDOW_PER_THREAD = 2
+
+PathOrFile = str | bytes | os.PathLike[str] | os.PathLike[bytes] | BinaryIO
+Compressor = Callable[[bytes], bytes]
+
+
+def _sectors(nbytes: int) -> int:
+    return -(-nbytes // SECTOR_SIZE)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def make_compressor(level: int) -> Compressor:
+    """Return ``data -> zlib stream``: ISA-L when importable (level clamped to 3), else zlib."""
+    if _isal_zlib is not None:
+        isal, isal_level = _isal_zlib, min(level, ISAL_MAX_LEVEL)
+        return lambda data: isal.compress(data, isal_level)
+    return lambda data: zlib.compress(data, level)
+
+
+class StreamWriter:
+    """Write a streamOptimized VMDK sequentially, grain by grain or byte by byte.
+
+    ``fileobj_or_path`` is a path (created or truncated, closed by :meth:`close`)
+    or a binary object with ``write`` positioned at the start of the extent
+    (left open; its ``write`` must take whole buffers, as ``io.BufferedIOBase`` does).  ``descriptor`` is the embedded descriptor text, stored from
+    sector 1 and padded to whole sectors.  ``compression_level`` is 0..9; with
+    ISA-L levels above 3 act as 3.  ``threads`` is the number of compression
+    workers (default: ``os.cpu_count()``).
+
+    Leaving a ``with`` block through an exception abandons the image without
+    its footer, so every reader rejects it instead of reading a short disk.
+    Not thread-safe: feed it from one thread.
+    """
+
+    def __init__(
+        self,
+        fileobj_or_path: PathOrFile,
+        capacity_sectors: int,
+        descriptor: bytes,
+        *,
+        grain_size: int = 128,
+        compression_level: int = 1,
+        threads: int | None = None,
+    ) -> None:
+        threads = (os.cpu_count() or 1) if threads is None else threads
+        _check_arguments(capacity_sectors, descriptor, grain_size, compression_level, threads)
+        self._compress = make_compressor(compression_level)
+        self._grain_bytes = grain_size * SECTOR_SIZE
+        self._capacity_bytes = capacity_sectors * SECTOR_SIZE
+        self._num_grains = -(-capacity_sectors // grain_size)
+        self._zero_grain = bytes(self._grain_bytes)
+        desc_sectors = max(1, _sectors(len(descriptor)))
+        self._header = SparseHeader(
+            version=3, flags=FLAGS, capacity=capacity_sectors, grain_size=grain_size,
+            descriptor_offset=1, descriptor_size=desc_sectors, num_gtes_per_gt=GTES_PER_GT,
+            rgd_offset=0, gd_offset=GD_AT_END,
+            overhead=_round_up(1 + desc_sectors, grain_size),
+            compress_algorithm=CompressAlgorithm.DEFLATE,
+        )
+        self._gd = np.zeros(-(-self._num_grains // GTES_PER_GT), dtype="<u4")
+        self._gt = np.zeros(GTES_PER_GT, dtype="<u4")
+        self._gt_index = -1  # grain-table range being filled; -1 before the first grain
+        self._next_grain = 0  # lowest grain index still acceptable
+        self._offset = 0  # byte position of write(); bytes below it are final
+        self._partial = bytearray()  # bytes of the grain holding _offset, up to _offset
+        self._batch: list[tuple[int, bytes]] = []  # non-zero grains not yet handed out
+        self._batch_grains = max(1, BATCH_BYTES // self._grain_bytes)
+        self._pending: collections.deque[tuple[list[int], Future[list[bytes]]]] = (
+            collections.deque())
+        self._window = WINDOW_PER_THREAD * threads
+        self._out = bytearray()
+        self._flushed = 0  # bytes already handed to the file
+        self._closed = False
+
+        self.name = _display_name(fileobj_or_path)
+        if hasattr(fileobj_or_path, "write"):
+            self._file: BinaryIO = fileobj_or_path  # type: ignore[assignment]
+            self._owns_file = False
+        else:
+            self._file = open(fileobj_or_path, "wb")  # noqa: SIM115
+            self._owns_file = True
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="vmdk-deflate")
+
+        self._out += self._header.pack()
+        self._out += descriptor
+        self._out += bytes(self._header.overhead * SECTOR_SIZE - len(self._out))
+
+    # -- public API ------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def write_grain(self, grain_index: int, data: bytes | bytearray | memoryview) -> None:
+        """Store one grain; indexes must ascend.  All-zero grains are dropped.
+
+        ``data`` is a whole grain, except for the last grain of a disk whose
+        capacity is not a multiple of the grain, which may also be just the
+        bytes up to the end of the disk.
+        """
+        self._check_open()
+        self._seal_partial()
+        self._check_grain_index(grain_index)
+        self._submit(grain_index, data)
+        self._offset = min((grain_index + 1) * self._grain_bytes, self._capacity_bytes)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Store ``data`` at byte ``offset``; offsets must not go backwards.
+
+        Bytes skipped between writes read as zeros.  A partial grain is held
+        until it is completed or the writer is closed.
+        """
+        self._check_open()
+        view = memoryview(data).cast("B")
+        if offset < self._offset:
+            raise UnsupportedFormatError(
+                "streamOptimized images are written sequentially: write at offset "
+                f"{offset} is below the current position {self._offset}", self.name)
+        if offset + len(view) > self._capacity_bytes:
+            raise OutOfRangeError(
+                f"write of {len(view)} bytes at offset {offset} passes the end of the disk "
+                f"({self._capacity_bytes} bytes)", self.name)
+        self._skip_to(offset)
+        while view:
+            taken = self._take(view)
+            view = view[taken:]
+
+    def close(self) -> None:
+        """Store the held partial grain, then the trailing GT, GD, footer and EOS; fsync."""
+        if self._closed:
+            return
+        try:
+            self._seal_partial()
+            self._dispatch()
+            while self._pending:
+                self._emit_oldest()
+            self._finish_gt()
+            self._write_trailer()
+            self._drain()
+            self._file.flush()
+            _fsync_if_regular(self._file)
+        finally:
+            self._release()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._abandon()
+
+    # -- input side ------------------------------------------------------------------------
+
+    def _grain_length(self, grain_index: int) -> int:
+        """Bytes of the disk covered by a grain (less than a grain only for the last one)."""
+        return min(self._grain_bytes, self._capacity_bytes - grain_index * self._grain_bytes)
+
+    def _check_grain_index(self, grain_index: int) -> None:
+        if not 0 <= grain_index < self._num_grains:
+            raise OutOfRangeError(
+                f"grain {grain_index} is outside the disk ({self._num_grains} grains)", self.name)
+        if grain_index < self._next_grain:
+            raise UnsupportedFormatError(
+                "streamOptimized images are written sequentially: grain "
+                f"{grain_index} comes after grain {self._next_grain - 1}", self.name)
+
+    def _submit(self, grain_index: int, data: bytes | bytearray | memoryview) -> None:
+        grain = self._full_grain(grain_index, data)
+        self._next_grain = grain_index + 1
+        if grain == self._zero_grain:
+            return
+        self._batch.append((grain_index, grain))
+        if len(self._batch) >= self._batch_grains:
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Hand the collected grains to a worker, first waiting for room in the window."""
+        if not self._batch:
+            return
+        if len(self._pending) >= self._window:
+            self._emit_oldest()
+        indexes = [index for index, _ in self._batch]
+        grains = [grain for _, grain in self._batch]
+        self._batch = []
+        self._pending.append((indexes, self._pool.submit(_compress_all, self._compress, grains)))
+
+    def _full_grain(self, grain_index: int, data: bytes | bytearray | memoryview) -> bytes:
+        """An immutable copy of ``data`` at full grain size, checking its length."""
+        length = len(memoryview(data).cast("B"))
+        disk_part = self._grain_length(grain_index)
+        if length == self._grain_bytes:
+            grain = bytes(data)
+            return grain if disk_part == length else grain[:disk_part].ljust(length, b"\0")
+        if length == disk_part:
+            return bytes(data).ljust(self._grain_bytes, b"\0")
+        raise ValueError(
+            f"grain {grain_index} must be {self._grain_bytes} bytes"
+            + (f" or {disk_part}" if disk_part != self._grain_bytes else "")
+            + f", got {length}")
+
+    def _take(self, view: memoryview) -> int:
+        """Consume the start of ``view`` at ``_offset``; return how many bytes were used."""
+        grain_index, within = divmod(self._offset, self._grain_bytes)
+        grain_length = self._grain_length(grain_index)
+        if within == 0 and len(view) >= grain_length:
+            self._submit(grain_index, view[:grain_length])
+            taken = grain_length
+        else:
+            taken = min(len(view), grain_length - within)
+            self._partial += view[:taken]
+            if len(self._partial) == grain_length:
+                self._submit(grain_index, self._partial)
+                self._partial.clear()
+        self._offset += taken
+        return taken
+
+    def _skip_to(self, offset: int) -> None:
+        """Advance ``_offset`` to ``offset``, treating the skipped bytes as zeros."""
+        if offset == self._offset:
+            return
+        grain_start = self._offset - len(self._partial)
+        if self._partial and offset >= grain_start + self._grain_bytes:
+            self._seal_partial()
+        grain_start = offset - offset % self._grain_bytes
+        if not self._partial:
+            self._offset = grain_start
+        self._partial += bytes(offset - self._offset)
+        self._offset = offset
+
+    def _seal_partial(self) -> None:
+        """Store the held partial grain with its unwritten rest as zeros."""
+        if self._partial:
+            grain_index = (self._offset - 1) // self._grain_bytes
+            self._partial.extend(bytes(self._grain_bytes - len(self._partial)))
+            self._submit(grain_index, self._partial)
+            self._partial.clear()
+            self._offset = min((grain_index + 1) * self._grain_bytes, self._capacity_bytes)
+
+    # -- output side -----------------------------------------------------------------------
+
+    def _sector(self) -> int:
+        """File sector where the next record starts (output is always sector-aligned)."""
+        sector = (self._flushed + len(self._out)) // SECTOR_SIZE
+        if sector > MAX_FILE_SECTOR:
+            raise UnsupportedFormatError(
+                "the image grew past 2 TiB, beyond the reach of the u32 sector numbers in "
+                "grain tables", self.name)
+        return sector
+
+    def _emit_oldest(self) -> None:
+        indexes, future = self._pending.popleft()
+        for grain_index, compressed in zip(indexes, future.result(), strict=True):
+            self._emit(grain_index, compressed)
+        if len(self._out) >= FLUSH_BYTES:
+            self._drain()
+
+    def _emit(self, grain_index: int, compressed: bytes) -> None:
+        gt_index, slot = divmod(grain_index, GTES_PER_GT)
+        if gt_index != self._gt_index:
+            self._finish_gt()
+            self._gt_index = gt_index
+        self._gt[slot] = self._sector()
+        self._out += GrainMarker(grain_index * self._header.grain_size, len(compressed)).pack()
+        self._out += compressed
+        self._out += bytes(-(GrainMarker.SIZE + len(compressed)) % SECTOR_SIZE)
+
+    def _finish_gt(self) -> None:
+        """Write the grain table of the range being filled, if any, and point the GD at it."""
+        if self._gt_index < 0:
+            return
+        self._write_metadata(MarkerType.GRAIN_TABLE, self._gt.tobytes())
+        self._gd[self._gt_index] = self._sector() - _sectors(self._gt.nbytes)
+        self._gt[:] = 0
+        self._gt_index = -1
+
+    def _write_metadata(self, kind: MarkerType, block: bytes) -> None:
+        sectors = _sectors(len(block))
+        self._out += MetadataMarker(sectors, kind).pack()
+        self._out += block.ljust(sectors * SECTOR_SIZE, b"\0")
+
+    def _write_trailer(self) -> None:
+        gd_sector = self._sector() + 1
+        self._write_metadata(MarkerType.GRAIN_DIRECTORY, self._gd.tobytes())
+        footer = dataclasses.replace(self._header, gd_offset=gd_sector)
+        self._write_metadata(MarkerType.FOOTER, footer.pack())
+        self._out += MetadataMarker(0, MarkerType.EOS).pack()
+
+    def _drain(self) -> None:
+        self._file.write(self._out)
+        self._flushed += len(self._out)
+        self._out.clear()
+
+    # -- teardown --------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("I/O operation on closed file")
+
+    def _abandon(self) -> None:
+        """Stop without writing the trailer; the partial image fails every reader's checks."""
+        if self._closed:
+            return
+        for _, future in self._pending:
+            future.cancel()
+        self._pending.clear()
+        self._batch.clear()
+        self._release()
+
+    def _release(self) -> None:
+        self._closed = True
+        self._pool.shutdown(wait=True)
+        if self._owns_file:
+            self._file.close()
+
+
+def _compress_all(compress: Compressor, grains: list[bytes]) -> list[bytes]:
+    return [compress(grain) for grain in grains]
+
+
+def _check_arguments(capacity_sectors: int, descriptor: bytes, grain_size: int,
+                     compression_level: int, threads: int) -> None:
+    if capacity_sectors < 1:
+        raise ValueError(f"capacity must be at least one sector, got {capacity_sectors}")
+    if not isinstance(descriptor, bytes | bytearray):
+        raise TypeError(f"descriptor must be bytes, not {type(descriptor).__name__}")
+    if not MIN_GRAIN_SECTORS <= grain_size <= MAX_GRAIN_SECTORS or grain_size & (grain_size - 1):
+        raise ValueError(
+            f"grain size must be a power of two from {MIN_GRAIN_SECTORS} to {MAX_GRAIN_SECTORS} "
+            f"sectors, got {grain_size}")
+    if not 0 <= compression_level <= 9:
+        raise ValueError(f"compression level must be 0..9, got {compression_level}")
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+
+
+def _display_name(fileobj_or_path: PathOrFile) -> str | None:
+    if hasattr(fileobj_or_path, "write"):
+        name = getattr(fileobj_or_path, "name", None)
+        return os.fsdecode(name) if isinstance(name, str | bytes) else None
+    return os.fsdecode(fileobj_or_path)
+
+
+def _fsync_if_regular(fileobj: BinaryIO) -> None:
+    """fsync a regular file; pipes, sockets and in-memory objects are left alone."""
+    try:
+        fd = fileobj.fileno()
+    except (AttributeError, OSError):  # io.UnsupportedOperation is an OSError
+        return
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        os.fsync(fd)

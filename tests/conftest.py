@@ -1,0 +1,50 @@
+"""Shared test helpers: pattern data, peer tools, and the third-party samples."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "samples"
+if not SAMPLES.is_dir():  # CI clones main with shared/ beside it
+    SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "samples"
+
+
+def pattern(size: int, seed: int = 0, zero_every: int = 3, block: int = 65536) -> bytes:
+    """Deterministic test content: random-looking blocks with every Nth block zero."""
+    out = bytearray(size)
+    for i, pos in enumerate(range(0, size, block)):
+        if zero_every and i % zero_every == zero_every - 1:
+            continue
+        n = min(block, size - pos)
+        out[pos:pos + n] = hashlib.shake_256(f"{seed}:{i}".encode()).digest(n)
+    return bytes(out)
+
+
+def have(tool: str) -> bool:
+    return shutil.which(tool) is not None
+
+
+def run(*args: str | os.PathLike[str], check: bool = True, timeout: float = 120
+        ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([os.fspath(a) for a in args], capture_output=True, text=True,
+                          check=check, timeout=timeout)
+
+
+@pytest.fixture
+def qemu_img() -> str:
+    if not have("qemu-img"):
+        pytest.skip("qemu-img is not installed")
+    return "qemu-img"
+
+
+@pytest.fixture
+def samples() -> Path:
+    if not SAMPLES.is_dir():
+        pytest.skip("shared/samples is not present")
+    return SAMPLES
