@@ -35,8 +35,9 @@ GT_SPAN_SECTORS = 4096  # sectors one grain table covers at grain size 1
 
 
 def pattern(n: int, seed: int = 0) -> bytes:
-    """Deterministic, non-repeating-looking bytes."""
-    return bytes((i * 7 + seed * 13 + (i >> 9)) % 251 for i in range(n))
+    """Deterministic bytes whose period (251) differs from every sector and grain size."""
+    cycle = bytes((seed * 13 + i * 7) % 251 for i in range(251))
+    return (cycle * (n // 251 + 1))[:n]
 
 
 def read_all(extent: CowdExtent, fill: bytes | None = None) -> bytes:
@@ -222,9 +223,9 @@ _op = st.one_of(
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(grain_size=st.sampled_from([1, 2, 5, 16]), ops=st.lists(_op, max_size=25))
+@given(grain_size=st.sampled_from([1, 3, 8]), ops=st.lists(_op, max_size=25))
 def test_random_writes_match_a_model(grain_size: int, ops: list[tuple[str, int, int, int]]) -> None:
-    capacity = 2 * GT_SPAN_SECTORS * grain_size + 3
+    capacity = (GT_SPAN_SECTORS + 300) * grain_size + 3  # two tables, the last one partial
     size = capacity * 512
     parent = pattern(size, 42)
     model = bytearray(parent)

@@ -474,3 +474,22 @@ def test_header_struct_is_little_endian_v3_stream() -> None:
     raw = buf.getvalue()
     assert raw[:4] == b"KDMV"
     assert struct.unpack_from("<IIQQ", raw, 4) == (3, 0x30001, 1024, 128)
+
+
+@pytest.mark.parametrize("length", [0, 1, 511, 512, 1023])
+def test_descriptor_area_always_ends_with_nul(length: int) -> None:
+    buf = io.BytesIO()
+    text = b"#" * length
+    with StreamWriter(buf, 64, text, grain_size=16) as writer:
+        writer.write_grain(0, b"\5" * 8192)
+    image = buf.getvalue()
+    header = parse_stream(image).header
+    area = image[SECTOR_SIZE:(1 + header.descriptor_size) * SECTOR_SIZE]
+    assert area == text + bytes(len(area) - length) and len(area) > length
+    assert header.descriptor_size == length // SECTOR_SIZE + 1
+    assert header.overhead == 16  # grains start at the first grain boundary after it
+
+
+def test_descriptor_with_nul_is_refused() -> None:
+    with pytest.raises(ValueError, match="NUL"):
+        StreamWriter(io.BytesIO(), 64, b"a\0b")

@@ -143,11 +143,13 @@ class VmdkFile(io.RawIOBase):
 
 
 def open(path: str | os.PathLike[str], mode: str = "r", *, allow_external: bool = False,
-         ignore_cid: bool = False) -> VmdkFile:
+         ignore_cid: bool = False, force_share: bool = False) -> VmdkFile:
     """Open a VMDK image (descriptor, monolithic or bare extent file) as a file object.
 
     ``mode`` is "r" (the default) or "r+" to write.  ``allow_external`` lets
     the descriptor name files outside the image's folder or devices, which is
-    refused by default; ``ignore_cid`` opens a snapshot whose parent changed.
+    refused by default; ``ignore_cid`` opens a snapshot whose parent changed;
+    ``force_share`` reads an image another process is writing (no lock is taken).
     """
-    return VmdkFile(Image.open(path, mode, allow_external=allow_external, ignore_cid=ignore_cid))
+    return VmdkFile(Image.open(path, mode, allow_external=allow_external, ignore_cid=ignore_cid,
+                               force_share=force_share))

@@ -73,12 +73,14 @@ class CheckResult:
         return out
 
 
-def check(path: str | os.PathLike[str], *, allow_external: bool = False) -> CheckResult:
+def check(path: str | os.PathLike[str], *, allow_external: bool = False,
+          force_share: bool = False) -> CheckResult:
     """Check an image (read-only) and report every inconsistency found."""
     path = os.fspath(path)
     result = CheckResult(path)
     try:
-        image = Image.open(path, "r", allow_external=allow_external, open_parent=False)
+        image = Image.open(path, "r", allow_external=allow_external, open_parent=False,
+                           force_share=force_share)
     except VmdkError as exc:
         result.check_errors += 1
         result.problems.append(Problem("error", str(exc), path))

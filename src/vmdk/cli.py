@@ -109,7 +109,8 @@ def _human_size(n: int) -> str:
 
 
 def _open_flags(args: argparse.Namespace) -> dict[str, Any]:
-    return {"allow_external": getattr(args, "allow_external", False)}
+    return {"allow_external": getattr(args, "allow_external", False),
+            "force_share": getattr(args, "force_share", False)}
 
 
 # ----------------------------------------------------------------------- verbs
@@ -179,7 +180,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     with progress_bar(args.progress, size, "convert") as bar:
         convert(args.source, args.target, src_format=args.source_format,
                 out_format=args.output_format, sparse_size=args.sparse_size, progress=bar,
-                allow_external=args.allow_external, **kwargs)
+                allow_external=args.allow_external, force_share=args.force_share, **kwargs)
     return 0
 
 
@@ -292,6 +293,29 @@ def cmd_cat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from ._file import open as open_image
+    from .nbd.server import serve
+
+    mode = "r" if args.read_only else "r+"
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    with open_image(args.image, mode, allow_external=args.allow_external) as disk:
+        serve(disk, host=args.bind, port=args.port, unix_socket=args.socket,
+              export_name=args.export_name, read_only=args.read_only,
+              ready=lambda uri: print(f"serving {args.image} at {uri}", flush=True),
+              stop_event=stop)
+    return 0
+
+
 # ---------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -310,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         p.add_argument("--allow-external", action="store_true",
                        help="trust descriptor paths outside the image's folder, and devices")
+        if name not in ("create", "serve"):
+            p.add_argument("-U", "--force-share", action="store_true",
+                           help="read an image another process has open for writing")
         return p
 
     p = verb("info", cmd_info, "show an image's size, kind, metadata and extents")
@@ -364,6 +391,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("cat", cmd_cat, "write the disk's contents to standard output")
     p.add_argument("-f", dest="format", choices=("raw", "vmdk"), default=None)
+    p.add_argument("image")
+
+    p = verb("serve", cmd_serve, "export the image over NBD until SIGINT or SIGTERM")
+    p.add_argument("--read-only", "-r", action="store_true", help="refuse writes")
+    p.add_argument("--bind", default="127.0.0.1", help="address to listen on (default loopback)")
+    p.add_argument("--port", type=int, default=10809)
+    p.add_argument("--socket", default=None, help="listen on this Unix socket instead of TCP")
+    p.add_argument("--export-name", default="", help="export name (default empty)")
     p.add_argument("image")
     return parser
 

@@ -175,10 +175,12 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
             src_format: str | None = None, out_format: str = "vmdk",
             subformat: str = "monolithicSparse", sparse_size: int = DEFAULT_SPARSE_SIZE,
             progress: Progress | None = None, overwrite: bool = True,
-            allow_external: bool = False, **create_options: Any) -> int:
+            allow_external: bool = False, force_share: bool = False,
+            **create_options: Any) -> int:
     """Convert ``src`` (raw or any VMDK, chains flattened) into ``dst``; returns bytes written."""
     src, dst = os.fspath(src), os.fspath(dst)
-    extra = {"allow_external": allow_external} if src_format != "raw" else {}
+    extra = ({"allow_external": allow_external, "force_share": force_share}
+             if src_format != "raw" else {})
     source = open_source(src, src_format, **extra)
     try:
         if os.path.exists(dst) and os.path.samefile(src, dst):

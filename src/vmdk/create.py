@@ -183,14 +183,12 @@ def create(
     size = sectors * SECTOR_SIZE
     try:
         writer = _WRITERS[subformat]
-        writer(path, sectors, opts, parent_image, overwrite, raw_device, partitions)
+        made = writer(path, sectors, opts, parent_image, overwrite, raw_device, partitions)
     finally:
         if parent_image is not None:
             parent_image.close()
-    if subformat == "streamOptimized":
-        from .stream import StreamFile
-
-        return StreamFile.open_new(path, compression_level=compression_level)
+    if made is not None:
+        return made
     return VmdkFile(Image.open(path, "r+", allow_external=allow_external or subformat in (
         "fullDevice", "partitionedDevice")))
 
@@ -264,15 +262,17 @@ def _create_split_flat(path: str, sectors: int, opts: CreateOptions, parent: Ima
 
 
 def _create_stream(path: str, sectors: int, opts: CreateOptions, parent: Image | None,
-                   overwrite: bool, *_: Any) -> None:
-    _remove_if([path], overwrite)
+                   overwrite: bool, *_: Any) -> Any:
+    """streamOptimized is written once, front to back: hand back the writer itself."""
     from .stream import StreamFile
 
-    ddb = _ddb(sectors * SECTOR_SIZE, opts)
+    _remove_if([path], overwrite)
     descriptor = Descriptor.new("streamOptimized",
                                 [ExtentLine("RW", sectors, "SPARSE", os.path.basename(path), None)],
-                                cid=new_cid(), ddb=ddb)
-    StreamFile.prepare(path, sectors, descriptor.to_bytes(), grain_size=opts.cluster_size // SECTOR_SIZE)
+                                cid=new_cid(), ddb=_ddb(sectors * SECTOR_SIZE, opts))
+    return StreamFile(path, sectors, descriptor.to_bytes(),
+                      grain_size=opts.cluster_size // SECTOR_SIZE,
+                      compression_level=opts.compression_level)
 
 
 def _device_size(device: str) -> int:

@@ -133,13 +133,14 @@ class Image:
         self.size = pos
         self._descriptor_bytes = descriptor.to_bytes()
         self._written = False
+        self._lock_fds: list[int] = []
         self.closed = False
 
     # ------------------------------------------------------------------ open
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], mode: str = "r", *,
-             allow_external: bool = False, ignore_cid: bool = False,
+             allow_external: bool = False, ignore_cid: bool = False, force_share: bool = False,
              open_parent: bool = True, _depth: int = 0, _seen: frozenset[str] = frozenset()
              ) -> Image:
         path = os.fspath(path)
@@ -165,19 +166,26 @@ class Image:
             raise UnsupportedFormatError("not a VMDK image (no descriptor or known header)", path)
         extents: list[Extent] = []
         parent: Image | None = None
+        locks: list[int] = []
         try:
             extents = _open_extents(path, descriptor, embedded, read_only, allow_external)
+            if not force_share:
+                locks = _lock_files(path, extents, write=not read_only)
             if open_parent:
                 parent = _open_parent(path, descriptor, allow_external, ignore_cid,
-                                      _depth, _seen | {real})
+                                      _depth, _seen | {real}, force_share)
         except BaseException:
             for extent in extents:
                 extent.close()
             if embedded is not None and embedded not in extents:
                 embedded.close()
+            for fd in locks:
+                os.close(fd)
             raise
-        return cls(path, descriptor, extents, read_only=read_only, embedded=embedded,
-                   parent=parent, allow_external=allow_external)
+        image = cls(path, descriptor, extents, read_only=read_only, embedded=embedded,
+                    parent=parent, allow_external=allow_external)
+        image._lock_fds = locks
+        return image
 
     # ------------------------------------------------------------- addressing
 
@@ -315,10 +323,15 @@ class Image:
             self.flush()
         finally:
             self.closed = True
-            for extent in self.extents:
-                extent.close()
-            if self.parent is not None:
-                self.parent.close()
+            try:
+                for extent in self.extents:
+                    extent.close()
+                if self.parent is not None:
+                    self.parent.close()
+            finally:
+                for fd in self._lock_fds:
+                    os.close(fd)
+                self._lock_fds = []
 
     def __enter__(self) -> Image:
         return self
@@ -344,9 +357,17 @@ class Image:
     def adapter_type(self) -> str | None:
         return self.descriptor.ddb_get("ddb.adapterType")
 
+    @adapter_type.setter
+    def adapter_type(self, value: str) -> None:
+        self.set_metadata("ddb.adapterType", value)
+
     @property
     def hardware_version(self) -> str | None:
         return self.descriptor.ddb_get("ddb.virtualHWVersion")
+
+    @hardware_version.setter
+    def hardware_version(self, value: str) -> None:
+        self.set_metadata("ddb.virtualHWVersion", str(value))
 
     @property
     def geometry(self) -> tuple[int, int, int]:
@@ -397,17 +418,33 @@ class Image:
     def uuid(self) -> uuid.UUID | None:
         return self._uuid("ddb.uuid.image") or self._uuid("ddb.uuid")
 
+    @uuid.setter
+    def uuid(self, value: uuid.UUID) -> None:
+        self.set_metadata("ddb.uuid.image", str(value))
+
     @property
     def modification_uuid(self) -> uuid.UUID | None:
         return self._uuid("ddb.uuid.modification")
+
+    @modification_uuid.setter
+    def modification_uuid(self, value: uuid.UUID) -> None:
+        self.set_metadata("ddb.uuid.modification", str(value))
 
     @property
     def parent_uuid(self) -> uuid.UUID | None:
         return self._uuid("ddb.uuid.parent")
 
+    @parent_uuid.setter
+    def parent_uuid(self, value: uuid.UUID) -> None:
+        self.set_metadata("ddb.uuid.parent", str(value))
+
     @property
     def comment(self) -> str | None:
         return self.descriptor.ddb_get("ddb.comment")
+
+    @comment.setter
+    def comment(self, value: str) -> None:
+        self.set_metadata("ddb.comment", value)
 
     def set_metadata(self, key: str, value: str) -> None:
         """Set a disk database key (``ddb.`` is added when missing)."""
@@ -663,8 +700,26 @@ def _open_extent(path: str, line: ExtentLine, descriptor: Descriptor, read_only:
     raise UnsupportedFormatError(f"{line.type} extent {line.filename!r} has no known header", path)
 
 
+def _lock_files(path: str, extents: list[Extent], *, write: bool) -> list[int]:
+    """Lock the descriptor and every extent file through descriptors kept for that purpose."""
+    from ._lock import lock_image_file
+
+    fds: list[int] = []
+    names = dict.fromkeys([path] + [e.filename for e in extents if e.filename])
+    try:
+        for name in names:
+            fd = os.open(name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            fds.append(fd)
+            lock_image_file(fd, name, write=write)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
+
+
 def _open_parent(path: str, descriptor: Descriptor, allow_external: bool, ignore_cid: bool,
-                 depth: int, seen: frozenset[str]) -> Image | None:
+                 depth: int, seen: frozenset[str], force_share: bool = False) -> Image | None:
     hint = descriptor.parent_file_name_hint
     if descriptor.parent_cid == NO_PARENT_CID or not hint:
         return None
@@ -686,7 +741,7 @@ def _open_parent(path: str, descriptor: Descriptor, allow_external: bool, ignore
     if target is None:
         raise ChainError(f"parent image {hint!r} was not found", path)
     parent = Image.open(target, "r", allow_external=allow_external, ignore_cid=ignore_cid,
-                        _depth=depth + 1, _seen=seen)
+                        force_share=force_share, _depth=depth + 1, _seen=seen)
     if parent.cid != descriptor.parent_cid and not ignore_cid:
         parent.close()
         raise ChainError(

@@ -20,6 +20,7 @@ written in submission order, so the output does not depend on the thread count.
 from __future__ import annotations
 
 import collections
+import io
 import dataclasses
 import os
 import stat
@@ -27,7 +28,7 @@ import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
-from typing import BinaryIO, Self
+from typing import Any, BinaryIO, Self
 
 import numpy as np
 
@@ -118,14 +119,7 @@ class StreamWriter:
         self._capacity_bytes = capacity_sectors * SECTOR_SIZE
         self._num_grains = -(-capacity_sectors // grain_size)
         self._zero_grain = bytes(self._grain_bytes)
-        desc_sectors = max(1, _sectors(len(descriptor)))
-        self._header = SparseHeader(
-            version=3, flags=FLAGS, capacity=capacity_sectors, grain_size=grain_size,
-            descriptor_offset=1, descriptor_size=desc_sectors, num_gtes_per_gt=GTES_PER_GT,
-            rgd_offset=0, gd_offset=GD_AT_END,
-            overhead=_round_up(1 + desc_sectors, grain_size),
-            compress_algorithm=CompressAlgorithm.DEFLATE,
-        )
+        self._header = stream_header(capacity_sectors, grain_size, len(descriptor))
         self._gd = np.zeros(-(-self._num_grains // GTES_PER_GT), dtype="<u4")
         self._gt = np.zeros(GTES_PER_GT, dtype="<u4")
         self._gt_index = -1  # grain-table range being filled; -1 before the first grain
@@ -142,12 +136,7 @@ class StreamWriter:
         self._closed = False
 
         self.name = _display_name(fileobj_or_path)
-        if hasattr(fileobj_or_path, "write"):
-            self._file: BinaryIO = fileobj_or_path  # type: ignore[assignment]
-            self._owns_file = False
-        else:
-            self._file = open(fileobj_or_path, "wb")  # noqa: SIM115
-            self._owns_file = True
+        self._file, self._owns_file = _open_target(fileobj_or_path)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="vmdk-deflate")
 
         self._out += self._header.pack()
@@ -238,7 +227,7 @@ class StreamWriter:
         if grain_index < self._next_grain:
             raise UnsupportedFormatError(
                 "streamOptimized images are written sequentially: grain "
-                f"{grain_index} comes after grain {self._next_grain - 1}", self.name)
+                f"{grain_index} does not come after grain {self._next_grain - 1}", self.name)
 
     def _submit(self, grain_index: int, data: bytes | bytearray | memoryview) -> None:
         grain = self._full_grain(grain_index, data)
@@ -389,6 +378,30 @@ class StreamWriter:
             self._file.close()
 
 
+def stream_header(capacity_sectors: int, grain_size: int, descriptor_bytes: int) -> SparseHeader:
+    """The header of a footer-layout stream image (the footer differs only in gdOffset).
+
+    The descriptor area always ends with at least one NUL, because readers
+    that take a fixed window of sectors read the descriptor as a C string.
+    Grains start at overHead, the end of the descriptor rounded up to a
+    grain, as VirtualBox lays out its stream images.
+    """
+    desc_sectors = _sectors(descriptor_bytes + 1)
+    return SparseHeader(
+        version=3, flags=FLAGS, capacity=capacity_sectors, grain_size=grain_size,
+        descriptor_offset=1, descriptor_size=desc_sectors, num_gtes_per_gt=GTES_PER_GT,
+        rgd_offset=0, gd_offset=GD_AT_END, overhead=_round_up(1 + desc_sectors, grain_size),
+        compress_algorithm=CompressAlgorithm.DEFLATE,
+    )
+
+
+def _open_target(fileobj_or_path: PathOrFile) -> tuple[BinaryIO, bool]:
+    """The object to write to, and whether the writer opened it (and so closes it)."""
+    if hasattr(fileobj_or_path, "write"):
+        return fileobj_or_path, False  # type: ignore[return-value]
+    return open(fileobj_or_path, "wb"), True
+
+
 def _compress_all(compress: Compressor, grains: list[bytes]) -> list[bytes]:
     return [compress(grain) for grain in grains]
 
@@ -399,6 +412,8 @@ def _check_arguments(capacity_sectors: int, descriptor: bytes, grain_size: int,
         raise ValueError(f"capacity must be at least one sector, got {capacity_sectors}")
     if not isinstance(descriptor, bytes | bytearray):
         raise TypeError(f"descriptor must be bytes, not {type(descriptor).__name__}")
+    if b"\0" in descriptor:
+        raise ValueError("descriptor must not contain NUL bytes")
     if not MIN_GRAIN_SECTORS <= grain_size <= MAX_GRAIN_SECTORS or grain_size & (grain_size - 1):
         raise ValueError(
             f"grain size must be a power of two from {MIN_GRAIN_SECTORS} to {MAX_GRAIN_SECTORS} "
@@ -424,3 +439,87 @@ def _fsync_if_regular(fileobj: BinaryIO) -> None:
         return
     if stat.S_ISREG(os.fstat(fd).st_mode):
         os.fsync(fd)
+
+
+class StreamFile(io.RawIOBase):
+    """A streamOptimized image being written front to back, as a write-only file object.
+
+    What ``vmdk.create(..., subformat="streamOptimized")`` returns: ``write``
+    and forward ``seek`` work; going back raises ``UnsupportedFormatError``
+    (the format is append-only: rewrite the image with ``vmdk convert``).
+    """
+
+    def __init__(self, path: str, capacity_sectors: int, descriptor: bytes, *,
+                 grain_size: int = 128, compression_level: int = 1,
+                 threads: int | None = None) -> None:
+        super().__init__()
+        self.path = path
+        self._writer = StreamWriter(path, capacity_sectors, descriptor, grain_size=grain_size,
+                                    compression_level=compression_level, threads=threads)
+        self._size = capacity_sectors * SECTOR_SIZE
+        self._pos = 0
+
+    @property
+    def name(self) -> str:
+        return self.path
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def readable(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        self._checkClosed()
+        return True
+
+    def seekable(self) -> bool:
+        self._checkClosed()
+        return True
+
+    def tell(self) -> int:
+        self._checkClosed()
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self._checkClosed()
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def write(self, data: Any) -> int:
+        self._checkClosed()
+        view = memoryview(data).cast("B")
+        self._writer.write(self._pos, view)
+        self._pos += len(view)
+        return len(view)
+
+    def write_at(self, offset: int, data: Any) -> None:
+        self._checkClosed()
+        self._writer.write(offset, data)
+        self._pos = offset + len(memoryview(data).cast("B"))
+
+    def flush(self) -> None:
+        """Nothing to do before close: a stream is only valid once its footer is written."""
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self._writer.close()
+            finally:
+                super().close()
+
+    def abandon(self) -> None:
+        """Stop without writing the footer: the partial file is left unreadable on purpose."""
+        if not self.closed:
+            self._writer._abandon()
+            super().close()
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abandon()

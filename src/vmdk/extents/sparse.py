@@ -327,9 +327,22 @@ class SparseExtent(Extent):
                 raise CorruptImageError(f"grain table {index} at sector {sector} is truncated",
                                         self.filename)
             table = np.frombuffer(raw, dtype="<u4").astype(np.uint32)
+            self._compare_redundant_table(index, raw)
         self._gt_cache[index] = table
         self._evict_tables()
         return table
+
+    def _compare_redundant_table(self, index: int, raw: bytes) -> None:
+        """A grain table must equal its redundant copy (checked as each table is first used)."""
+        if self.rgd is None or not self.rgd[index]:
+            return
+        backup = os.pread(self.fd, len(raw), int(self.rgd[index]) * SECTOR_SIZE)
+        if backup != raw:
+            msg = (f"grain table {index} differs from its redundant copy; "
+                   "run 'vmdk check -r all'")
+            if not self.read_only:
+                raise CorruptImageError(msg, self.filename)
+            log.warning("%s: %s", self.filename, msg)
 
     def _evict_tables(self) -> None:
         while len(self._gt_cache) > self._max_gts:

@@ -1,0 +1,58 @@
+"""Image locking with open-file-description locks, on the bytes qemu uses.
+
+qemu takes shared locks on byte 100 + n of every image file for each
+permission n it holds (0 consistent read, 1 write) and on byte 200 + n for
+each permission it refuses to share.  Taking the same bytes makes a writer
+here and a writer (or a consistent reader) in qemu see each other.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+
+from .errors import ImageInUseError
+
+PERM_BASE = 100
+SHARED_BASE = 200
+READ, WRITE = 0, 1
+
+# struct flock on Linux: l_type, l_whence (shorts), l_start, l_len (off_t), l_pid (int).
+_FLOCK = struct.Struct("hhqqi4x")
+
+
+def _flock(kind: int, start: int) -> bytes:
+    return _FLOCK.pack(kind, os.SEEK_SET, start, 1, 0)
+
+
+def _held_by_other(fd: int, byte: int) -> bool:
+    """Would an exclusive lock on ``byte`` conflict with someone else's lock?"""
+    out = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _flock(fcntl.F_WRLCK, byte))
+    return _FLOCK.unpack(out)[0] != fcntl.F_UNLCK
+
+
+def _take(fd: int, byte: int) -> None:
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_RDLCK, byte))
+
+
+def lock_image_file(fd: int, filename: str, *, write: bool) -> None:
+    """Lock one file of an image for reading or writing; raise ImageInUseError on a conflict.
+
+    A writer refuses other writers and consistent readers; a reader refuses
+    writers.  Any number of readers share.
+    """
+    if _held_by_other(fd, PERM_BASE + WRITE):
+        raise ImageInUseError(
+            "image is in use: another process has it open for writing "
+            "(force_share=True / --force-share reads it anyway)", filename)
+    if write and _held_by_other(fd, SHARED_BASE + WRITE):
+        raise ImageInUseError(
+            "image is in use: another process reads it and does not allow writes", filename)
+    try:
+        _take(fd, PERM_BASE + READ)
+        _take(fd, SHARED_BASE + WRITE)
+        if write:
+            _take(fd, PERM_BASE + WRITE)
+    except BlockingIOError as exc:  # lost a race with another opener
+        raise ImageInUseError("image is in use by another process", filename) from exc

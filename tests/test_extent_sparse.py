@@ -1,0 +1,336 @@
+"""Tests for vmdk.extents.sparse.SparseExtent, used directly (no descriptor, no Image)."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import pattern
+from vmdk._structs import SECTOR_SIZE, ZEROED_GTE, SparseFlags, SparseHeader
+from vmdk.errors import OutOfRangeError, ReadOnlyError, VmdkError
+from vmdk.extents.sparse import SparseExtent
+
+# A small geometry so several grain tables exist: 4 KiB grains, 8 entries per GT
+# (32 KiB per GT), 256 KiB of capacity -> 8 GTs.
+GRAIN = 8  # sectors
+GTES = 8
+CAPACITY = 512  # sectors
+G = GRAIN * SECTOR_SIZE
+GT_SPAN = GRAIN * GTES * SECTOR_SIZE
+SIZE = CAPACITY * SECTOR_SIZE
+
+
+def make(path: Path, **kw: object) -> SparseExtent:
+    args: dict[str, object] = {"grain_size": GRAIN, "num_gtes_per_gt": GTES}
+    args.update(kw)
+    capacity = int(args.pop("capacity", CAPACITY))  # type: ignore[call-overload]
+    return SparseExtent.create(os.fspath(path), capacity, **args)  # type: ignore[arg-type]
+
+
+def read(ext: SparseExtent, offset: int, length: int) -> tuple[bytes, list[tuple[int, int]]]:
+    buf = bytearray(b"\xee" * length)
+    holes = ext.read_into(offset, memoryview(buf))
+    for start, n in holes:  # what the image does without a parent
+        buf[start:start + n] = bytes(n)
+    return bytes(buf), holes
+
+
+def header_of(path: Path) -> SparseHeader:
+    return SparseHeader.unpack(path.read_bytes()[:512])
+
+
+def gd_entries(path: Path, sector: int, count: int) -> list[int]:
+    raw = path.read_bytes()[sector * SECTOR_SIZE:sector * SECTOR_SIZE + 4 * count]
+    return list(struct.unpack(f"<{count}I", raw))
+
+
+def gt_raw(path: Path, sector: int) -> bytes:
+    return path.read_bytes()[sector * SECTOR_SIZE:sector * SECTOR_SIZE + 4 * GTES]
+
+
+def gte(path: Path, grain: int, redundant: bool = False) -> int:
+    h = header_of(path)
+    index, slot = divmod(grain, h.num_gtes_per_gt)
+    gd = gd_entries(path, h.rgd_offset if redundant else h.gd_offset, index + 1)
+    raw = path.read_bytes()
+    return struct.unpack_from("<I", raw, gd[index] * SECTOR_SIZE + 4 * slot)[0]
+
+
+@pytest.fixture
+def ext(tmp_path: Path):
+    e = make(tmp_path / "e.vmdk")
+    yield e
+    e.close()
+
+
+# -- header and layout -------------------------------------------------------------------------
+
+
+def test_header_round_trip(tmp_path: Path) -> None:
+    make(tmp_path / "e.vmdk", descriptor=b"# Disk DescriptorFile\nversion=1\n").close()
+    raw = (tmp_path / "e.vmdk").read_bytes()[:512]
+    h = SparseHeader.unpack(raw)
+    assert h.pack() == raw
+    assert (h.capacity, h.grain_size, h.num_gtes_per_gt) == (CAPACITY, GRAIN, GTES)
+    assert h.newline_check == b"\n \r\n"
+    assert h.has(SparseFlags.VALID_NEWLINE) and h.has(SparseFlags.REDUNDANT_GT)
+    assert h.version == 1 and h.unclean_shutdown == 0
+    reopened = SparseExtent.open(os.fspath(tmp_path / "e.vmdk"))
+    try:
+        assert reopened.header == h
+        assert reopened.read_descriptor() == b"# Disk DescriptorFile\nversion=1\n"
+    finally:
+        reopened.close()
+
+
+def test_layout_rgd_before_gd_and_overhead_grain_aligned(tmp_path: Path) -> None:
+    make(tmp_path / "e.vmdk", descriptor=b"version=1\n").close()
+    h = header_of(tmp_path / "e.vmdk")
+    n_gts = CAPACITY // (GRAIN * GTES)
+    assert h.descriptor_offset == 1 and h.descriptor_size == 20
+    assert h.descriptor_offset + h.descriptor_size <= h.rgd_offset < h.gd_offset
+    assert h.overhead % GRAIN == 0 and h.overhead * SECTOR_SIZE == os.path.getsize(
+        tmp_path / "e.vmdk")
+    rgd = gd_entries(tmp_path / "e.vmdk", h.rgd_offset, n_gts)
+    gd = gd_entries(tmp_path / "e.vmdk", h.gd_offset, n_gts)
+    # Every GT is preallocated; redundant ones come before the GD, primary ones after it.
+    assert all(h.rgd_offset < s < h.gd_offset for s in rgd)
+    assert all(h.gd_offset < s < h.overhead for s in gd)
+    assert len(set(rgd) | set(gd)) == 2 * n_gts
+
+
+def test_zeroed_grain_header(tmp_path: Path) -> None:
+    make(tmp_path / "e.vmdk", zeroed_grain=True).close()
+    h = header_of(tmp_path / "e.vmdk")
+    assert h.version == 2 and h.has(SparseFlags.ZEROED_GTE)
+
+
+# -- reads and writes --------------------------------------------------------------------------
+
+
+def test_fresh_extent_is_all_holes(ext: SparseExtent) -> None:
+    data, holes = read(ext, 0, SIZE)
+    assert data == bytes(SIZE)
+    assert holes == [(0, SIZE)]
+
+
+def test_full_and_partial_grain_writes(ext: SparseExtent, tmp_path: Path) -> None:
+    model = bytearray(SIZE)
+    full = pattern(2 * G, seed=1, zero_every=0)
+    ext.write(3 * G, memoryview(full))
+    model[3 * G:5 * G] = full
+    part = b"\xab" * 100
+    ext.write(7 * G + 17, memoryview(part))
+    model[7 * G + 17:7 * G + 117] = part
+    data, holes = read(ext, 0, SIZE)
+    assert data == bytes(model)
+    assert (3 * G, 2 * G) not in holes
+    # The partial grain is allocated whole; the rest of it reads zeros.
+    assert read(ext, 7 * G, G)[1] == []
+    ext.close()
+    again = SparseExtent.open(os.fspath(tmp_path / "e.vmdk"))
+    try:
+        assert read(again, 0, SIZE)[0] == bytes(model)
+    finally:
+        again.close()
+
+
+def test_write_across_gt_boundaries(ext: SparseExtent, tmp_path: Path) -> None:
+    model = bytearray(SIZE)
+    # From the middle of GT 1 to the middle of GT 4, unaligned at both ends.
+    start, n = GT_SPAN + 3 * G + 5, 3 * GT_SPAN + 77
+    blob = pattern(n, seed=2, zero_every=0, block=G)
+    ext.write(start, memoryview(blob))
+    model[start:start + n] = blob
+    assert read(ext, 0, SIZE)[0] == bytes(model)
+    # Overwrite across a boundary where some grains are allocated and some not.
+    blob2 = b"\x11" * (2 * GT_SPAN)
+    ext.write(GT_SPAN // 2, memoryview(blob2))
+    model[GT_SPAN // 2:GT_SPAN // 2 + len(blob2)] = blob2
+    assert read(ext, 0, SIZE)[0] == bytes(model)
+    ext.close()
+    again = SparseExtent.open(os.fspath(tmp_path / "e.vmdk"))
+    try:
+        assert read(again, 0, SIZE)[0] == bytes(model)
+        assert read(again, SIZE - GT_SPAN, GT_SPAN)[1] == [(0, GT_SPAN)]
+    finally:
+        again.close()
+
+
+def test_zero_grains_are_not_stored_without_backing(ext: SparseExtent, tmp_path: Path) -> None:
+    before = os.path.getsize(tmp_path / "e.vmdk")
+    ext.write(0, memoryview(bytes(4 * G)))
+    ext.flush()
+    assert os.path.getsize(tmp_path / "e.vmdk") == before
+    assert read(ext, 0, 4 * G)[1] == [(0, 4 * G)]
+    # Zero and data grains mixed in one write: only the data grain is stored.
+    blob = bytes(G) + b"\x01" * G + bytes(G)
+    ext.write(8 * G, memoryview(blob))
+    ext.flush()
+    assert os.path.getsize(tmp_path / "e.vmdk") == before + G
+    data, holes = read(ext, 8 * G, 3 * G)
+    assert data == blob
+    assert holes == [(0, G), (2 * G, G)]
+
+
+def test_zeroed_grain_with_backing_marks_zero_grains(tmp_path: Path) -> None:
+    e = make(tmp_path / "e.vmdk", zeroed_grain=True)
+    calls: list[tuple[int, int]] = []
+
+    def backing(offset: int, view: memoryview) -> None:
+        calls.append((offset, len(view)))
+        view[:] = b"\x77" * len(view)
+
+    try:
+        e.write(2 * G, memoryview(bytes(2 * G)), backing)
+        # A partial write fills the grain from the backing reader.
+        e.write(5 * G + 10, memoryview(b"\x01\x02"), backing)
+        e.flush()
+        data, holes = read(e, 0, 8 * G)
+        assert data[2 * G:4 * G] == bytes(2 * G)
+        assert (2 * G, 2 * G) not in holes and all(s >= 4 * G or s + n <= 2 * G for s, n in holes)
+        expect = bytearray(b"\x77" * G)
+        expect[10:12] = b"\x01\x02"
+        assert data[5 * G:6 * G] == expect
+        assert calls
+    finally:
+        e.close()
+    assert gte(tmp_path / "e.vmdk", 2) == ZEROED_GTE
+    assert gte(tmp_path / "e.vmdk", 3) == ZEROED_GTE
+    assert gte(tmp_path / "e.vmdk", 2, redundant=True) == ZEROED_GTE
+    assert gte(tmp_path / "e.vmdk", 5) > ZEROED_GTE
+
+
+def test_write_zeroes(tmp_path: Path) -> None:
+    e = make(tmp_path / "e.vmdk")
+    model = bytearray(pattern(SIZE, seed=3, zero_every=0, block=G))
+    try:
+        e.write(0, memoryview(model))
+        e.write_zeroes(G + 100, 5 * G)  # partial head, whole grains, partial tail
+        model[G + 100:6 * G + 100] = bytes(5 * G)
+        assert read(e, 0, SIZE)[0] == bytes(model)
+        # Without a parent, whole zeroed grains become unallocated again.
+        holes = read(e, 0, SIZE)[1]
+        assert (2 * G, 4 * G) in holes
+    finally:
+        e.close()
+    z = make(tmp_path / "z.vmdk", zeroed_grain=True)
+    try:
+        z.write(0, memoryview(b"\x55" * (4 * G)))
+        z.write_zeroes(G, 2 * G, lambda off, view: None)
+        z.flush()
+        assert read(z, 0, 4 * G)[0] == b"\x55" * G + bytes(2 * G) + b"\x55" * G
+    finally:
+        z.close()
+    assert gte(tmp_path / "z.vmdk", 1) == ZEROED_GTE == gte(tmp_path / "z.vmdk", 2)
+
+
+def test_redundant_gt_equals_primary_after_flush(ext: SparseExtent, tmp_path: Path) -> None:
+    path = tmp_path / "e.vmdk"
+    for off in (0, G * 9, GT_SPAN * 3 + 5, SIZE - 10):
+        ext.write(off, memoryview(b"\x42" * 10))
+    ext.flush()
+    h = header_of(path)
+    n = CAPACITY // (GRAIN * GTES)
+    gd = gd_entries(path, h.gd_offset, n)
+    rgd = gd_entries(path, h.rgd_offset, n)
+    assert any(any(gt_raw(path, s)) for s in gd)
+    for primary, backup in zip(gd, rgd):
+        assert gt_raw(path, primary) == gt_raw(path, backup)
+
+
+def test_grain_table_allocated_on_demand(tmp_path: Path) -> None:
+    path = tmp_path / "e.vmdk"
+    make(path).close()
+    h = header_of(path)
+    # Drop GT 2 from both directories, as writers that skip empty tables leave it.
+    with open(path, "r+b") as f:
+        for sector in (h.gd_offset, h.rgd_offset):
+            f.seek(sector * SECTOR_SIZE + 2 * 4)
+            f.write(b"\0\0\0\0")
+    e = SparseExtent.open(os.fspath(path), read_only=False)
+    try:
+        assert read(e, 2 * GT_SPAN, GT_SPAN) == (bytes(GT_SPAN), [(0, GT_SPAN)])
+        e.write(2 * GT_SPAN + G + 3, memoryview(b"hello"))
+        e.write(GT_SPAN, memoryview(b"\x09" * G))
+    finally:
+        e.close()
+    n = CAPACITY // (GRAIN * GTES)
+    gd = gd_entries(path, h.gd_offset, n)
+    rgd = gd_entries(path, h.rgd_offset, n)
+    assert gd[2] != 0 and rgd[2] != 0 and gd[2] != rgd[2]
+    assert gt_raw(path, gd[2]) == gt_raw(path, rgd[2])
+    again = SparseExtent.open(os.fspath(path))
+    try:
+        data = read(again, 0, SIZE)[0]
+        assert data[2 * GT_SPAN + G + 3:2 * GT_SPAN + G + 8] == b"hello"
+        assert data[GT_SPAN:GT_SPAN + G] == b"\x09" * G
+        assert data.count(0) == SIZE - 5 - G + data[GT_SPAN:GT_SPAN + G].count(0)
+    finally:
+        again.close()
+
+
+def test_tiny_gt_cache_still_reads_and_writes(tmp_path: Path) -> None:
+    path = tmp_path / "e.vmdk"
+    make(path).close()
+    e = SparseExtent.open(os.fspath(path), read_only=False, gt_cache_bytes=1)
+    model = bytearray(SIZE)
+    rng = np.random.default_rng(5)
+    try:
+        assert e._max_gts < CAPACITY // (GRAIN * GTES)
+        for _ in range(60):
+            off = int(rng.integers(0, SIZE - 1))
+            n = int(rng.integers(1, min(3 * GT_SPAN, SIZE - off) + 1))
+            blob = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+            e.write(off, memoryview(blob))
+            model[off:off + n] = blob
+            assert len(e._gt_cache) <= e._max_gts
+        assert read(e, 0, SIZE)[0] == bytes(model)
+    finally:
+        e.close()
+    again = SparseExtent.open(os.fspath(path), gt_cache_bytes=1)
+    try:
+        assert read(again, 0, SIZE)[0] == bytes(model)
+    finally:
+        again.close()
+
+
+def test_unclean_flag_while_open_for_writing(tmp_path: Path) -> None:
+    path = tmp_path / "e.vmdk"
+    make(path).close()
+    assert header_of(path).unclean_shutdown == 0
+    e = SparseExtent.open(os.fspath(path), read_only=False)
+    assert header_of(path).unclean_shutdown == 1
+    e.write(0, memoryview(b"x"))
+    e.close()
+    assert header_of(path).unclean_shutdown == 0
+    ro = SparseExtent.open(os.fspath(path))
+    try:
+        assert header_of(path).unclean_shutdown == 0
+    finally:
+        ro.close()
+
+
+def test_read_only_and_range_errors(tmp_path: Path) -> None:
+    path = tmp_path / "e.vmdk"
+    make(path).close()
+    ro = SparseExtent.open(os.fspath(path))
+    try:
+        with pytest.raises(ReadOnlyError):
+            ro.write(0, memoryview(b"x"))
+        with pytest.raises(OutOfRangeError):
+            ro.read_into(SIZE - 1, memoryview(bytearray(2)))
+        assert isinstance(OutOfRangeError("x"), VmdkError)
+    finally:
+        ro.close()
+
+
+def test_status_runs(ext: SparseExtent) -> None:
+    ext.write(G, memoryview(b"\x01" * (2 * G)))
+    runs = ext.status(0, 4 * G)
+    kinds = [(r.offset, r.length, r.alloc.value) for r in runs]
+    assert kinds == [(0, G, "unallocated"), (G, 2 * G, "data"), (3 * G, G, "unallocated")]

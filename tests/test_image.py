@@ -1,0 +1,307 @@
+"""Tests for vmdk.Image through the file object: a bytearray model, the file protocol, CIDs, chains."""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import vmdk
+from conftest import pattern
+from vmdk.extents.sparse import SparseExtent
+
+SIZE = (1 << 20) + 3 * 512  # not a grain multiple: the last grain is partial
+CLUSTER = 4096
+
+
+def descriptor_text(create_type: str, extents: list[str], *, cid: int = 0x12345678,
+                    parent_cid: int = 0xFFFFFFFF, hint: str | None = None) -> str:
+    lines = ["# Disk DescriptorFile", "version=1", f"CID={cid:08x}", f"parentCID={parent_cid:08x}",
+             f'createType="{create_type}"']
+    if hint is not None:
+        lines.append(f'parentFileNameHint="{hint}"')
+    lines += ["", "# Extent description", *extents, "", "# The Disk Data Base", "#DDB", "",
+              'ddb.adapterType = "ide"', ""]
+    return "\n".join(lines)
+
+
+def make_multi_extent(folder: Path) -> Path:
+    """A hand-made split image: sparse, flat and sparse extents of uneven sizes."""
+    sizes = [600, 700, SIZE // 512 - 1300]
+    SparseExtent.create(os.fspath(folder / "m-s001.vmdk"), sizes[0], grain_size=8).close()
+    with open(folder / "m-f002.vmdk", "wb") as f:
+        f.truncate(sizes[1] * 512)
+    SparseExtent.create(os.fspath(folder / "m-s003.vmdk"), sizes[2], grain_size=16,
+                        num_gtes_per_gt=16).close()
+    text = descriptor_text("custom", [f'RW {sizes[0]} SPARSE "m-s001.vmdk"',
+                                      f'RW {sizes[1]} FLAT "m-f002.vmdk" 0',
+                                      f'RW {sizes[2]} SPARSE "m-s003.vmdk"'])
+    (folder / "m.vmdk").write_text(text)
+    return folder / "m.vmdk"
+
+
+def make_image(kind: str, folder: Path) -> tuple[Path, bytearray]:
+    """An image of ``SIZE`` bytes and the model of its current contents."""
+    path = folder / "disk.vmdk"
+    if kind == "multi":
+        return make_multi_extent(folder), bytearray(SIZE)
+    if kind == "child":
+        base = folder / "base.vmdk"
+        content = pattern(SIZE, seed=9, block=CLUSTER)
+        with vmdk.create(base, SIZE, cluster_size=CLUSTER) as f:
+            f.write(content)
+        vmdk.create(path, parent=base, cluster_size=CLUSTER).close()
+        return path, bytearray(content)
+    extra = {"cluster_size": CLUSTER} if "Sparse" in kind else {}
+    vmdk.create(path, SIZE, subformat=kind, **extra).close()
+    return path, bytearray(SIZE)
+
+
+KINDS = ["monolithicSparse", "twoGbMaxExtentSparse", "monolithicFlat", "multi", "child"]
+
+offsets = st.one_of(st.integers(0, SIZE), st.sampled_from(
+    [0, CLUSTER - 1, CLUSTER, 600 * 512, 1300 * 512 - 7, SIZE - CLUSTER, SIZE - 1]))
+op = st.tuples(st.sampled_from(["write", "write", "read", "zero", "reopen"]), offsets,
+               st.integers(0, 3 * CLUSTER + 5), st.integers(0, 255))
+
+
+def check_whole(f: vmdk.VmdkFile, model: bytearray) -> None:
+    assert f.read_at(0, SIZE) == bytes(model)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(op, max_size=12))
+def test_random_io_matches_model(kind: str, ops: list[tuple[str, int, int, int]]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path, model = make_image(kind, Path(tmp))
+        f = vmdk.open(path, "r+")
+        try:
+            for name, offset, length, byte in ops:
+                length = min(length, SIZE - offset)
+                if name == "write":
+                    data = bytes([byte]) * length if byte % 3 else os.urandom(length)
+                    f.write_at(offset, data)
+                    model[offset:offset + length] = data
+                elif name == "zero":
+                    f.write_zeroes_at(offset, length)
+                    model[offset:offset + length] = bytes(length)
+                elif name == "read":
+                    assert f.read_at(offset, length) == model[offset:offset + length]
+                else:
+                    f.close()
+                    f = vmdk.open(path, "r+")
+                    check_whole(f, model)
+            check_whole(f, model)
+        finally:
+            f.close()
+        with vmdk.open(path) as f:
+            assert f.size == SIZE
+            check_whole(f, model)
+
+
+# -- the file protocol -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Path:
+    path = tmp_path / "disk.vmdk"
+    with vmdk.create(path, SIZE, cluster_size=CLUSTER) as f:
+        f.write(pattern(SIZE, seed=1, block=CLUSTER))
+    return path
+
+
+def test_io_past_the_end_raises(disk: Path) -> None:
+    with vmdk.open(disk, "r+") as f:
+        with pytest.raises(vmdk.OutOfRangeError):
+            f.read_at(SIZE - 1, 2)
+        with pytest.raises(vmdk.OutOfRangeError):
+            f.write_at(SIZE, b"x")
+        with pytest.raises(vmdk.OutOfRangeError):
+            f.write_zeroes_at(SIZE - 512, 1024)
+        f.seek(SIZE - 1)
+        with pytest.raises(vmdk.OutOfRangeError):
+            f.write(b"ab")
+        f.seek(SIZE + 10)
+        assert f.read(10) == b""  # like a file: reading at or past EOF gives nothing
+    with vmdk.open(disk) as f:
+        assert f.read_at(SIZE - 1, 1) == pattern(SIZE, seed=1, block=CLUSTER)[-1:]
+
+
+def test_writes_on_read_only_open_raise(disk: Path) -> None:
+    before = disk.read_bytes()
+    with vmdk.open(disk) as f:
+        assert not f.writable()
+        with pytest.raises(vmdk.ReadOnlyError):
+            f.write(b"x")
+        with pytest.raises(vmdk.ReadOnlyError):
+            f.write_at(0, b"x")
+        with pytest.raises(vmdk.ReadOnlyError):
+            f.write_zeroes_at(0, 4096)
+        assert isinstance(vmdk.ReadOnlyError("x"), PermissionError)
+    assert disk.read_bytes() == before
+
+
+def test_seek_tell_readinto_like_a_file(disk: Path) -> None:
+    content = pattern(SIZE, seed=1, block=CLUSTER)
+    with vmdk.open(disk) as f:
+        assert isinstance(f, io.RawIOBase) and f.readable() and f.seekable()
+        assert f.tell() == 0
+        assert f.seek(100) == 100 and f.read(5) == content[100:105] and f.tell() == 105
+        assert f.seek(10, os.SEEK_CUR) == 115
+        assert f.seek(-7, os.SEEK_END) == SIZE - 7
+        assert f.read() == content[-7:] and f.tell() == SIZE
+        f.seek(4000)
+        buf = bytearray(200)
+        assert f.readinto(buf) == 200 and bytes(buf) == content[4000:4200]
+        f.seek(SIZE - 50)
+        assert f.readinto(buf) == 50 and bytes(buf[:50]) == content[-50:]
+        assert f.readinto(buf) == 0
+        with pytest.raises(ValueError):
+            f.seek(-1)
+        f.seek(0)
+        assert io.BufferedReader(f, 8192).read(9000) == content[:9000]  # type: ignore[arg-type]
+    assert f.closed
+    with pytest.raises(ValueError):
+        f.read(1)
+
+
+def test_cid_changes_on_first_write_only(disk: Path, tmp_path: Path) -> None:
+    with vmdk.open(disk) as f:
+        cid = f.image.cid
+    before = disk.read_bytes()
+    with vmdk.open(disk, "r+"):
+        pass
+    assert disk.read_bytes() == before
+    with vmdk.open(disk, "r+") as f:
+        f.write_at(0, b"new")
+        first = f.image.cid
+        assert first != cid
+        f.write_at(10, b"again")
+        assert f.image.cid == first
+    with vmdk.open(disk) as f:
+        assert f.image.cid == first
+
+
+def test_open_close_leaves_flat_descriptor_unchanged(tmp_path: Path) -> None:
+    path = tmp_path / "flat.vmdk"
+    vmdk.create(path, SIZE, subformat="monolithicFlat").close()
+    before = path.read_bytes()
+    stat = os.stat(path)
+    with vmdk.open(path, "r+"):
+        pass
+    assert path.read_bytes() == before
+    assert os.stat(path).st_ino == stat.st_ino  # not even rewritten in place of itself
+
+
+def test_flush_persists_for_a_second_reader(disk: Path) -> None:
+    with vmdk.open(disk, "r+") as w:
+        w.write_at(3 * CLUSTER + 1, b"flushed")
+        w.write_at(SIZE - 2 * CLUSTER, b"\x01" * CLUSTER)
+        w.flush()
+        # The writer holds the image's write lock; a reader has to ask to share it.
+        with pytest.raises(vmdk.ImageInUseError):
+            vmdk.open(disk)
+        with vmdk.open(disk, force_share=True) as r:
+            assert r.read_at(3 * CLUSTER + 1, 7) == b"flushed"
+            assert r.read_at(SIZE - 2 * CLUSTER, CLUSTER) == b"\x01" * CLUSTER
+            assert r.image.cid == w.image.cid
+
+
+# -- chains ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def chain(tmp_path: Path) -> tuple[Path, Path, bytes]:
+    base, child = tmp_path / "base.vmdk", tmp_path / "child.vmdk"
+    content = pattern(SIZE, seed=4, zero_every=0, block=CLUSTER)
+    with vmdk.create(base, SIZE, cluster_size=CLUSTER) as f:
+        f.write(content)
+    vmdk.create(child, parent=base, cluster_size=CLUSTER).close()
+    return base, child, content
+
+
+def test_child_reads_fall_through_to_parent(chain: tuple[Path, Path, bytes]) -> None:
+    base, child, content = chain
+    with vmdk.open(child) as f:
+        assert f.size == SIZE
+        assert f.read() == content
+        assert f.image.parent is not None
+        assert all(r.depth == 1 for r in f.map())
+
+
+def test_partial_grain_write_keeps_parent_bytes(chain: tuple[Path, Path, bytes]) -> None:
+    base, child, content = chain
+    model = bytearray(content)
+    with vmdk.open(child, "r+") as f:
+        f.write_at(CLUSTER + 100, b"\xff" * 10)
+        model[CLUSTER + 100:CLUSTER + 110] = b"\xff" * 10
+        f.write_at(5 * CLUSTER - 3, b"\xee" * 6)  # straddles two grains
+        model[5 * CLUSTER - 3:5 * CLUSTER + 3] = b"\xee" * 6
+        f.write_zeroes_at(8 * CLUSTER, CLUSTER)  # a whole grain zeroed over parent data
+        model[8 * CLUSTER:9 * CLUSTER] = bytes(CLUSTER)
+        assert f.read_at(0, SIZE) == bytes(model)
+    with vmdk.open(child) as f:
+        assert f.read_at(0, SIZE) == bytes(model)
+    with vmdk.open(base) as f:
+        assert f.read_at(0, SIZE) == content
+
+
+def test_parent_cid_mismatch(chain: tuple[Path, Path, bytes]) -> None:
+    base, child, content = chain
+    with vmdk.open(base, "r+") as f:
+        f.write_at(0, b"changed")  # the parent's CID changes
+    with pytest.raises(vmdk.ChainError) as exc:
+        vmdk.open(child)
+    assert "child.vmdk" in str(exc.value)
+    with vmdk.open(child, ignore_cid=True) as f:
+        assert f.read_at(0, 7) == b"changed"
+
+
+def test_chain_loop(tmp_path: Path) -> None:
+    for name, other, cid, pcid in (("a", "b", 0xAAAA, 0xBBBB), ("b", "a", 0xBBBB, 0xAAAA)):
+        with open(tmp_path / f"{name}-flat.vmdk", "wb") as f:
+            f.truncate(SIZE)
+        (tmp_path / f"{name}.vmdk").write_text(descriptor_text(
+            "monolithicFlat", [f'RW {SIZE // 512} FLAT "{name}-flat.vmdk" 0'], cid=cid,
+            parent_cid=pcid, hint=f"{other}.vmdk"))
+    with pytest.raises(vmdk.ChainError):
+        vmdk.open(tmp_path / "a.vmdk")
+    with pytest.raises(vmdk.ChainError):
+        vmdk.open(tmp_path / "b.vmdk", ignore_cid=True)
+
+
+def test_self_parent_loop(tmp_path: Path) -> None:
+    with open(tmp_path / "a-flat.vmdk", "wb") as f:
+        f.truncate(SIZE)
+    (tmp_path / "a.vmdk").write_text(descriptor_text(
+        "monolithicFlat", [f'RW {SIZE // 512} FLAT "a-flat.vmdk" 0'], cid=5, parent_cid=5,
+        hint="a.vmdk"))
+    with pytest.raises(vmdk.ChainError):
+        vmdk.open(tmp_path / "a.vmdk")
+
+
+def test_parent_outside_the_folder(tmp_path: Path) -> None:
+    base = tmp_path / "base.vmdk"
+    with vmdk.create(base, SIZE, cluster_size=CLUSTER) as f:
+        f.write_at(0, b"parent")
+    (tmp_path / "sub").mkdir()
+    child = tmp_path / "sub" / "child.vmdk"
+    vmdk.create(child, parent=base, allow_external=True).close()
+    with pytest.raises(vmdk.UnsafePathError) as exc:
+        vmdk.open(child)
+    assert "child.vmdk" in str(exc.value)
+    with vmdk.open(child, allow_external=True) as f:
+        assert f.read_at(0, 6) == b"parent"
+
+
+def test_missing_parent(chain: tuple[Path, Path, bytes]) -> None:
+    base, child, _ = chain
+    base.unlink()
+    with pytest.raises(vmdk.ChainError):
+        vmdk.open(child)
