@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -64,7 +65,9 @@ def test_create_gives_an_empty_extent(tmp_path: Path) -> None:
         buf = bytearray(4096)
         assert ext.read_into(512, memoryview(buf)) == [(0, 4096)]
         assert ext.info() == {
-            "filename": str(path), "virtual-size": 10000 * 512, "format": "COWD",
+            "filename": str(path),
+            "virtual-size": 10000 * 512,
+            "format": "COWD",
             "cluster-size": 1024,
         }
     header = CowdHeader.unpack(path.read_bytes())
@@ -86,11 +89,11 @@ def test_full_and_partial_grains_survive_reopen(tmp_path: Path, grain_size: int)
     capacity = 3 * GT_SPAN_SECTORS * grain_size + 7
     model = bytearray(capacity * 512)
     writes = [
-        (0, pattern(grain_size * 512 * 4, 1)),                     # whole grains
-        (grain_size * 512 * 10 + 100, pattern(700, 2)),            # inside/over partial grains
+        (0, pattern(grain_size * 512 * 4, 1)),  # whole grains
+        (grain_size * 512 * 10 + 100, pattern(700, 2)),  # inside/over partial grains
         (GT_SPAN_SECTORS * grain_size * 512 - 1000, pattern(3000, 3)),  # across a GT boundary
-        (capacity * 512 - 300, pattern(300, 4)),                   # the disk's last bytes
-        (50, pattern(10, 5)),                                      # over an allocated grain
+        (capacity * 512 - 300, pattern(300, 4)),  # the disk's last bytes
+        (50, pattern(10, 5)),  # over an allocated grain
     ]
     with closing(CowdExtent.create(path, capacity, grain_size=grain_size)) as ext:
         for offset, data in writes:
@@ -181,6 +184,20 @@ def test_allocation_after_a_crash_never_reuses_written_space(tmp_path: Path) -> 
         assert buf == b"1" * 512
 
 
+def test_failing_backing_reader_allocates_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "x.vmdk"
+
+    def broken(offset: int, buf: memoryview) -> None:
+        raise OSError("parent unreadable")
+
+    with closing(CowdExtent.create(str(path), 8192, grain_size=8)) as ext:
+        size = path.stat().st_size
+        with pytest.raises(OSError, match="parent unreadable"):
+            ext.write(100, memoryview(b"x" * 10), broken)
+        assert path.stat().st_size == size
+        assert ext.status(0, ext.size) == [unallocated(0, ext.size)]
+
+
 def test_read_only_and_range_checks(tmp_path: Path) -> None:
     path = str(tmp_path / "x.vmdk")
     CowdExtent.create(path, 100).close()
@@ -256,7 +273,7 @@ def test_random_writes_match_a_model(grain_size: int, ops: list[tuple[str, int, 
             assert read_all(ext, fill=parent) == model
             runs = ext.status(0, size)
             assert sum(r.length for r in runs) == size
-            assert all(a.offset + a.length == b.offset for a, b in zip(runs, runs[1:]))
+            assert all(a.offset + a.length == b.offset for a, b in itertools.pairwise(runs))
         finally:
             ext.close()
 
@@ -268,8 +285,13 @@ def _image_with(tmp_path: Path, **fields: int) -> Path:
     path = tmp_path / "bad.vmdk"
     CowdExtent.create(str(path), 3 * GT_SPAN_SECTORS).close()
     raw = bytearray(path.read_bytes())
-    offsets = {"version": 4, "num_sectors": 12, "grain_size": 16, "gd_offset": 20,
-               "num_gd_entries": 24}
+    offsets = {
+        "version": 4,
+        "num_sectors": 12,
+        "grain_size": 16,
+        "gd_offset": 20,
+        "num_gd_entries": 24,
+    }
     for name, value in fields.items():
         struct.pack_into("<I", raw, offsets[name], value)
     path.write_bytes(raw)
@@ -283,12 +305,18 @@ def _image_with(tmp_path: Path, **fields: int) -> Path:
         ({"grain_size": 0}, InvalidHeaderError, "grain size 0"),
         ({"grain_size": 4096}, InvalidHeaderError, "grain size 4096"),
         ({"num_gd_entries": 0xFFFFFFFF}, InvalidHeaderError, "numGDEntries"),
-        ({"num_sectors": 0xFFFFFFFF, "num_gd_entries": 1 << 20}, InvalidHeaderError, "past the end"),
+        (
+            {"num_sectors": 0xFFFFFFFF, "num_gd_entries": 1 << 20},
+            InvalidHeaderError,
+            "past the end",
+        ),
         ({"gd_offset": 1 << 31}, InvalidHeaderError, "past the end"),
         ({"gd_offset": 2}, InvalidHeaderError, "overlaps the header"),
     ],
 )
-def test_bad_header_numbers(tmp_path: Path, fields: dict[str, int], error: type, words: str) -> None:
+def test_bad_header_numbers(
+    tmp_path: Path, fields: dict[str, int], error: type, words: str
+) -> None:
     path = _image_with(tmp_path, **fields)
     tracemalloc.start()
     try:
@@ -352,24 +380,39 @@ def _descriptor(tmp_path: Path, sectors: int, extent: str) -> Path:
 def test_qemu_img_reads_what_we_wrote(tmp_path: Path, grain_size: int) -> None:
     capacity = 3 * GT_SPAN_SECTORS * grain_size - 5
     model = bytearray(capacity * 512)
-    with closing(CowdExtent.create(str(tmp_path / "x-delta.vmdk"), capacity,
-                                   grain_size=grain_size)) as ext:
-        for i, offset in enumerate([0, 123456, GT_SPAN_SECTORS * grain_size * 512 - 777,
-                                    2 * GT_SPAN_SECTORS * grain_size * 512 + 5, 100]):
+    with closing(
+        CowdExtent.create(str(tmp_path / "x-delta.vmdk"), capacity, grain_size=grain_size)
+    ) as ext:
+        for i, offset in enumerate(
+            [
+                0,
+                123456,
+                GT_SPAN_SECTORS * grain_size * 512 - 777,
+                2 * GT_SPAN_SECTORS * grain_size * 512 + 5,
+                100,
+            ]
+        ):
             data = pattern(5000 + i * 999, i)
             offset = min(offset, capacity * 512 - len(data))
             ext.write(offset, memoryview(data))
             model[offset : offset + len(data)] = data
-        our_data = [(r.offset, r.length) for r in ext.status(0, ext.size)
-                    if r.alloc is Alloc.DATA]
+        our_data = [(r.offset, r.length) for r in ext.status(0, ext.size) if r.alloc is Alloc.DATA]
     desc = _descriptor(tmp_path, capacity, "x-delta.vmdk")
     out = tmp_path / "out.raw"
-    subprocess.run([QEMU_IMG, "convert", "-f", "vmdk", "-O", "raw", str(desc), str(out)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [QEMU_IMG, "convert", "-f", "vmdk", "-O", "raw", str(desc), str(out)],
+        check=True,
+        capture_output=True,
+    )
     assert out.read_bytes() == model
-    mapped = json.loads(subprocess.run(
-        [QEMU_IMG, "map", "--output=json", "-f", "vmdk", str(desc)],
-        check=True, capture_output=True, text=True).stdout)
+    mapped = json.loads(
+        subprocess.run(
+            [QEMU_IMG, "map", "--output=json", "-f", "vmdk", str(desc)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
     qemu_data = [(m["start"], m["length"]) for m in mapped if m["data"]]
     assert _cover(qemu_data) == _cover(our_data)
 

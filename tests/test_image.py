@@ -70,8 +70,20 @@ op = st.tuples(st.sampled_from(["write", "write", "read", "zero", "reopen"]), of
                st.integers(0, 3 * CLUSTER + 5), st.integers(0, 255))
 
 
+def check_map(f: vmdk.VmdkFile) -> None:
+    """map() runs are contiguous, cover the disk, and ranges said to be zero read as zeros."""
+    pos = 0
+    for run in f.map():
+        assert run.start == pos and run.length > 0, f.map()
+        if run.zero:
+            assert not any(f.read_at(run.start, run.length))
+        pos += run.length
+    assert pos == f.size
+
+
 def check_whole(f: vmdk.VmdkFile, model: bytearray) -> None:
     assert f.read_at(0, SIZE) == bytes(model)
+    check_map(f)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -305,3 +317,19 @@ def test_missing_parent(chain: tuple[Path, Path, bytes]) -> None:
     base.unlink()
     with pytest.raises(vmdk.ChainError):
         vmdk.open(child)
+
+
+def test_map_child_larger_than_parent(tmp_path: Path) -> None:
+    base, child = tmp_path / "p.vmdk", tmp_path / "c.vmdk"
+    with vmdk.create(base, 1 << 20) as f:
+        f.write(b"\x07" * (1 << 20))
+    with vmdk.create(child, 2 << 20, parent=base) as f:
+        assert f.read_at((1 << 20) - 2, 4) == b"\x07\x07\0\0"
+        check_map(f)
+        f.write_at((1 << 20) - 2, b"abcd")  # the grain straddling the parent's end
+        check_map(f)
+    with vmdk.open(child) as f:
+        assert f.read_at((1 << 20) - 4, 8) == b"\x07\x07abcd\0\0"
+        assert f.read_at(3 << 19, 1 << 19) == bytes(1 << 19)
+        check_map(f)
+        assert f.map()[-1].start + f.map()[-1].length == 2 << 20

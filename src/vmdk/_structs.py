@@ -181,9 +181,16 @@ class CowdHeader:
          parent_gen, generation, name, description, saved_gen, unclean) = cls.FORMAT.unpack_from(data)
         if magic != COWD_MAGIC:
             raise ValueError(f"bad magic {magic!r}")
-        cylinders, heads, sectors = struct.unpack_from("<III", union)
+        # The area holds a root disk's geometry or a child's parent name; a name starts
+        # with a printable character, a geometry with a small binary number.
+        parent = union.split(b"\0", 1)[0]
+        if parent and parent[0] >= 0x20:
+            cylinders = heads = sectors = 0
+        else:
+            parent = b""
+            cylinders, heads, sectors = struct.unpack_from("<III", union)
         return cls(version, flags, num_sectors, grain, gd_off, num_gd, free, cylinders, heads,
-                   sectors, union.split(b"\0", 1)[0], parent_gen, generation,
+                   sectors, parent, parent_gen, generation,
                    name.split(b"\0", 1)[0], description.split(b"\0", 1)[0], saved_gen, unclean)
 
     def pack(self) -> bytes:

@@ -37,6 +37,8 @@ class CheckResult:
     allocated_clusters: int = 0
     total_clusters: int = 0
     image_end_offset: int = 0
+    corruptions_fixed: int = 0
+    leaks_fixed: int = 0
 
     def add(self, kind: str, message: str, filename: str | None, count: int = 1) -> None:
         self.problems.append(Problem(kind, message, filename))
@@ -70,13 +72,38 @@ class CheckResult:
             out["corruptions"] = self.corruptions
         if self.leaks:
             out["leaks"] = self.leaks
+        if self.corruptions_fixed:
+            out["corruptions-fixed"] = self.corruptions_fixed
+        if self.leaks_fixed:
+            out["leaks-fixed"] = self.leaks_fixed
         return out
 
 
-def check(path: str | os.PathLike[str], *, allow_external: bool = False,
-          force_share: bool = False) -> CheckResult:
-    """Check an image (read-only) and report every inconsistency found."""
+def check(path: str | os.PathLike[str], *, repair: str | None = None,
+          allow_external: bool = False, force_share: bool = False) -> CheckResult:
+    """Check an image and report every inconsistency found.
+
+    ``repair`` is None (only look), "leaks" (give leaked space back) or "all"
+    (also rebuild redundant metadata from the primary copy, drop entries that
+    point outside the file, and clear the unclean-shutdown flag).  After a
+    repair the image is checked again and the result tells what was fixed.
+    """
     path = os.fspath(path)
+    if repair is not None:
+        if repair not in ("leaks", "all"):
+            raise ValueError("repair must be None, 'leaks' or 'all'")
+        before = _inspect(path, allow_external, force_share=False)
+        if before.check_errors or not (before.corruptions or before.leaks or before.problems):
+            return before
+        _repair(path, repair, allow_external)
+        after = _inspect(path, allow_external, force_share=False)
+        after.corruptions_fixed = max(0, before.corruptions - after.corruptions)
+        after.leaks_fixed = max(0, before.leaks - after.leaks)
+        return after
+    return _inspect(path, allow_external, force_share)
+
+
+def _inspect(path: str, allow_external: bool, force_share: bool) -> CheckResult:
     result = CheckResult(path)
     try:
         image = Image.open(path, "r", allow_external=allow_external, open_parent=False,
@@ -170,8 +197,9 @@ def _count_leaks(extent: SparseExtent, result: CheckResult, meta: np.ndarray,
                  grain_starts: np.ndarray, grain_ends: np.ndarray, file_sectors: int) -> None:
     """Space past the metadata that no table references, counted in grains."""
     h = extent.header
-    starts = np.concatenate((meta[:, 0], grain_starts))
-    ends = np.concatenate((meta[:, 1], grain_ends))
+    inside = grain_starts < file_sectors  # entries past the end are corruptions, not space
+    starts = np.minimum(np.concatenate((meta[:, 0], grain_starts[inside])), file_sectors)
+    ends = np.minimum(np.concatenate((meta[:, 1], grain_ends[inside])), file_sectors)
     order = np.argsort(starts, kind="stable")
     starts, ends = starts[order], np.maximum.accumulate(ends[order])
     gaps = np.maximum(starts[1:] - ends[:-1], 0)
@@ -202,3 +230,51 @@ def _compare_redundant(extent: SparseExtent, result: CheckResult, gt_sectors: in
     if differing:
         result.add("corruption", f"{differing} grain tables differ from their redundant copies",
                    name, differing)
+
+
+def _repair(path: str, mode: str, allow_external: bool) -> None:
+    from .compact import defragment
+
+    with Image.open(path, "r+", allow_external=allow_external, open_parent=False,
+                    repair=True) as image:
+        for extent in image.extents:
+            if not isinstance(extent, SparseExtent) or extent.compressed:
+                continue
+            if mode == "all":
+                _drop_bad_entries(extent)
+                _rebuild_redundant(extent)
+            defragment(extent)
+        # Closing the image writes its header with the unclean-shutdown flag cleared.
+
+
+def _drop_bad_entries(extent: SparseExtent) -> None:
+    """Unmap entries whose grain lies past the end of the file: there is nothing to read."""
+    h = extent.header
+    file_sectors = -(-extent.file_size // SECTOR_SIZE)
+    first_data = 2 if extent.zeroed_gte else 1
+    for index in np.flatnonzero(extent.gd):
+        table = extent._gt(int(index))
+        bad = np.flatnonzero((table >= first_data)
+                             & (table.astype(np.int64) + h.grain_size > file_sectors))
+        for slot in bad:
+            extent._set_entry(int(index) * h.num_gtes_per_gt + int(slot), 0)
+    extent.flush()
+
+
+def _rebuild_redundant(extent: SparseExtent) -> None:
+    """Make the redundant directory and tables an exact copy of the primary ones."""
+    if extent.rgd is None:
+        return
+    gd, rgd = extent.gd, extent.rgd
+    # A table known only to the redundant directory is better than none.
+    only_backup = np.flatnonzero((gd == 0) & (rgd != 0))
+    gd[only_backup] = rgd[only_backup]
+    gt_sectors = -(-extent.header.num_gtes_per_gt * 4 // SECTOR_SIZE)
+    for index in np.flatnonzero((gd != 0) & ((rgd == 0) | (rgd == gd))):
+        rgd[index] = extent._end
+        extent._end += gt_sectors
+    os.ftruncate(extent.fd, max(extent.file_size, extent._end * SECTOR_SIZE))
+    extent.file_size = max(extent.file_size, extent._end * SECTOR_SIZE)
+    extent._gt_dirty.update(int(i) for i in np.flatnonzero(gd))
+    extent._gd_dirty.update(range(len(gd)))
+    extent.flush()

@@ -34,7 +34,7 @@ def parse_size(text: str) -> int:
     """Sizes as qemu-img takes them: bytes, or a number with K, M, G, T, P or E (powers of 1024)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([bkmgtpe]?)(?:i?b)?\s*", text, re.IGNORECASE)
     if not m:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}")
+        raise ValueError(f"invalid size {text!r}: use bytes or a number with k, M, G, T, P or E")
     value = float(m.group(1)) * _SUFFIXES[m.group(2).lower()]
     return int(value)
 
@@ -159,7 +159,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     kwargs = create_kwargs(parse_options(args.options))
     if args.backing:
         kwargs["parent"] = args.backing
-    size = args.size
+    size = parse_size(args.size) if args.size is not None else None
     if size is None and "parent" not in kwargs:
         raise VmdkError("a size is required (for example 10G)")
     with create(args.image, size, overwrite=True, **kwargs):
@@ -179,13 +179,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
         source.close()
     with progress_bar(args.progress, size, "convert") as bar:
         convert(args.source, args.target, src_format=args.source_format,
-                out_format=args.output_format, sparse_size=args.sparse_size, progress=bar,
+                out_format=args.output_format, sparse_size=parse_size(args.sparse_size),
+                progress=bar,
                 allow_external=args.allow_external, force_share=args.force_share, **kwargs)
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    result = check(args.image, **_open_flags(args))
+    result = check(args.image, repair=args.repair, **_open_flags(args))
     if args.output == "json":
         print(json.dumps(result.to_json(), indent=4))
         return result.exit_code
@@ -193,6 +194,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         label = {"corruption": "ERROR", "leak": "Leaked", "warning": "Warning"}.get(
             problem.kind, "ERROR")
         print(f"{label}: {problem.filename or result.filename}: {problem.message}")
+    if result.corruptions_fixed or result.leaks_fixed:
+        print(f"The following inconsistencies were found and repaired:\n\n"
+              f"    {result.leaks_fixed} leaked clusters\n    {result.corruptions_fixed} corruptions\n")
+        print("Double checking the fixed image now...")
     if result.check_errors:
         print("An error occurred during the check.")
     elif result.corruptions:
@@ -293,6 +298,65 @@ def cmd_cat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from .chain import snapshot
+
+    snapshot(args.parent, args.child, overwrite=True)
+    return 0
+
+
+def cmd_commit(args: argparse.Namespace) -> int:
+    from .chain import commit
+
+    with Image.open(args.image, "r", force_share=True) as image:
+        size = image.size
+    with progress_bar(args.progress, size, "commit") as bar:
+        commit(args.image, progress=bar)
+    if not args.quiet:
+        print("Image committed.")
+    return 0
+
+
+def cmd_rebase(args: argparse.Namespace) -> int:
+    from .chain import rebase
+
+    with Image.open(args.image, "r", open_parent=False, force_share=True) as image:
+        size = image.size
+    with progress_bar(args.progress, size, "rebase") as bar:
+        rebase(args.image, args.backing or None, safe=not args.unsafe, progress=bar)
+    return 0
+
+
+def cmd_resize(args: argparse.Namespace) -> int:
+    from .resize import resize
+
+    text = args.size
+    if text.startswith(("+", "-")):
+        with Image.open(args.image, "r", open_parent=False) as image:
+            current = image.size
+        delta = parse_size(text[1:])
+        size = current + delta if text[0] == "+" else current - delta
+    else:
+        size = parse_size(text)
+    resize(args.image, size, shrink=args.shrink)
+    if not args.quiet:
+        print("Image resized.")
+    return 0
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    from .compact import compact
+
+    with Image.open(args.image, "r", open_parent=False) as image:
+        size = image.size
+    with progress_bar(args.progress, size, "compact") as bar:
+        result = compact(args.image, progress=bar)
+    if not args.quiet:
+        print(f"Dropped {result.zero_grains_dropped} zero grains, moved {result.grains_moved}; "
+              f"{_human_size(result.bytes_before)} -> {_human_size(result.bytes_after)}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -357,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-F", dest="backing_format", choices=("vmdk",), default="vmdk")
     p.add_argument("-q", dest="quiet", action="store_true")
     p.add_argument("image")
-    p.add_argument("size", nargs="?", type=parse_size, help="bytes, or with a suffix: 10G, 512M")
+    p.add_argument("size", nargs="?", help="bytes, or with a suffix: 10G, 512M")
 
     p = verb("convert", cmd_convert, "copy a disk into a new image or raw file")
     p.add_argument("-f", dest="source_format", choices=("raw", "vmdk"), default=None,
@@ -365,14 +429,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-O", dest="output_format", choices=("raw", "vmdk"), default="vmdk")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                    help="create options of the target, as for 'create'")
-    p.add_argument("-S", dest="sparse_size", type=parse_size, default=DEFAULT_SPARSE_SIZE,
+    p.add_argument("-S", dest="sparse_size", default=str(DEFAULT_SPARSE_SIZE),
                    help="runs of zeros of at least this size are not written (default 4k)")
     p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
     p.add_argument("source")
     p.add_argument("target")
 
-    p = verb("check", cmd_check, "check an image for inconsistencies")
+    p = verb("check", cmd_check, "check an image for inconsistencies (and repair them)")
     p.add_argument("--output", choices=("human", "json"), default="human")
+    p.add_argument("-r", dest="repair", choices=("leaks", "all"), default=None,
+                   help="repair leaked space, or everything that can be repaired without "
+                        "losing data")
     p.add_argument("-f", dest="format", choices=("vmdk",), default="vmdk")
     p.add_argument("image")
 
@@ -391,6 +458,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("cat", cmd_cat, "write the disk's contents to standard output")
     p.add_argument("-f", dest="format", choices=("raw", "vmdk"), default=None)
+    p.add_argument("image")
+
+    p = verb("snapshot", cmd_snapshot, "create CHILD as a new snapshot on top of PARENT")
+    p.add_argument("parent")
+    p.add_argument("child")
+
+    p = verb("commit", cmd_commit, "write a snapshot's changes into its parent")
+    p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
+    p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("image")
+
+    p = verb("rebase", cmd_rebase, "change the parent of a snapshot ('-b \'\'' removes it)")
+    p.add_argument("-b", dest="backing", required=True, metavar="PARENT",
+                   help="the new parent; an empty string makes the image standalone")
+    p.add_argument("-F", dest="backing_format", choices=("vmdk",), default="vmdk")
+    p.add_argument("-u", dest="unsafe", action="store_true",
+                   help="only rewrite the parent's name and CID, copy nothing")
+    p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
+    p.add_argument("image")
+
+    p = verb("resize", cmd_resize, "change the virtual size (grow; shrink only with --shrink)")
+    p.add_argument("--shrink", action="store_true",
+                   help="allow shrinking (refused anyway if data would be lost)")
+    p.add_argument("-q", dest="quiet", action="store_true")
+    p.add_argument("image")
+    p.add_argument("size", help="new size (10G), or a change (+1G, -512M)")
+
+    p = verb("compact", cmd_compact, "drop all-zero grains and give the space back")
+    p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
+    p.add_argument("-q", dest="quiet", action="store_true")
     p.add_argument("image")
 
     p = verb("serve", cmd_serve, "export the image over NBD until SIGINT or SIGTERM")

@@ -102,7 +102,9 @@ def _looks_like_descriptor(path: str) -> bool:
             text = f.read(4096)
     except OSError:
         return False
-    if b"\0" in text:
+    # qemu pads separate descriptor files with NULs to a sector; text after them is not ours.
+    text, _, rest = text.partition(b"\0")
+    if rest.strip(b"\0"):
         return False
     for line in text.splitlines():
         line = line.strip()
@@ -141,7 +143,7 @@ class Image:
     @classmethod
     def open(cls, path: str | os.PathLike[str], mode: str = "r", *,
              allow_external: bool = False, ignore_cid: bool = False, force_share: bool = False,
-             open_parent: bool = True, _depth: int = 0, _seen: frozenset[str] = frozenset()
+             open_parent: bool = True, repair: bool = False, _depth: int = 0, _seen: frozenset[str] = frozenset()
              ) -> Image:
         path = os.fspath(path)
         if mode not in ("r", "r+", "rb", "r+b", "rb+"):
@@ -155,7 +157,7 @@ class Image:
         kind = sniff(path)
         embedded: SparseExtent | None = None
         if kind == "sparse":
-            embedded = SparseExtent.open(path, read_only=read_only)
+            embedded = SparseExtent.open(path, read_only=read_only, strict=not repair)
             descriptor = _embedded_descriptor(embedded, path)
         elif kind == "descriptor":
             with open(path, "rb") as f:
@@ -168,7 +170,8 @@ class Image:
         parent: Image | None = None
         locks: list[int] = []
         try:
-            extents = _open_extents(path, descriptor, embedded, read_only, allow_external)
+            extents = _open_extents(path, descriptor, embedded, read_only, allow_external,
+                                    strict=not repair)
             if not force_share:
                 locks = _lock_files(path, extents, write=not read_only)
             if open_parent:
@@ -639,7 +642,7 @@ def resolve_extent_path(image_path: str, name: str, *, allow_external: bool) -> 
 
 
 def _open_extents(path: str, descriptor: Descriptor, embedded: SparseExtent | None,
-                  read_only: bool, allow_external: bool) -> list[Extent]:
+                  read_only: bool, allow_external: bool, strict: bool = True) -> list[Extent]:
     lines = descriptor.extents
     if embedded is not None:
         # A monolithic file is its own extent, whatever name the descriptor still carries
@@ -657,7 +660,8 @@ def _open_extents(path: str, descriptor: Descriptor, embedded: SparseExtent | No
     extents: list[Extent] = []
     try:
         for line in lines:
-            extents.append(_open_extent(path, line, descriptor, read_only, allow_external))
+            extents.append(_open_extent(path, line, descriptor, read_only, allow_external,
+                                        strict))
     except BaseException:
         for extent in extents:
             extent.close()
@@ -666,7 +670,7 @@ def _open_extents(path: str, descriptor: Descriptor, embedded: SparseExtent | No
 
 
 def _open_extent(path: str, line: ExtentLine, descriptor: Descriptor, read_only: bool,
-                 allow_external: bool) -> Extent:
+                 allow_external: bool, strict: bool = True) -> Extent:
     ro = read_only or line.access != "RW"
     if line.type == "ZERO":
         return ZeroExtent(line.sectors)
@@ -686,7 +690,8 @@ def _open_extent(path: str, line: ExtentLine, descriptor: Descriptor, read_only:
 
         raise MissingExtentError(f"extent file {line.filename!r} does not exist", path)
     if kind == "sparse":
-        return SparseExtent.open(target, read_only=ro, nominal_sectors=line.sectors)
+        return SparseExtent.open(target, read_only=ro, nominal_sectors=line.sectors,
+                                 strict=strict)
     if kind == "cowd":
         from .extents.cowd import CowdExtent
 

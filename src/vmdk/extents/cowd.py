@@ -130,8 +130,10 @@ class GrainMappedExtent(Extent):
             stop = min(end, (grain + count) * gb)
             if kind == DATA:
                 host += start - grain * gb
-            if pending is not None and pending[2] == kind and (
-                kind != DATA or pending[3] + pending[1] == host
+            if (
+                pending is not None
+                and pending[2] == kind
+                and (kind != DATA or pending[3] + pending[1] == host)
             ):
                 pending[1] += stop - start
                 continue
@@ -188,7 +190,9 @@ class CowdExtent(GrainMappedExtent):
         self.filename = filename
         self.header = header
         self.read_only = read_only
-        self.size = (header.num_sectors if nominal_sectors is None else nominal_sectors) * SECTOR_SIZE
+        self.size = (
+            header.num_sectors if nominal_sectors is None else nominal_sectors
+        ) * SECTOR_SIZE
         self._fd = fd
         self._gd = gd
         self._present: np.ndarray | None = None
@@ -216,8 +220,13 @@ class CowdExtent(GrainMappedExtent):
             header = _read_header(fd, path, file_sectors)
             gd = _read_gd(fd, path, header, file_sectors)
             extent = cls(
-                path, fd, header, gd,
-                read_only=read_only, nominal_sectors=nominal_sectors, file_sectors=file_sectors,
+                path,
+                fd,
+                header,
+                gd,
+                read_only=read_only,
+                nominal_sectors=nominal_sectors,
+                file_sectors=file_sectors,
             )
             if not read_only:
                 pwrite_all(fd, _U32.pack(1), _UNCLEAN_AT)
@@ -275,8 +284,15 @@ class CowdExtent(GrainMappedExtent):
         if table is not None:
             self._tables.move_to_end(index)
             return table
-        table = _read_gt(self._fd, self.filename or "", index, int(self._gd[index]),
-                         self._data_start, self._grain_sectors, self._file_sectors)
+        table = _read_gt(
+            self._fd,
+            self.filename or "",
+            index,
+            int(self._gd[index]),
+            self._data_start,
+            self._grain_sectors,
+            self._file_sectors,
+        )
         self._tables[index] = table
         if len(self._tables) > self._cache_size:
             self._tables.popitem(last=False)
@@ -301,7 +317,9 @@ class CowdExtent(GrainMappedExtent):
         if offset + len(view) > self._capacity_bytes:
             raise OutOfRangeError(
                 f"write {offset}+{len(view)} reaches past the header's capacity of "
-                f"{self.header.num_sectors} sectors", self.filename)
+                f"{self.header.num_sectors} sectors",
+                self.filename,
+            )
         span = GT_ENTRIES * self._grain_bytes
         free_before = self._free
         pos = 0
@@ -333,26 +351,29 @@ class CowdExtent(GrainMappedExtent):
             if kind == DATA:
                 lo = max(offset, (first + start) * gb)
                 hi = min(offset + len(data), (first + start + count) * gb)
-                pwrite_all(self._fd, data[lo - offset : hi - offset],
-                           host + lo - (first + start) * gb)
+                pwrite_all(
+                    self._fd, data[lo - offset : hi - offset], host + lo - (first + start) * gb
+                )
         new = np.flatnonzero(entries == 0)
         if not new.size:
             return
+        # Built first, so a failing backing reader allocates nothing.
+        grains = self._new_grains(offset, data, first + new, backing)
         if exists:
             gt_sector = int(self._gd[index])
         else:
             gt_sector = self._allocate(GT_SECTORS)
             pwrite_all(self._fd, bytes(GT_SECTORS * SECTOR_SIZE), gt_sector * SECTOR_SIZE)
-        grains = self._new_grains(offset, data, first + new, backing)
         sector = self._allocate(len(new) * self._grain_sectors)
-        pwrite_all(self._fd, grains, sector * SECTOR_SIZE)
+        pwrite_all(self._fd, memoryview(grains), sector * SECTOR_SIZE)
         slots = first - base + new
         table[slots] = sector + np.arange(len(new), dtype=np.int64) * self._grain_sectors
         lo, hi = int(slots[0]), int(slots[-1]) + 1
         pwrite_all(self._fd, table[lo:hi].tobytes(), gt_sector * SECTOR_SIZE + lo * 4)
         if not exists:
-            pwrite_all(self._fd, _U32.pack(gt_sector),
-                       self.header.gd_offset * SECTOR_SIZE + index * 4)
+            pwrite_all(
+                self._fd, _U32.pack(gt_sector), self.header.gd_offset * SECTOR_SIZE + index * 4
+            )
             self._gd[index] = gt_sector
             self._present = None
             self._tables[index] = table
@@ -362,7 +383,7 @@ class CowdExtent(GrainMappedExtent):
     def _new_grains(
         self, offset: int, data: memoryview, grains: np.ndarray, backing: BackingReader | None
     ) -> bytearray:
-        """Contents of the newly allocated ``grains``: the data over the parent's bytes (or zeros)."""
+        """Bytes of the new ``grains``: ``data`` laid over the parent's bytes (or zeros)."""
         gb = self._grain_bytes
         end = offset + len(data)
         limit = min(self.size, self._capacity_bytes)  # the backing ends here
@@ -387,7 +408,9 @@ class CowdExtent(GrainMappedExtent):
         if start + sectors > MAX_FILE_SECTORS:
             raise UnsupportedFormatError(
                 f"allocating {sectors} sectors at sector {start} passes the 2 TiB limit of "
-                "u32 sector numbers", self.filename)
+                "u32 sector numbers",
+                self.filename,
+            )
         self._free = start + sectors
         self._file_sectors = max(self._file_sectors, self._free)
         return start
@@ -426,7 +449,8 @@ def _read_header(fd: int, path: str, file_sectors: int) -> CowdHeader:
     got = pread_exact(fd, memoryview(raw), 0, path)
     if got < CowdHeader.SIZE:
         raise InvalidHeaderError(
-            f"file is {got} bytes, shorter than the {CowdHeader.SIZE}-byte COWD header", path)
+            f"file is {got} bytes, shorter than the {CowdHeader.SIZE}-byte COWD header", path
+        )
     if raw[:4] != COWD_MAGIC:
         raise InvalidHeaderError(f"bad magic {bytes(raw[:4])!r}, expected {COWD_MAGIC!r}", path)
     header = CowdHeader.unpack(bytes(raw))
@@ -434,20 +458,26 @@ def _read_header(fd: int, path: str, file_sectors: int) -> CowdHeader:
         raise UnsupportedFormatError(f"COWD version {header.version} (only 1 is known)", path)
     if not 0 < header.grain_size <= MAX_GRAIN_SECTORS:
         raise InvalidHeaderError(
-            f"grain size {header.grain_size} sectors is outside 1 .. {MAX_GRAIN_SECTORS}", path)
+            f"grain size {header.grain_size} sectors is outside 1 .. {MAX_GRAIN_SECTORS}", path
+        )
     expected = _ceil_div(header.num_sectors, GT_ENTRIES * header.grain_size)
     if header.num_gd_entries != expected:
         raise InvalidHeaderError(
             f"numGDEntries is {header.num_gd_entries}, but {header.num_sectors} sectors in "
-            f"grains of {header.grain_size} need {expected}", path)
+            f"grains of {header.grain_size} need {expected}",
+            path,
+        )
     gd_end = header.gd_offset + _ceil_div(expected * 4, SECTOR_SIZE)
     if header.gd_offset < CowdHeader.SIZE // SECTOR_SIZE:
         raise InvalidHeaderError(
-            f"grain directory at sector {header.gd_offset} overlaps the header", path)
+            f"grain directory at sector {header.gd_offset} overlaps the header", path
+        )
     if gd_end > file_sectors:
         raise InvalidHeaderError(
             f"grain directory at sector {header.gd_offset} ({expected} entries) is past the "
-            f"end of the file ({file_sectors} sectors)", path)
+            f"end of the file ({file_sectors} sectors)",
+            path,
+        )
     return header
 
 
@@ -463,12 +493,19 @@ def _read_gd(fd: int, path: str, header: CowdHeader, file_sectors: int) -> np.nd
         i = int(bad[0])
         raise CorruptImageError(
             f"grain directory entry {i} points to sector {int(gd[i])}, outside the data area "
-            f"(sectors {data_start} .. {file_sectors} of the file)", path)
+            f"(sectors {data_start} .. {file_sectors} of the file)",
+            path,
+        )
     return gd
 
 
 def _read_gt(
-    fd: int, path: str, index: int, sector: int, data_start: int, grain_sectors: int,
+    fd: int,
+    path: str,
+    index: int,
+    sector: int,
+    data_start: int,
+    grain_sectors: int,
     file_sectors: int,
 ) -> np.ndarray:
     raw = bytearray(GT_ENTRIES * 4)
@@ -482,5 +519,7 @@ def _read_gt(
         i = int(bad[0])
         raise CorruptImageError(
             f"grain table {index} (sector {sector}) entry {i} points to sector {int(table[i])}, "
-            f"outside the data area (sectors {data_start} .. {file_sectors} of the file)", path)
+            f"outside the data area (sectors {data_start} .. {file_sectors} of the file)",
+            path,
+        )
     return table

@@ -87,8 +87,15 @@ class SESparseExtent(GrainMappedExtent):
             header = _read_const_header(fd, path, file_sectors)
             volatile = _read_volatile_header(fd, path, header)
             gd = _read_gd(fd, path, header, file_sectors)
-            return cls(path, fd, header, volatile, gd,
-                       nominal_sectors=nominal_sectors, file_sectors=file_sectors)
+            return cls(
+                path,
+                fd,
+                header,
+                volatile,
+                gd,
+                nominal_sectors=nominal_sectors,
+                file_sectors=file_sectors,
+            )
         except BaseException:
             os.close(fd)
             raise
@@ -132,7 +139,9 @@ class SESparseExtent(GrainMappedExtent):
             raise CorruptImageError(
                 f"grain table {index} (sector {sector}) entry {i} is {int(entries[i]):#018x}: "
                 f"not a known state, or outside the grains area / the file "
-                f"({self._file_sectors} sectors)", self.filename)
+                f"({self._file_sectors} sectors)",
+                self.filename,
+            )
         kinds = _STATE_KIND[state.astype(np.intp)]
         clusters = np.where(allocated, cluster, np.uint64(0)).astype(np.int64)
         return kinds, (h.grains_offset + clusters * GRAIN_SECTORS) * SECTOR_SIZE
@@ -162,20 +171,32 @@ def _read_header_sector(fd: int, path: str, sector: int, what: str) -> bytes:
 def _read_const_header(fd: int, path: str, file_sectors: int) -> SESparseConstHeader:
     h = SESparseConstHeader.unpack(_read_header_sector(fd, path, 0, "seSparse header"))
     if h.magic != SESPARSE_CONST_MAGIC:
-        raise InvalidHeaderError(f"bad magic {h.magic:#x}, expected {SESPARSE_CONST_MAGIC:#x}", path)
+        raise InvalidHeaderError(
+            f"bad magic {h.magic:#x}, expected {SESPARSE_CONST_MAGIC:#x}", path
+        )
     if h.version != VERSION:
         raise UnsupportedFormatError(f"seSparse version {h.version:#x} (only {VERSION:#x})", path)
     if h.flags != 0:
         raise UnsupportedFormatError(f"seSparse flags {h.flags:#x} are not known", path)
     if h.grain_size != GRAIN_SECTORS:
-        raise InvalidHeaderError(f"grain size {h.grain_size} sectors, expected {GRAIN_SECTORS}", path)
+        raise InvalidHeaderError(
+            f"grain size {h.grain_size} sectors, expected {GRAIN_SECTORS}", path
+        )
     if h.grain_table_size != GT_SECTORS:
         raise InvalidHeaderError(
-            f"grain table size {h.grain_table_size} sectors, expected {GT_SECTORS}", path)
+            f"grain table size {h.grain_table_size} sectors, expected {GT_SECTORS}", path
+        )
     if h.capacity >= MAX_CAPACITY_SECTORS:
         raise InvalidHeaderError(f"capacity {h.capacity} sectors is not below 64 TiB", path)
-    for name in ("volatile_header_offset", "grain_dir_offset", "grain_dir_size",
-                 "grain_tables_offset", "grain_tables_size", "grains_offset", "grains_size"):
+    for name in (
+        "volatile_header_offset",
+        "grain_dir_offset",
+        "grain_dir_size",
+        "grain_tables_offset",
+        "grain_tables_size",
+        "grains_offset",
+        "grains_size",
+    ):
         if getattr(h, name) >= MAX_HEADER_SECTORS:
             raise InvalidHeaderError(f"{name} {getattr(h, name)} is implausibly large", path)
     return h
@@ -185,12 +206,16 @@ def _read_volatile_header(fd: int, path: str, h: SESparseConstHeader) -> SESpars
     if h.volatile_header_offset == 0:
         raise InvalidHeaderError("volatile header offset is 0 (the constant header)", path)
     v = SESparseVolatileHeader.unpack(
-        _read_header_sector(fd, path, h.volatile_header_offset, "volatile header"))
+        _read_header_sector(fd, path, h.volatile_header_offset, "volatile header")
+    )
     if v.magic != SESPARSE_VOLATILE_MAGIC:
         raise InvalidHeaderError(
-            f"bad volatile header magic {v.magic:#x}, expected {SESPARSE_VOLATILE_MAGIC:#x}", path)
+            f"bad volatile header magic {v.magic:#x}, expected {SESPARSE_VOLATILE_MAGIC:#x}", path
+        )
     if v.replay_journal:
-        raise UnsupportedFormatError("journal needs replay (the image was not closed cleanly)", path)
+        raise UnsupportedFormatError(
+            "journal needs replay (the image was not closed cleanly)", path
+        )
     return v
 
 
@@ -198,11 +223,14 @@ def _read_gd(fd: int, path: str, h: SESparseConstHeader, file_sectors: int) -> n
     needed = _ceil_div(h.capacity, GT_ENTRIES * GRAIN_SECTORS)
     if needed * 8 > h.grain_dir_size * SECTOR_SIZE:
         raise InvalidHeaderError(
-            f"grain directory of {h.grain_dir_size} sectors is too small for {needed} entries", path)
+            f"grain directory of {h.grain_dir_size} sectors is too small for {needed} entries", path
+        )
     if h.grain_dir_offset + _ceil_div(needed * 8, SECTOR_SIZE) > file_sectors:
         raise InvalidHeaderError(
             f"grain directory at sector {h.grain_dir_offset} is past the end of the file "
-            f"({file_sectors} sectors)", path)
+            f"({file_sectors} sectors)",
+            path,
+        )
     raw = bytearray(needed * 8)
     pread_exact(fd, memoryview(raw), h.grain_dir_offset * SECTOR_SIZE, path)
     gd = np.frombuffer(raw, dtype="<u8")
@@ -221,5 +249,7 @@ def _read_gd(fd: int, path: str, h: SESparseConstHeader, file_sectors: int) -> n
         raise CorruptImageError(
             f"grain directory entry {i} is {int(gd[i]):#018x}: not a table reference inside the "
             f"grain tables area ({h.grain_tables_size} sectors) and the file "
-            f"({file_sectors} sectors)", path)
+            f"({file_sectors} sectors)",
+            path,
+        )
     return gd

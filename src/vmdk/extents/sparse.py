@@ -78,8 +78,11 @@ class SparseExtent(Extent):
         read_only: bool,
         nominal_sectors: int | None,
         gt_cache_bytes: int = DEFAULT_GT_CACHE_BYTES,
+        strict: bool = True,
     ) -> None:
         self.filename = filename
+        #: Refuse to write when redundant metadata disagrees (off only while repairing).
+        self.strict = strict
         self.fd = fd
         self.header = header
         self.read_only = read_only
@@ -128,6 +131,7 @@ class SparseExtent(Extent):
         read_only: bool = True,
         nominal_sectors: int | None = None,
         gt_cache_bytes: int = DEFAULT_GT_CACHE_BYTES,
+        strict: bool = True,
     ) -> SparseExtent:
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | getattr(os, "O_CLOEXEC", 0)
         try:
@@ -140,7 +144,8 @@ class SparseExtent(Extent):
                 raise InvalidHeaderError("not a hosted sparse extent (no KDMV header)", filename)
             header = SparseHeader.unpack(raw)
             return cls(filename, fd, header, read_only=read_only,
-                       nominal_sectors=nominal_sectors, gt_cache_bytes=gt_cache_bytes)
+                       nominal_sectors=nominal_sectors, gt_cache_bytes=gt_cache_bytes,
+                       strict=strict)
         except BaseException:
             os.close(fd)
             raise
@@ -227,7 +232,7 @@ class SparseExtent(Extent):
         if mismatch.size:
             msg = (f"grain directory and its redundant copy disagree at entry {int(mismatch[0])} "
                    f"({mismatch.size} entries); run 'vmdk check -r all'")
-            if not self.read_only:
+            if not self.read_only and self.strict:
                 raise CorruptImageError(msg, self.filename)
             log.warning("%s: %s", self.filename, msg)
 
@@ -340,7 +345,7 @@ class SparseExtent(Extent):
         if backup != raw:
             msg = (f"grain table {index} differs from its redundant copy; "
                    "run 'vmdk check -r all'")
-            if not self.read_only:
+            if not self.read_only and self.strict:
                 raise CorruptImageError(msg, self.filename)
             log.warning("%s: %s", self.filename, msg)
 

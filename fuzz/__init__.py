@@ -1,0 +1,792 @@
+"""Structure-aware mutation fuzzing of every parser in :mod:`vmdk`.
+
+An input is a small set of files (one image: a descriptor and its extents, or
+a single monolithic / stream / COWD / seSparse file).  Seeds are built by
+:func:`make_seeds` from images the library creates plus the small third-party
+samples; :class:`Mutator` damages one file of a seed (bit flips, interesting
+integers written over header fields, grain directory and grain table entries
+and stream markers, truncation, chunk duplication, descriptor token edits).
+
+:func:`exercise` is the oracle: open the image, read what ``map()`` calls
+allocated (bounded) plus a few random places, sometimes write one grain,
+then ``vmdk.check.check()``.  Success or a :class:`vmdk.VmdkError` subclass is
+fine; any other exception, a peak of traced memory above
+:data:`MEMORY_LIMIT`, or more than :data:`TIME_LIMIT` seconds is a finding.
+
+Findings are saved as gzip'd tar files (one per distinct signature) that
+:func:`replay` loads again; ``tests/test_fuzz.py`` replays every file in
+``tests/fuzz_regressions``.  ``python -m fuzz --help`` runs it for longer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import io
+import os
+import random
+import re
+import shutil
+import signal
+import struct
+import sys
+import tarfile
+import tempfile
+import time
+import tracemalloc
+import traceback
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT.parent / "shared" / "samples"
+REGRESSIONS = ROOT / "tests" / "fuzz_regressions"
+
+#: Per input: bytes read from the virtual disk, traced memory peak, wall time.
+READ_BUDGET = 64 << 20
+MEMORY_LIMIT = 64 << 20
+TIME_LIMIT = 2.0
+#: A hung input is interrupted after this long (then reported as a timeout).
+HARD_TIMEOUT = 20.0
+#: Saved regression inputs must stay small.
+MAX_SAVED_BYTES = 64 << 10
+
+TARGETS = ("sparse", "stream", "cowd", "sesparse", "descriptor", "split", "flat", "child",
+           "sample")
+
+MiB = 1 << 20
+
+
+# --------------------------------------------------------------------- seeds
+
+
+@dataclasses.dataclass(frozen=True)
+class Seed:
+    name: str
+    target: str  # one of TARGETS: what kind of parser the mutations aim at
+    files: dict[str, bytes]
+    entry: str  # the file handed to vmdk.open
+    mutable: tuple[str, ...]  # files the mutator may damage
+
+    def __post_init__(self) -> None:
+        assert self.entry in self.files and all(m in self.files for m in self.mutable)
+
+
+def _low_entropy(n: int, tag: int) -> bytes:
+    """Data that is not zero but compresses well (saved inputs stay small)."""
+    unit = bytes((tag * 7 + i) & 0xFF for i in range(251))
+    return (unit * (n // len(unit) + 1))[:n]
+
+
+def _slurp(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _fill(disk: Any, writes: Iterable[tuple[int, int]], zeros: Iterable[tuple[int, int]] = ()
+          ) -> None:
+    for i, (off, n) in enumerate(writes):
+        disk.write_at(off, _low_entropy(n, i + 1))
+    for off, n in zeros:
+        disk.write_zeroes_at(off, n)
+
+
+def _sesparse_image(capacity: int = 2048, grains: int = 12) -> bytes:
+    """A small seSparse file built from the layout, with every GT entry state present."""
+    const = struct.pack(
+        "<6Q32x16Q304x", 0xCAFEBABE, 0x0000000200000001, capacity, 8, 64, 0,
+        1, 1,  # volatile header
+        2, 2, 4, 4,  # journal header, journal
+        8, 8,  # grain directory
+        16, 128,  # grain tables (room for 2)
+        144, 8, 152, 8,  # free bitmap, backmap
+        160, 8 * grains)
+    volatile = struct.pack("<4Q480x", 0xCAFECAFE, 1, 1, 0)
+    gd = struct.pack("<Q", (0x10000000 << 32) | 0).ljust(8 * 512, b"\0")
+    entries = [0] * 4096
+    for i in range(grains):
+        cluster = i
+        entries[2 * i] = (3 << 60) | ((cluster & 0xFFF) << 48) | (cluster >> 12)
+    entries[1] = 2 << 60  # zeroed
+    entries[3] = 1 << 60  # SCSI-unmapped
+    gt = struct.pack("<4096Q", *entries)
+    out = bytearray(160 * 512 + grains * 4096)
+    out[0:512] = const
+    out[512:1024] = volatile
+    out[8 * 512:16 * 512] = gd
+    out[16 * 512:16 * 512 + len(gt)] = gt
+    for i in range(grains):
+        out[160 * 512 + i * 4096:160 * 512 + (i + 1) * 4096] = _low_entropy(4096, i + 3)
+    return bytes(out)
+
+
+def _cowd_delta(folder: Path, name: str, capacity: int, parent_name: str | None = None,
+                grain_size: int = 1) -> None:
+    from vmdk.extents.cowd import CowdExtent
+
+    ext = CowdExtent.create(str(folder / name), capacity, grain_size=grain_size,
+                            parent_file_name=parent_name)
+    try:
+        for i, (off, n) in enumerate([(0, 4096), (512 * 100, 700), (capacity * 512 - 1024, 1024)]):
+            ext.write(off, memoryview(_low_entropy(n, i + 9)))
+    finally:
+        ext.close()
+
+
+def make_seeds(samples: Path | None = SAMPLES, *, max_sample_bytes: int = 400 << 10
+               ) -> list[Seed]:
+    """Build the seed corpus (in a temporary folder) and return it in memory."""
+    import vmdk
+
+    seeds: list[Seed] = []
+    with tempfile.TemporaryDirectory(prefix="vmdk-seeds-") as tmp:
+        base = Path(tmp)
+
+        def folder(name: str) -> Path:
+            path = base / name
+            path.mkdir()
+            return path
+
+        def add(name: str, target: str, path: Path, entry: str,
+                mutable: Iterable[str] | None = None) -> None:
+            files = _slurp(path)
+            seeds.append(Seed(name, target, files, entry, tuple(mutable or files)))
+
+        writes = [(0, 65536), (65536 * 3 + 1000, 3000), (2 * MiB - 512, 512)]
+        for cluster, name in ((65536, "sparse-64k"), (4096, "sparse-4k")):
+            d = folder(name)
+            with vmdk.create(d / "disk.vmdk", 3 * MiB, cluster_size=cluster) as disk:
+                _fill(disk, writes)
+            add(name, "sparse", d, "disk.vmdk")
+        d = folder("sparse-zeroed")
+        with vmdk.create(d / "disk.vmdk", 2 * MiB, cluster_size=4096, zeroed_grain=True) as disk:
+            _fill(disk, writes[:2], zeros=[(8192, 16384)])
+        add("sparse-zeroed", "sparse", d, "disk.vmdk")
+
+        d = folder("split")
+        with vmdk.create(d / "disk.vmdk", 2 * MiB, "twoGbMaxExtentSparse") as disk:
+            _fill(disk, writes)
+        add("split", "split", d, "disk.vmdk")
+        add("split-descriptor", "descriptor", d, "disk.vmdk", ["disk.vmdk"])
+
+        d = folder("flat")
+        with vmdk.create(d / "disk.vmdk", 256 << 10, "monolithicFlat") as disk:
+            _fill(disk, [(0, 4096), (100000, 5000)])
+        add("flat", "flat", d, "disk.vmdk", ["disk.vmdk"])
+        add("flat-descriptor", "descriptor", d, "disk.vmdk", ["disk.vmdk"])
+
+        d = folder("stream")
+        with vmdk.create(d / "disk.vmdk", 3 * MiB, "streamOptimized") as disk:
+            for i, (off, n) in enumerate(writes):
+                disk.seek(off)
+                disk.write(_low_entropy(n, i + 1))
+        add("stream", "stream", d, "disk.vmdk")
+
+        d = folder("child")
+        with vmdk.create(d / "base.vmdk", 2 * MiB, cluster_size=4096) as disk:
+            _fill(disk, writes)
+        with vmdk.create(d / "child.vmdk", parent=d / "base.vmdk", cluster_size=4096) as disk:
+            _fill(disk, [(4096, 4096), (10000, 300)])
+        add("child", "child", d, "child.vmdk")
+
+        d = folder("cowd")
+        _cowd_delta(d, "delta.vmdk", 2048, grain_size=1)
+        add("cowd", "cowd", d, "delta.vmdk")
+        d = folder("cowd-chain")
+        with vmdk.create(d / "base.vmdk", 1 * MiB, "monolithicFlat") as disk:
+            _fill(disk, [(0, 8192)])
+        with vmdk.open(d / "base.vmdk") as disk:
+            parent_cid = disk.image.cid
+        _cowd_delta(d, "child-delta.vmdk", 2048, parent_name="base.vmdk", grain_size=2)
+        (d / "child.vmdk").write_text(
+            "# Disk DescriptorFile\nversion=1\nencoding=\"UTF-8\"\nCID=1a2b3c4d\n"
+            f"parentCID={parent_cid:08x}\ncreateType=\"vmfsSparse\"\n"
+            "parentFileNameHint=\"base.vmdk\"\n\n# Extent description\n"
+            "RW 2048 VMFSSPARSE \"child-delta.vmdk\"\n\n# The Disk Data Base\n#DDB\n\n"
+            "ddb.adapterType = \"lsilogic\"\nddb.virtualHWVersion = \"4\"\n")
+        add("cowd-chain", "cowd", d, "child.vmdk", ["child.vmdk", "child-delta.vmdk"])
+
+        d = folder("sesparse")
+        (d / "delta-sesparse.vmdk").write_bytes(_sesparse_image())
+        add("sesparse", "sesparse", d, "delta-sesparse.vmdk")
+
+    for seed in _sample_seeds(samples, max_sample_bytes):
+        seeds.append(seed)
+    return seeds
+
+
+def _sample_seeds(samples: Path | None, max_bytes: int) -> Iterator[Seed]:
+    """The small single-file third-party samples (descriptor-only ones fuzz the text parser)."""
+    if samples is None or not samples.is_dir():
+        return
+    for path in sorted(samples.rglob("*")):
+        if not path.is_file() or path.suffix not in (".vmdk", ".img"):
+            continue
+        if path.stat().st_size > max_bytes:
+            continue
+        name = f"sample-{path.parent.name}-{path.name}"
+        data = path.read_bytes()
+        yield Seed(name, "sample", {path.name: data}, path.name, (path.name,))
+
+
+# ----------------------------------------------------------- field locations
+
+#: (offset, width) of the u32/u64 fields of each header.
+_KDMV_FIELDS = [(4, 4), (8, 4), (12, 8), (20, 8), (28, 8), (36, 8), (44, 4), (48, 8), (56, 8),
+                (64, 8), (72, 1), (73, 1), (77, 2)]
+_COWD_FIELDS = [(4, 4), (8, 4), (12, 4), (16, 4), (20, 4), (24, 4), (28, 4), (1056, 4),
+                (1060, 4), (1636, 4), (1648, 4)]
+_SES_FIELDS = [(o, 8) for o in list(range(8, 48, 8)) + list(range(80, 208, 8))]
+_VOLATILE_FIELDS = [(0, 8), (8, 8), (16, 8), (24, 8)]
+_MARKER_FIELDS = [(0, 8), (8, 4), (12, 4)]
+
+
+def _u(data: bytes, off: int, fmt: str) -> int:
+    size = struct.calcsize(fmt)
+    if off < 0 or off + size > len(data):
+        return 0
+    return int(struct.unpack_from(fmt, data, off)[0])
+
+
+def _table_fields(data: bytes, sector: int, count: int, width: int, limit: int = 48
+                  ) -> list[tuple[int, int]]:
+    """Up to ``limit`` entries of a table at ``sector``: the non-zero ones first."""
+    base = sector * 512
+    if sector <= 0 or base >= len(data):
+        return []
+    fmt = "<I" if width == 4 else "<Q"
+    count = min(count, (len(data) - base) // width, 1 << 16)
+    used = [i for i in range(count) if _u(data, base + i * width, fmt)]
+    picked = used[:limit] + list(range(min(count, 4)))
+    return [(base + i * width, width) for i in dict.fromkeys(picked)]
+
+
+def field_offsets(data: bytes) -> list[tuple[int, int]]:
+    """Where the integers that steer a parser live in ``data``: (offset, width) pairs."""
+    fields: list[tuple[int, int]] = []
+    if data[:4] == b"KDMV":
+        fields += _KDMV_FIELDS
+        grain = max(1, _u(data, 20, "<Q"))
+        gtes = max(1, min(_u(data, 44, "<I"), 4096))
+        capacity = _u(data, 12, "<Q")
+        gd = _u(data, 56, "<Q")
+        compressed = bool(_u(data, 8, "<I") & 0x10000)
+        if gd == 0xFFFFFFFFFFFFFFFF and len(data) >= 1536:
+            footer = len(data) - 1024
+            fields += [(footer + o, w) for o, w in _KDMV_FIELDS]
+            fields += [(len(data) - 1536 + o, w) for o, w in _MARKER_FIELDS]
+            fields += [(len(data) - 512 + o, w) for o, w in _MARKER_FIELDS]
+            gd = _u(data, footer + 56, "<Q")
+        n_gd = min(-(-capacity // (grain * gtes)) if capacity else 0, 4096)
+        gd_fields = _table_fields(data, gd, n_gd, 4)
+        fields += gd_fields + _table_fields(data, _u(data, 48, "<Q"), n_gd, 4, 8)
+        if compressed and gd > 0:
+            fields += [(gd * 512 - 512 + o, w) for o, w in _MARKER_FIELDS]
+        for off, _w in gd_fields[:3]:
+            gt = _u(data, off, "<I")
+            gt_fields = _table_fields(data, gt, gtes, 4)
+            fields += gt_fields
+            if compressed and gt > 0:
+                fields += [(gt * 512 - 512 + o, w) for o, w in _MARKER_FIELDS]
+                for g_off, _ in gt_fields[:16]:
+                    sector = _u(data, g_off, "<I")
+                    fields += [(sector * 512, 8), (sector * 512 + 8, 4)]
+    elif data[:4] == b"COWD":
+        fields += _COWD_FIELDS
+        gd = _u(data, 20, "<I")
+        gd_fields = _table_fields(data, gd, _u(data, 24, "<I"), 4)
+        fields += gd_fields
+        for off, _w in gd_fields[:3]:
+            fields += _table_fields(data, _u(data, off, "<I"), 4096, 4)
+    elif _u(data, 0, "<Q") == 0xCAFEBABE:
+        fields += _SES_FIELDS
+        vol = _u(data, 48, "<Q")
+        if 0 < vol < len(data) // 512:
+            fields += [(vol * 512 + o, w) for o, w in _VOLATILE_FIELDS]
+        gd_fields = _table_fields(data, _u(data, 96, "<Q"), 64, 8)
+        fields += gd_fields
+        gts = _u(data, 112, "<Q")
+        for off, _w in gd_fields[:3]:
+            index = _u(data, off, "<Q") & 0xFFFFFFFF
+            fields += _table_fields(data, gts + index * 64, 4096, 8)
+    return [(o, w) for o, w in fields if 0 <= o and o + w <= len(data)]
+
+
+# ------------------------------------------------------------------ mutation
+
+INTERESTING = [0, 1, 2, 3, 4, 7, 8, 15, 16, 0x7F, 0x80, 0xFF, 0x100, 0x1FF, 0x200, 0x3FF,
+               0x1000, 0x7FFF, 0x8000, 0xFFFF, 0x10000, 0x200000, 0x7FFFFFFF, 1 << 31,
+               0xFFFFFFFE, (1 << 32) - 1, 1 << 32, 1 << 40, 1 << 47, 1 << 48, 1 << 62,
+               1 << 63, (1 << 64) - 2, (1 << 64) - 1]
+
+_DESCRIPTOR_TOKENS = [
+    b"RW", b"RDONLY", b"NOACCESS", b"SPARSE", b"FLAT", b"ZERO", b"VMFS", b"VMFSSPARSE",
+    b"SESPARSE", b"VMFSRDM", b"VMFSRAW", b"monolithicSparse", b"monolithicFlat",
+    b"twoGbMaxExtentSparse", b"streamOptimized", b"vmfsSparse", b"seSparse", b"fullDevice",
+    b"partitionedDevice", b"custom", b"version=1", b"version=3", b"CID=ffffffff",
+    b"parentCID=ffffffff", b"parentCID=0", b'parentFileNameHint="disk.vmdk"',
+    b'parentFileNameHint="/etc/passwd"', b'parentFileNameHint="..\\\\x.vmdk"',
+    b'"../disk.vmdk"', b'"/dev/zero"', b'""', b'"', b"=", b"#DDB", b"# Disk DescriptorFile",
+    b'ddb.geometry.cylinders = "99999999999"', b'ddb.uuid = "zz"', b"\xff\xfe", b"\x00",
+    b"\r\n", b"\t", b" " * 300, b"9" * 40, b"-1", b"0x10", b"4294967296", b"18446744073709551616",
+    b'encoding="Shift_JIS"', b'encoding="nope"', b"\xe2\x80\xae",
+]
+
+
+class Mutator:
+    """Applies one to four random damaging edits to one file of a seed."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+
+    def mutate(self, seed: Seed) -> tuple[dict[str, bytes], str]:
+        """A damaged copy of the seed's files and a short description of what changed."""
+        rng = self.rng
+        files = dict(seed.files)
+        name = rng.choice(seed.mutable)
+        data = bytearray(files[name])
+        text = _is_text(data)
+        notes = []
+        for _ in range(rng.choice((1, 1, 1, 2, 2, 3, 4))):
+            ops = self.text_ops if text else self.binary_ops
+            op = rng.choice(ops)
+            notes.append(op.__name__.lstrip("_") + op(data))
+        files[name] = bytes(data)
+        return files, f"{name}: {', '.join(notes)}"
+
+    # -- binary ---------------------------------------------------------------
+
+    @property
+    def binary_ops(self) -> list[Callable[[bytearray], str]]:
+        return [self._field_int, self._field_int, self._field_int, self._field_delta,
+                self._bit_flip, self._random_bytes, self._aligned_int, self._truncate,
+                self._duplicate_chunk, self._zero_chunk, self._extend]
+
+    def _field_int(self, data: bytearray) -> str:
+        fields = field_offsets(bytes(data))
+        if not fields:
+            return self._aligned_int(data)
+        off, width = self.rng.choice(fields)
+        value = self._interesting(data) & ((1 << (8 * width)) - 1)
+        data[off:off + width] = value.to_bytes(width, "little")
+        return f"@{off}/{width}={value:#x}"
+
+    def _field_delta(self, data: bytearray) -> str:
+        fields = field_offsets(bytes(data))
+        if not fields:
+            return self._bit_flip(data)
+        off, width = self.rng.choice(fields)
+        old = int.from_bytes(data[off:off + width], "little")
+        value = (old + self.rng.choice((-8, -1, 1, 8, 128, old, -old))) & ((1 << (8 * width)) - 1)
+        data[off:off + width] = value.to_bytes(width, "little")
+        return f"@{off}/{width}={value:#x}"
+
+    def _interesting(self, data: bytearray) -> int:
+        sectors = len(data) // 512
+        return self.rng.choice(INTERESTING + [sectors, sectors - 1, sectors + 1, len(data)])
+
+    def _aligned_int(self, data: bytearray) -> str:
+        if len(data) < 8:
+            return self._extend(data)
+        width = self.rng.choice((4, 8))
+        region = min(len(data), self.rng.choice((512, 4096, len(data))))
+        off = self.rng.randrange(0, max(1, region - width)) & ~(width - 1)
+        value = self._interesting(data) & ((1 << (8 * width)) - 1)
+        data[off:off + width] = value.to_bytes(width, "little")
+        return f"@{off}/{width}={value:#x}"
+
+    def _bit_flip(self, data: bytearray) -> str:
+        if not data:
+            return self._extend(data)
+        hot = min(len(data), self.rng.choice((512, 2048, len(data))))
+        out = []
+        for _ in range(self.rng.choice((1, 1, 2, 8))):
+            off = self.rng.randrange(hot)
+            data[off] ^= 1 << self.rng.randrange(8)
+            out.append(str(off))
+        return "@" + "/".join(out)
+
+    def _random_bytes(self, data: bytearray) -> str:
+        if not data:
+            return self._extend(data)
+        off = self.rng.randrange(len(data))
+        n = min(len(data) - off, self.rng.choice((1, 2, 4, 16, 512)))
+        data[off:off + n] = self.rng.randbytes(n)
+        return f"@{off}+{n}"
+
+    def _truncate(self, data: bytearray) -> str:
+        if not data:
+            return ""
+        size = self.rng.choice((
+            self.rng.randrange(len(data)), (self.rng.randrange(len(data)) // 512) * 512,
+            len(data) - 512, len(data) - 1, 511, 512, 1024, 2048))
+        size = max(0, size)
+        del data[size:]
+        return f"@{size}"
+
+    def _duplicate_chunk(self, data: bytearray) -> str:
+        if len(data) < 2:
+            return self._extend(data)
+        n = self.rng.choice((4, 8, 64, 512, 2048))
+        src = self.rng.randrange(len(data))
+        chunk = bytes(data[src:src + n])
+        dst = self.rng.randrange(len(data))
+        if self.rng.random() < 0.5:
+            data[dst:dst] = chunk
+            return f"insert {src}->{dst}+{len(chunk)}"
+        data[dst:dst + len(chunk)] = chunk
+        return f"copy {src}->{dst}+{len(chunk)}"
+
+    def _zero_chunk(self, data: bytearray) -> str:
+        if not data:
+            return self._extend(data)
+        off = (self.rng.randrange(len(data)) // 512) * 512
+        n = self.rng.choice((512, 2048, 65536))
+        data[off:off + n] = bytes(min(n, len(data) - off))
+        return f"@{off}+{n}"
+
+    def _extend(self, data: bytearray) -> str:
+        n = self.rng.choice((1, 511, 512, 4096))
+        data += self.rng.choice((bytes(n), self.rng.randbytes(n)))
+        return f"+{n}"
+
+    # -- descriptor text ----------------------------------------------------------
+
+    @property
+    def text_ops(self) -> list[Callable[[bytearray], str]]:
+        return [self._token, self._token, self._number, self._number, self._line_edit,
+                self._bit_flip, self._truncate, self._duplicate_chunk]
+
+    def _token(self, data: bytearray) -> str:
+        token = self.rng.choice(_DESCRIPTOR_TOKENS)
+        words = [m for m in re.finditer(rb'[^\s="]+', data)]
+        if words and self.rng.random() < 0.7:
+            m = self.rng.choice(words)
+            data[m.start():m.end()] = token
+        else:
+            pos = self.rng.randrange(len(data) + 1)
+            data[pos:pos] = token
+        return repr(token[:20])
+
+    def _number(self, data: bytearray) -> str:
+        numbers = list(re.finditer(rb"\b[0-9a-fA-F]+\b", data))
+        if not numbers:
+            return self._token(data)
+        m = self.rng.choice(numbers)
+        value = self.rng.choice(INTERESTING + [-1, -2])
+        text = (f"{value:x}" if self.rng.random() < 0.3 else str(value)).encode()
+        data[m.start():m.end()] = text
+        return f"{m.group()!r}->{text!r}"
+
+    def _line_edit(self, data: bytearray) -> str:
+        lines = bytes(data).split(b"\n")
+        i = self.rng.randrange(len(lines))
+        what = self.rng.choice(("drop", "dup", "swap", "long"))
+        if what == "drop":
+            del lines[i]
+        elif what == "dup":
+            lines.insert(i, lines[i])
+        elif what == "swap":
+            j = self.rng.randrange(len(lines))
+            lines[i], lines[j] = lines[j], lines[i]
+        else:
+            lines[i] = lines[i] * 200
+        data[:] = b"\n".join(lines)
+        return f"{what} {i}"
+
+
+def _is_text(data: bytes | bytearray) -> bool:
+    head = bytes(data[:4096])
+    return b"\0" not in head and b"version" in head.lower()
+
+
+# -------------------------------------------------------------------- oracle
+
+
+class FuzzTimeout(BaseException):
+    """Raised from SIGALRM when one input runs past the hard limit."""
+
+
+@dataclasses.dataclass
+class Finding:
+    signature: str  # kind + exception type + innermost frame in vmdk
+    detail: str  # the traceback or measurement
+    seed: str
+    mutation: str
+    files: dict[str, bytes]
+    entry: str
+    saved: str | None = None
+
+
+def _signature(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    inside = [f for f in frames if f"{os.sep}vmdk{os.sep}" in f.filename]
+    where = inside[-1] if inside else (frames[-1] if frames else None)
+    loc = f"{Path(where.filename).name}:{where.name}:{where.lineno}" if where else "?"
+    return f"{type(exc).__name__} at {loc}"
+
+
+def exercise(entry: str | os.PathLike[str], rng: random.Random | None = None, *,
+             read_budget: int = READ_BUDGET, write: bool = False) -> str:
+    """Open, map, read, maybe write, and check one image; return what happened.
+
+    Raises whatever the library raises other than ``VmdkError``.
+    """
+    import vmdk
+    import vmdk.check
+
+    rng = rng or random.Random(0)
+    outcome = "ok"
+    try:
+        with vmdk.open(entry) as disk:
+            disk.info()
+            size = disk.size
+            left = read_budget
+            for run in disk.map():
+                if not run.data or left <= 0:
+                    continue
+                pos, end = run.start, run.start + min(run.length, left)
+                while pos < end:
+                    n = min(end - pos, 4 * MiB)
+                    disk.read_at(pos, n)
+                    pos += n
+                left -= end - run.start
+            for _ in range(4):
+                if size:
+                    off = rng.randrange(size)
+                    disk.seek(off)
+                    disk.read(min(size - off, rng.choice((1, 512, 4097, 65536))))
+            if size:
+                disk.read_at(size - min(size, 1000), min(size, 1000))
+    except vmdk.VmdkError as exc:
+        outcome = f"refused: {type(exc).__name__}"
+    if write and outcome == "ok":
+        try:
+            with vmdk.open(entry, "r+") as disk:
+                if disk.size:
+                    off = rng.randrange(disk.size)
+                    n = min(disk.size - off, rng.choice((1, 512, 65536)))
+                    disk.write_at(off, _low_entropy(n, 77))
+                    if disk.read_at(off, n) != _low_entropy(n, 77):
+                        raise AssertionError(f"read after write at {off}+{n} differs")
+        except vmdk.VmdkError:
+            pass
+    try:
+        vmdk.check.check(entry)
+    except vmdk.VmdkError as exc:
+        outcome += f", check refused: {type(exc).__name__}"
+    return outcome
+
+
+def _write_files(folder: Path, files: dict[str, bytes]) -> None:
+    for child in folder.iterdir():
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+
+
+def _on_alarm(signum: int, frame: Any) -> None:
+    raise FuzzTimeout(f"input ran longer than {HARD_TIMEOUT} s")
+
+
+def run_input(folder: Path, files: dict[str, bytes], entry: str, rng: random.Random, *,
+              write: bool = False, measure: bool = True) -> tuple[str | None, str]:
+    """Run one input; return (signature of a finding or None, detail)."""
+    _write_files(folder, files)
+    old = signal.signal(signal.SIGALRM, _on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, HARD_TIMEOUT)
+    if measure:
+        tracemalloc.start()
+        tracemalloc.reset_peak()
+    start = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # as pytest is configured: a warning is a failure
+            detail = exercise(folder / entry, rng, write=write)
+    except FuzzTimeout as exc:
+        return f"Timeout at {_signature(exc).split(' at ', 1)[1]}", traceback.format_exc()
+    except Exception as exc:  # anything but VmdkError is a finding
+        return _signature(exc), traceback.format_exc()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        elapsed = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1] if measure else 0
+        if measure:
+            tracemalloc.stop()
+    if peak > MEMORY_LIMIT:
+        return "MemoryPeak", f"traced memory peak {peak / MiB:.1f} MiB ({detail})"
+    if elapsed > TIME_LIMIT:
+        return "Slow", f"{elapsed:.2f} s ({detail})"
+    return None, detail
+
+
+# -------------------------------------------------------------- the fuzz loop
+
+
+@dataclasses.dataclass
+class Stats:
+    inputs: int = 0
+    refused: int = 0
+    accepted: int = 0
+    findings: dict[str, Finding] = dataclasses.field(default_factory=dict)
+    hits: dict[str, int] = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "inputs": self.inputs, "refused": self.refused, "accepted": self.accepted,
+            "seconds": round(self.seconds, 1),
+            "findings": [{"signature": f.signature, "count": self.hits[f.signature],
+                          "seed": f.seed, "mutation": f.mutation, "saved": f.saved,
+                          "detail": f.detail[-3000:]} for f in self.findings.values()],
+        }
+
+
+def fuzz(seeds: list[Seed], *, seconds: float | None = None, max_inputs: int | None = None,
+         seed: int = 0, save_dir: Path | None = None, write_ratio: float = 0.1,
+         log: Callable[[str], None] | None = None) -> Stats:
+    """Mutate the seeds round-robin until the time or input budget is spent."""
+    if not seeds:
+        raise ValueError("no seeds")
+    rng = random.Random(seed)
+    mutator = Mutator(rng)
+    stats = Stats()
+    deadline = time.monotonic() + seconds if seconds is not None else None
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="vmdk-fuzz-") as tmp:
+        folder = Path(tmp)
+        # The unmodified seeds must pass, or every finding would be noise.
+        for s in seeds:
+            sig, detail = run_input(folder, s.files, s.entry, random.Random(seed))
+            if sig is not None:
+                _record(stats, Finding(f"seed {s.name}: {sig}", detail, s.name, "(none)",
+                                       s.files, s.entry), save_dir, log)
+        while True:
+            if max_inputs is not None and stats.inputs >= max_inputs:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            s = seeds[stats.inputs % len(seeds)]
+            files, note = mutator.mutate(s)
+            write = rng.random() < write_ratio
+            sig, detail = run_input(folder, files, s.entry, random.Random(rng.random()),
+                                    write=write)
+            if sig in ("Slow",):  # one more try: the machine may just have been busy
+                sig, detail = run_input(folder, files, s.entry, random.Random(0), write=write)
+            stats.inputs += 1
+            if log and stats.inputs % 1000 == 0:
+                log(f"{stats.inputs} inputs, {len(stats.findings)} findings, "
+                    f"{time.monotonic() - started:.0f} s")
+            if sig is None:
+                if detail.startswith("refused"):
+                    stats.refused += 1
+                else:
+                    stats.accepted += 1
+                continue
+            _record(stats, Finding(sig, detail, s.name, note, files, s.entry), save_dir, log)
+    stats.seconds = time.monotonic() - started
+    return stats
+
+
+def _record(stats: Stats, finding: Finding, save_dir: Path | None,
+            log: Callable[[str], None] | None) -> None:
+    stats.hits[finding.signature] = stats.hits.get(finding.signature, 0) + 1
+    if finding.signature in stats.findings:
+        return
+    stats.findings[finding.signature] = finding
+    if save_dir is not None:
+        finding.saved = save_finding(finding, save_dir)
+    if log:
+        log(f"NEW {finding.signature} (seed {finding.seed}; {finding.mutation})"
+            f"{' -> ' + finding.saved if finding.saved else ''}")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:80]
+
+
+def pack_input(files: dict[str, bytes], entry: str, note: str = "") -> bytes:
+    """A gzip'd tar of the input's files; member ENTRY names the file to open."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in [("ENTRY", entry.encode()), ("NOTE", note.encode())] + sorted(
+                (f"files/{n}", d) for n, d in files.items()):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return gzip.compress(buf.getvalue(), 9, mtime=0)
+
+
+def unpack_input(blob: bytes) -> tuple[dict[str, bytes], str]:
+    files: dict[str, bytes] = {}
+    entry = ""
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob)), mode="r") as tar:
+        for member in tar.getmembers():
+            f = tar.extractfile(member)
+            data = f.read() if f is not None else b""
+            if member.name == "ENTRY":
+                entry = data.decode()
+            elif member.name.startswith("files/"):
+                name = member.name[len("files/"):]
+                if "/" in name or name in ("", ".", ".."):
+                    raise ValueError(f"bad member {member.name!r}")
+                files[name] = data
+    if entry not in files:
+        raise ValueError("regression file has no ENTRY")
+    return files, entry
+
+
+def save_finding(finding: Finding, save_dir: Path) -> str | None:
+    blob = pack_input(finding.files, finding.entry,
+                      f"{finding.signature}\nseed {finding.seed}: {finding.mutation}\n")
+    if len(blob) > MAX_SAVED_BYTES:
+        return None
+    save_dir.mkdir(parents=True, exist_ok=True)
+    path = save_dir / f"{_slug(finding.signature)}.tar.gz"
+    path.write_bytes(blob)
+    return str(path)
+
+
+def replay(path: Path, *, write: bool = True) -> tuple[str | None, str]:
+    """Run one saved regression input (with and without the write step)."""
+    files, entry = unpack_input(path.read_bytes())
+    with tempfile.TemporaryDirectory(prefix="vmdk-replay-") as tmp:
+        folder = Path(tmp)
+        sig, detail = run_input(folder, files, entry, random.Random(0))
+        if sig is None and write:
+            sig, detail = run_input(folder, files, entry, random.Random(0), write=True)
+    return sig, detail
+
+
+def limit_memory(megabytes: int) -> None:
+    """Cap the address space of this process so a runaway allocation fails fast."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    want = megabytes * MiB
+    if hard != resource.RLIM_INFINITY:
+        want = min(want, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (want, hard))
+
+
+def select(seeds: list[Seed], targets: Iterable[str] | None) -> list[Seed]:
+    if not targets:
+        return seeds
+    wanted = set(targets)
+    unknown = wanted - set(TARGETS)
+    if unknown:
+        raise ValueError(f"unknown target(s) {', '.join(sorted(unknown))}; one of {TARGETS}")
+    return [s for s in seeds if s.target in wanted]
+
+
+__all__ = ["Finding", "Mutator", "Seed", "Stats", "TARGETS", "exercise", "field_offsets",
+           "fuzz", "limit_memory", "make_seeds", "pack_input", "replay", "run_input", "select",
+           "unpack_input"]
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    raise ImportError("fuzz needs Python 3.11")

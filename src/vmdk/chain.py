@@ -1,0 +1,151 @@
+"""Snapshot chain operations: take a snapshot, commit a child into its parent, rebase.
+
+A child names its parent by ``parentFileNameHint`` and records the parent's
+CID as ``parentCID``; any change to the parent's content changes its CID and
+so must be followed by updating the children that still depend on it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import numpy as np
+
+from .create import create
+from .errors import ChainError, UnsupportedFormatError
+from .image import NO_PARENT_CID, Image
+
+CHUNK = 8 << 20
+Progress = Callable[[int], None]
+
+
+def snapshot(parent: str | os.PathLike[str], child: str | os.PathLike[str], *,
+             subformat: str = "monolithicSparse", overwrite: bool = False) -> None:
+    """Create ``child`` as an empty snapshot on top of ``parent`` (``qemu-img create -b``)."""
+    with create(child, None, subformat, parent=parent, overwrite=overwrite):
+        pass
+
+
+def commit(child: str | os.PathLike[str], *, progress: Progress | None = None) -> None:
+    """Write everything stored in ``child`` into its parent; the child stays valid on top."""
+    # The child is read without taking locks: the parent's write lock below would
+    # otherwise collide with the read lock the child's chain holds on it.
+    with Image.open(child, "r", force_share=True) as top:
+        if top.parent is None:
+            raise ChainError("image has no parent to commit into", top.path)
+        parent_path = top.parent.path
+        runs = [r for r in top.map() if r.depth == 0 and r.present]
+        with Image.open(parent_path, "r+") as base:
+            _copy_runs(top, base, runs, progress)
+            base.flush()
+            new_cid = base.cid
+    _set_parent(child, new_cid, None)
+
+
+def _copy_runs(src: Image, dst: Image, runs: list, progress: Progress | None) -> None:
+    buf = bytearray(CHUNK)
+    for run in runs:
+        if not run.data:
+            dst.write_zeroes_at(run.start, run.length)
+            if progress:
+                progress(run.length)
+            continue
+        pos, end = run.start, run.start + run.length
+        while pos < end:
+            n = min(CHUNK, end - pos)
+            view = memoryview(buf)[:n]
+            src.readinto_at(pos, view)
+            dst.write_at(pos, view)
+            pos += n
+            if progress:
+                progress(n)
+
+
+def rebase(child: str | os.PathLike[str], new_parent: str | os.PathLike[str] | None, *,
+           safe: bool = True, progress: Progress | None = None) -> None:
+    """Make ``new_parent`` (or no parent) the parent of ``child``.
+
+    In safe mode the content seen through the child stays the same: every
+    range the child does not store and where the old and new parent differ is
+    copied into the child first.  ``safe=False`` only rewrites the descriptor
+    (use it when the new parent has the same content, e.g. after a move).
+    """
+    child = os.fspath(child)
+    new_path = os.fspath(new_parent) if new_parent else None
+    if safe:
+        with Image.open(child, "r+") as top:
+            new = Image.open(new_path, "r") if new_path else None
+            try:
+                _copy_differences(top, new, progress)
+                top.flush()
+            finally:
+                if new is not None:
+                    new.close()
+    if new_path is None:
+        _set_parent(child, NO_PARENT_CID, "")
+        return
+    with Image.open(new_path, "r") as new:
+        cid = new.cid
+    hint = os.path.relpath(os.path.abspath(new_path), os.path.dirname(os.path.abspath(child)))
+    _set_parent(child, cid, hint)
+
+
+def _copy_differences(top: Image, new: Image | None, progress: Progress | None) -> None:
+    old = top.parent
+    grain = top.cluster_size or 65536
+    buf_old, buf_new = bytearray(CHUNK), bytearray(CHUNK)
+    for run in top.map():
+        if run.depth == 0 and run.present:
+            continue  # the child stores this range itself
+        pos, end = run.start, run.start + run.length
+        while pos < end:
+            n = min(CHUNK, end - pos)
+            v_old, v_new = memoryview(buf_old)[:n], memoryview(buf_new)[:n]
+            if old is not None:
+                top.readinto_at(pos, v_old)  # what the child shows now, through the old chain
+            else:
+                v_old[:] = bytes(n)
+            _read_or_zero(new, pos, v_new)
+            for start, length in _differing(v_old, v_new, grain, pos):
+                top.write_at(pos + start, v_old[start:start + length])
+            pos += n
+            if progress:
+                progress(n)
+
+
+def _read_or_zero(image: Image | None, pos: int, view: memoryview) -> None:
+    n = 0 if image is None else max(0, min(len(view), image.size - pos))
+    if n:
+        assert image is not None
+        image.readinto_at(pos, view[:n])
+    if n < len(view):
+        view[n:] = bytes(len(view) - n)
+
+
+def _differing(a: memoryview, b: memoryview, grain: int, base: int) -> list[tuple[int, int]]:
+    """Grain-aligned (start, length) pieces where ``a`` and ``b`` differ."""
+    if a == b:
+        return []
+    x = np.frombuffer(a, dtype=np.uint8)
+    y = np.frombuffer(b, dtype=np.uint8)
+    head = (-base) % grain
+    out: list[tuple[int, int]] = []
+    edges = [0] + list(range(head or grain, len(a), grain)) + [len(a)]
+    for lo, hi in zip(edges, edges[1:]):
+        if hi > lo and not np.array_equal(x[lo:hi], y[lo:hi]):
+            if out and out[-1][0] + out[-1][1] == lo:
+                out[-1] = (out[-1][0], out[-1][1] + hi - lo)
+            else:
+                out.append((lo, hi - lo))
+    return out
+
+
+def _set_parent(child: str, parent_cid: int, hint: str | None) -> None:
+    """Rewrite the child's parent fields (no content changes, so its own CID stays)."""
+    with Image.open(child, "r+", open_parent=False) as image:
+        if image.embedded is not None and image.embedded.compressed:
+            raise UnsupportedFormatError("a streamOptimized image cannot have a parent", child)
+        image.descriptor.parent_cid = parent_cid
+        if hint is not None:
+            image.descriptor.parent_file_name_hint = hint or None

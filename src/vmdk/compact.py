@@ -1,0 +1,150 @@
+"""Giving space back: drop all-zero grains, move grains into gaps, truncate the file.
+
+Every move copies the grain first, syncs, and only then repoints the grain
+table, so a crash in the middle leaves at worst a copy nobody references.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+
+import numpy as np
+
+from .errors import UnsupportedFormatError
+from .extents.base import SECTOR_SIZE, pread_exact, pwrite_all
+from .extents.sparse import ZEROED_GTE, SparseExtent
+from .image import Image
+
+Progress = Callable[[int], None]
+
+
+@dataclasses.dataclass
+class CompactResult:
+    zero_grains_dropped: int = 0
+    grains_moved: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+
+def compact(path: str | os.PathLike[str], *, progress: Progress | None = None) -> CompactResult:
+    """Compact every sparse extent of an image in place."""
+    result = CompactResult()
+    with Image.open(path, "r+") as image:
+        has_parent = image.parent is not None
+        for extent in image.extents:
+            if not isinstance(extent, SparseExtent):
+                continue
+            if extent.compressed:
+                raise UnsupportedFormatError("streamOptimized images are already compact",
+                                             extent.filename)
+            result.bytes_before += extent.file_size
+            result.zero_grains_dropped += drop_zero_grains(extent, has_parent, progress)
+            result.grains_moved += defragment(extent)
+            result.bytes_after += extent.file_size
+    return result
+
+
+def _grain_slots(extent: SparseExtent) -> tuple[np.ndarray, np.ndarray]:
+    """(grain numbers, sectors) of every grain stored in the extent."""
+    numbers, sectors = [], []
+    n = extent.header.num_gtes_per_gt
+    first_data = 2 if extent.zeroed_gte else 1
+    for index in np.flatnonzero(extent.gd):
+        table = extent._gt(int(index))
+        slots = np.flatnonzero(table >= first_data)
+        numbers.append(slots + int(index) * n)
+        sectors.append(table[slots].astype(np.int64))
+    if not numbers:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return np.concatenate(numbers), np.concatenate(sectors)
+
+
+def drop_zero_grains(extent: SparseExtent, has_parent: bool,
+                     progress: Progress | None = None) -> int:
+    """Unmap stored grains that hold only zeros; returns how many."""
+    if has_parent and not extent.zeroed_gte:
+        return 0  # unmapping would expose the parent's bytes
+    marker = ZEROED_GTE if has_parent else 0
+    numbers, sectors = _grain_slots(extent)
+    g = extent.grain_bytes
+    buf = bytearray(g)
+    dropped = 0
+    for number, sector in zip(numbers.tolist(), sectors.tolist()):
+        pread_exact(extent.fd, memoryview(buf), sector * SECTOR_SIZE, extent.filename)
+        if not any(buf):
+            extent._set_entry(number, marker)
+            dropped += 1
+        if progress:
+            progress(g)
+    extent.flush()
+    return dropped
+
+
+def _used_intervals(extent: SparseExtent) -> list[tuple[int, int]]:
+    """Sector ranges held by metadata: header, descriptor, directories and tables."""
+    h = extent.header
+    gt_sectors = -(-h.num_gtes_per_gt * 4 // SECTOR_SIZE)
+    gd_sectors = -(-len(extent.gd) * 4 // SECTOR_SIZE)
+    used = [(0, max(1, h.overhead))]
+    if h.descriptor_offset:
+        used.append((h.descriptor_offset, h.descriptor_offset + h.descriptor_size))
+    used.append((h.gd_offset, h.gd_offset + gd_sectors))
+    if extent.rgd is not None:
+        used.append((h.rgd_offset, h.rgd_offset + gd_sectors))
+    for table in (extent.gd, extent.rgd):
+        if table is not None:
+            used += [(int(s), int(s) + gt_sectors) for s in table[table != 0]]
+    return used
+
+
+def _free_slots(used: list[tuple[int, int]], size: int, limit: int) -> list[int]:
+    """Start sectors of grain-sized gaps below ``limit`` not overlapping ``used``."""
+    slots: list[int] = []
+    pos = 0
+    for start, end in sorted(used):
+        while start - pos >= size and pos + size <= limit:
+            slots.append(pos)
+            pos += size
+        pos = max(pos, end)
+    return slots
+
+
+def defragment(extent: SparseExtent) -> int:
+    """Move the last grains of the file into gaps before them, then truncate; returns moves."""
+    extent.flush()
+    gs = extent.header.grain_size
+    numbers, sectors = _grain_slots(extent)
+    meta = _used_intervals(extent)
+    used = meta + [(int(s), int(s) + gs) for s in sectors]
+    order = np.argsort(-sectors, kind="stable")
+    slots = _free_slots(used, gs, int(sectors.max()) if sectors.size else 0)
+    moves: list[tuple[int, int, int]] = []  # (grain number, from sector, to sector)
+    for i, slot in zip(order.tolist(), slots):
+        if slot >= sectors[i]:
+            break
+        moves.append((int(numbers[i]), int(sectors[i]), slot))
+    buf = bytearray(extent.grain_bytes)
+    for _number, src, dst in moves:
+        pread_exact(extent.fd, memoryview(buf), src * SECTOR_SIZE, extent.filename)
+        pwrite_all(extent.fd, buf, dst * SECTOR_SIZE)
+    if moves:
+        os.fdatasync(extent.fd)  # the copies are durable before any table points at them
+        for number, _src, dst in moves:
+            extent._set_entry(number, dst)
+        extent.flush()
+    _truncate_unused(extent)
+    return len(moves)
+
+
+def _truncate_unused(extent: SparseExtent) -> None:
+    gs = extent.header.grain_size
+    _numbers, sectors = _grain_slots(extent)
+    ends = [end for _start, end in _used_intervals(extent)] + [int(s) + gs for s in sectors]
+    end = max(ends) * SECTOR_SIZE
+    if end < extent.file_size:
+        os.ftruncate(extent.fd, end)
+        os.fsync(extent.fd)
+        extent.file_size = end
+        extent._end = end // SECTOR_SIZE

@@ -1,0 +1,217 @@
+"""Changing a disk's virtual size.
+
+Growing works for sparse and flat images, monolithic or split; a sparse
+extent whose grain directory has no room for the new size gets a larger
+directory (and preallocated tables) at the end of its file, written and
+synced before the header points at it.  Shrinking is refused while any
+byte past the new end is stored, so no data is ever dropped.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .create import SPLIT_SECTORS, _sibling
+from .descriptor import ExtentLine
+from .errors import UnsupportedFormatError, VmdkError
+from .extents.base import SECTOR_SIZE, pwrite_all
+from .extents.flat import FlatExtent
+from .extents.sparse import SparseExtent
+from .image import Image, compute_geometry
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def resize(path: str | os.PathLike[str], size: int, *, shrink: bool = False) -> None:
+    """Set the virtual size of ``path`` to ``size`` bytes (rounded up to a sector)."""
+    path = os.fspath(path)
+    sectors = _ceil_div(size, SECTOR_SIZE)
+    dropped: list[str] = []
+    with Image.open(path, "r+") as image:
+        old = image.size // SECTOR_SIZE
+        if sectors == old:
+            return
+        if any(getattr(e, "compressed", False) for e in image.extents):
+            raise UnsupportedFormatError(
+                "streamOptimized images cannot be resized; convert them first", path)
+        if sectors < old:
+            before = [e.filename for e in image.extents if e.filename]
+            _shrink(image, sectors, shrink)
+            kept = {e.filename for e in image.extents[:len(image.descriptor.extents)]}
+            dropped = [f for f in before if f not in kept]
+        else:
+            _grow(image, sectors)
+        image._first_write()  # a new size is new content: the CID changes
+        if image.descriptor.ddb_get("ddb.geometry.cylinders") is not None:
+            c, _h, _s = compute_geometry(sectors * SECTOR_SIZE, image.adapter_type or "ide")
+            image.descriptor.ddb_set("ddb.geometry.cylinders", str(c))
+    # Extent files past the new end held no data (checked above) and are no longer named.
+    for name in dropped:
+        os.unlink(name)
+
+
+def _shrink(image: Image, sectors: int, allowed: bool) -> None:
+    if not allowed:
+        raise VmdkError("shrinking needs shrink=True (--shrink)", image.path)
+    lost = _first_nonzero(image, [r for r in image.map(sectors * SECTOR_SIZE)
+                                  if r.depth == 0 and r.data])
+    if lost is not None:
+        raise VmdkError(
+            f"refusing to shrink: data is stored at offset {lost}, past the new end "
+            f"({sectors * SECTOR_SIZE} bytes)", image.path)
+    lines = image.descriptor.extents
+    kept: list[ExtentLine] = []
+    pos = 0
+    for line in lines:
+        if pos >= sectors:
+            break
+        n = min(line.sectors, sectors - pos)
+        kept.append(_with_sectors(line, n))
+        pos += line.sectors
+    _apply(image, kept)
+    for line, extent in zip(kept, image.extents):
+        if isinstance(extent, SparseExtent) and image.embedded is extent:
+            extent.header.capacity = line.sectors
+            pwrite_all(extent.fd, extent.header_bytes(), 0)
+
+
+def _first_nonzero(image: Image, runs: list) -> int | None:
+    """Offset of the first non-zero byte stored in ``runs`` (stored zeros are not data)."""
+    chunk = 8 << 20
+    for run in runs:
+        pos, end = run.start, run.start + run.length
+        while pos < end:
+            n = min(chunk, end - pos)
+            data = np.frombuffer(image.read_at(pos, n), dtype=np.uint8)
+            hits = np.flatnonzero(data)
+            if hits.size:
+                return pos + int(hits[0])
+            pos += n
+    return None
+
+
+def _with_sectors(line: ExtentLine, sectors: int) -> ExtentLine:
+    return ExtentLine(line.access, sectors, line.type, line.filename, line.offset, line.extra)
+
+
+def _apply(image: Image, lines: list[ExtentLine]) -> None:
+    image.descriptor.set_extents(lines)
+    image.size = sum(line.sectors for line in lines) * SECTOR_SIZE
+
+
+def _grow(image: Image, sectors: int) -> None:
+    lines = image.descriptor.extents
+    extents = image.extents
+    last, extent = lines[-1], extents[-1]
+    extra = sectors - image.size // SECTOR_SIZE
+    create_type = image.create_type
+    split = create_type.startswith(("twoGb", "2Gb"))
+    room = (SPLIT_SECTORS - last.sectors) if split else extra
+    room = max(0, min(room, extra))
+    if room:
+        if isinstance(extent, SparseExtent):
+            _grow_sparse(extent, last.sectors + room)
+        elif isinstance(extent, FlatExtent):
+            _grow_flat(extent, last.sectors + room)
+        else:
+            raise UnsupportedFormatError(f"{type(extent).__name__} extents cannot grow",
+                                         image.path)
+        lines[-1] = _with_sectors(last, last.sectors + room)
+        extra -= room
+    n = len(lines)
+    while extra:
+        part = min(extra, SPLIT_SECTORS)
+        n += 1
+        lines.append(_new_split_extent(image, last, n, part))
+        extra -= part
+    _apply(image, lines)
+
+
+def _new_split_extent(image: Image, like: ExtentLine, number: int, sectors: int) -> ExtentLine:
+    if like.type == "SPARSE":
+        full, base = _sibling(image.path, f"-s{number:03d}")
+        if os.path.exists(full):
+            raise VmdkError(f"cannot add extent {base}: the file exists", image.path)
+        grain = getattr(image.extents[-1], "header").grain_size
+        SparseExtent.create(full, sectors, grain_size=grain).close()
+        return ExtentLine("RW", sectors, "SPARSE", base, None)
+    full, base = _sibling(image.path, f"-f{number:03d}")
+    if os.path.exists(full):
+        raise VmdkError(f"cannot add extent {base}: the file exists", image.path)
+    FlatExtent.create(full, sectors).close()
+    return ExtentLine("RW", sectors, "FLAT", base, 0)
+
+
+def _grow_flat(extent: FlatExtent, sectors: int) -> None:
+    need = extent.base + sectors * SECTOR_SIZE
+    if os.fstat(extent.fd).st_size < need:
+        os.ftruncate(extent.fd, need)
+    extent.size = sectors * SECTOR_SIZE
+
+
+def _grow_sparse(extent: SparseExtent, sectors: int) -> None:
+    """Raise a sparse extent's capacity, moving its grain directory if it must grow."""
+    h = extent.header
+    extent.flush()
+    entries = _ceil_div(sectors, extent.gt_coverage)
+    if entries > len(extent.gd) and _ceil_div(entries * 4, SECTOR_SIZE) > _ceil_div(
+            len(extent.gd) * 4, SECTOR_SIZE):
+        _relocate_directories(extent, entries)
+    elif entries > len(extent.gd):
+        _extend_in_place(extent, entries)
+    h.capacity = sectors
+    extent.gd_entries = entries
+    extent.size = sectors * SECTOR_SIZE
+    pwrite_all(extent.fd, extent.header_bytes(), 0)
+    os.fsync(extent.fd)
+
+
+def _new_tables(extent: SparseExtent, count: int) -> np.ndarray:
+    """Reserve ``count`` zeroed grain tables at the end of the file; their sectors."""
+    gt_sectors = _ceil_div(extent.header.num_gtes_per_gt * 4, SECTOR_SIZE)
+    first = extent._end
+    extent._end += count * gt_sectors
+    return (first + np.arange(count, dtype=np.int64) * gt_sectors).astype(np.uint32)
+
+
+def _extend_in_place(extent: SparseExtent, entries: int) -> None:
+    """The directory's last sector has room: append entries for new, preallocated tables."""
+    added = entries - len(extent.gd)
+    gd = np.concatenate((extent.gd, _new_tables(extent, added)))
+    rgd = None
+    if extent.rgd is not None:
+        rgd = np.concatenate((extent.rgd, _new_tables(extent, added)))
+    _finish_tables(extent, gd, rgd, extent.header.gd_offset, extent.header.rgd_offset)
+
+
+def _relocate_directories(extent: SparseExtent, entries: int) -> None:
+    added = entries - len(extent.gd)
+    gd_sectors = _ceil_div(entries * 4, SECTOR_SIZE)
+    gd = np.concatenate((extent.gd, _new_tables(extent, added)))
+    rgd = None
+    if extent.rgd is not None:
+        rgd = np.concatenate((extent.rgd, _new_tables(extent, added)))
+    gd_at = extent._end
+    extent._end += gd_sectors
+    rgd_at = 0
+    if rgd is not None:
+        rgd_at = extent._end
+        extent._end += gd_sectors
+    _finish_tables(extent, gd, rgd, gd_at, rgd_at)
+
+
+def _finish_tables(extent: SparseExtent, gd: np.ndarray, rgd: np.ndarray | None,
+                   gd_at: int, rgd_at: int) -> None:
+    """Write the directories, sync, and only then let the header point at them."""
+    os.ftruncate(extent.fd, max(extent.file_size, extent._end * SECTOR_SIZE))
+    extent.file_size = max(extent.file_size, extent._end * SECTOR_SIZE)
+    pwrite_all(extent.fd, gd.astype("<u4").tobytes(), gd_at * SECTOR_SIZE)
+    if rgd is not None:
+        pwrite_all(extent.fd, rgd.astype("<u4").tobytes(), rgd_at * SECTOR_SIZE)
+    os.fsync(extent.fd)
+    extent.gd, extent.rgd = gd, rgd
+    extent.header.gd_offset, extent.header.rgd_offset = gd_at, rgd_at
