@@ -136,9 +136,42 @@ def test_create_with_backing(tmp_path: Path, image: Path,
     child = tmp_path / "snap.vmdk"
     assert main(["create", "-q", "-b", os.fspath(image), os.fspath(child)]) == 0
     assert out_err(capsys)[0] == ""
+    other = tmp_path / "snap2.vmdk"
+    assert main(["create", "-b", os.fspath(image), os.fspath(other)]) == 0
+    assert f"size={SIZE}" in out_err(capsys)[0]  # as qemu-img prints it: the parent's size
     with vmdk.open(child) as f:
         assert f.size == SIZE
         assert f.read() == pattern(SIZE, seed=2)
+
+
+def test_create_backing_relative_to_image_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """qemu-img looks a relative backing file up in the folder of the new image, not the CWD."""
+    (tmp_path / "sub").mkdir()
+    with vmdk.create(tmp_path / "sub" / "base.vmdk", SIZE) as f:
+        f.write_at(0, b"inner")
+    with vmdk.create(tmp_path / "base.vmdk", SIZE) as f:
+        f.write_at(0, b"outer")
+    monkeypatch.chdir(tmp_path)
+    assert main(["create", "-q", "-b", "base.vmdk", os.fspath(Path("sub") / "child.vmdk")]) == 0
+    with vmdk.open(tmp_path / "sub" / "child.vmdk") as f:
+        assert f.image.descriptor.parent_file_name_hint == "base.vmdk"
+        assert f.read_at(0, 5) == b"inner"
+
+
+def test_failed_create_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    vmdk.create(tmp_path / "base.vmdk", SIZE).close()
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    # The parent lies outside the child's folder: refused without --allow-external.
+    code = main(["create", "-q", "-b", os.fspath(tmp_path / "base.vmdk"), "child.vmdk"])
+    if code != 0:
+        assert_one_line_error(code, out_err(capsys)[1])
+        assert os.listdir(tmp_path / "sub") == []
+    assert main(["create", "-q", "--allow-external", "-b", os.fspath(tmp_path / "base.vmdk"),
+                 "child2.vmdk"]) == 0
+    assert "child2.vmdk" in os.listdir(tmp_path / "sub")
 
 
 # -- convert, compare, cat ---------------------------------------------------------------------

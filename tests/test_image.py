@@ -50,19 +50,22 @@ def make_image(kind: str, folder: Path) -> tuple[Path, bytearray]:
     path = folder / "disk.vmdk"
     if kind == "multi":
         return make_multi_extent(folder), bytearray(SIZE)
-    if kind == "child":
+    if kind in ("child", "split-child", "zeroed-child"):
         base = folder / "base.vmdk"
         content = pattern(SIZE, seed=9, block=CLUSTER)
-        with vmdk.create(base, SIZE, cluster_size=CLUSTER) as f:
+        with vmdk.create(base, SIZE, cluster_size=CLUSTER, subformat="monolithicFlat") as f:
             f.write(content)
-        vmdk.create(path, parent=base, cluster_size=CLUSTER).close()
+        sub = "twoGbMaxExtentSparse" if kind == "split-child" else "monolithicSparse"
+        vmdk.create(path, parent=base, cluster_size=CLUSTER, subformat=sub,
+                    zeroed_grain=kind == "zeroed-child").close()
         return path, bytearray(content)
     extra = {"cluster_size": CLUSTER} if "Sparse" in kind else {}
     vmdk.create(path, SIZE, subformat=kind, **extra).close()
     return path, bytearray(SIZE)
 
 
-KINDS = ["monolithicSparse", "twoGbMaxExtentSparse", "monolithicFlat", "multi", "child"]
+KINDS = ["monolithicSparse", "twoGbMaxExtentSparse", "monolithicFlat", "multi", "child",
+         "split-child", "zeroed-child"]
 
 offsets = st.one_of(st.integers(0, SIZE), st.sampled_from(
     [0, CLUSTER - 1, CLUSTER, 600 * 512, 1300 * 512 - 7, SIZE - CLUSTER, SIZE - 1]))
@@ -333,3 +336,43 @@ def test_map_child_larger_than_parent(tmp_path: Path) -> None:
         assert f.read_at(3 << 19, 1 << 19) == bytes(1 << 19)
         check_map(f)
         assert f.map()[-1].start + f.map()[-1].length == 2 << 20
+
+
+def test_write_zeroes_keeps_check_clean(tmp_path: Path) -> None:
+    """Zeroing data through the API must not leave space our own check calls leaked."""
+    from vmdk.check import check
+
+    path = tmp_path / "z.vmdk"
+    with vmdk.create(path, 4 << 20) as f:
+        f.write_at(0, b"\x01" * (1 << 20))
+        f.write_zeroes_at(0, 1 << 19)
+        f.write_at(2 << 20, b"\x02" * 65536)
+        f.write_at(2 << 20, bytes(65536))  # zeros written over an allocated grain
+        assert f.read_at(0, 4 << 20) == bytes(1 << 19) + b"\x01" * (1 << 19) + bytes(3 << 20)
+    result = check(path)
+    assert result.exit_code == 0, result.problems
+
+
+def test_write_changes_only_the_cid_line(tmp_path: Path) -> None:
+    path = tmp_path / "d.vmdk"
+    vmdk.create(path, SIZE, subformat="monolithicFlat", comment="keep me").close()
+    with open(path, "a") as f:
+        f.write("# a comment VMware would keep\nddb.custom = \"x\"\n")
+    before = path.read_text().splitlines()
+    with vmdk.open(path, "r+") as f:
+        f.write_at(0, b"data")
+    after = path.read_text().splitlines()
+    changed = [(a, b) for a, b in zip(before, after) if a != b]
+    assert len(before) == len(after)
+    assert len(changed) == 1 and changed[0][0].startswith("CID=") and changed[0][1].startswith("CID=")
+
+
+def test_second_writer_is_refused(disk: Path) -> None:
+    with vmdk.open(disk, "r+"):
+        with pytest.raises(vmdk.ImageInUseError):
+            vmdk.open(disk, "r+")
+    with vmdk.open(disk):
+        with vmdk.open(disk):  # readers share
+            pass
+        with pytest.raises(vmdk.ImageInUseError):
+            vmdk.open(disk, "r+")

@@ -6,6 +6,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -309,3 +311,36 @@ def test_qemu_image_written_here(qemu_img: str, raw: Path, tmp_path: Path) -> No
         assert info["virtual-size"] == SIZE
         assert not info.get("dirty-flag", False)
         assert os.path.getsize(path) > 0
+
+
+# -- locking: the same bytes as qemu ------------------------------------------------------------
+
+
+def test_locks_seen_by_qemu_and_back(qemu_img: str, qemu_io: str, tmp_path: Path) -> None:
+    path = tmp_path / "locked.vmdk"
+    vmdk.create(path, SIZE).close()
+    with vmdk.open(path, "r+"):
+        res = run(qemu_io, "-f", "vmdk", "-c", "write 0 512", path, check=False)
+        assert res.returncode != 0 and "lock" in (res.stdout + res.stderr)
+    with vmdk.open(path):
+        res = run(qemu_io, "-f", "vmdk", "-c", "write 0 512", path, check=False)
+        assert res.returncode != 0 and "lock" in (res.stdout + res.stderr)
+        assert run(qemu_img, "info", "-f", "vmdk", path, check=False).returncode == 0
+    holder = subprocess.Popen([qemu_io, "-f", "vmdk", os.fspath(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # wait until qemu-io has the image open
+            try:
+                vmdk.open(path, "r+").close()
+            except vmdk.ImageInUseError:
+                break
+            assert time.monotonic() < deadline, "qemu-io never took its lock"
+            time.sleep(0.05)
+        with pytest.raises(vmdk.ImageInUseError):
+            vmdk.open(path)
+        with vmdk.open(path, force_share=True) as f:
+            assert f.size == SIZE
+    finally:
+        holder.communicate("quit\n", timeout=30)
+    vmdk.open(path, "r+").close()

@@ -171,9 +171,14 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from .ova import is_ova, ova_disk_size
+
     kwargs = create_kwargs(parse_options(args.options))
-    size = os.path.getsize(args.source) if args.source_format == "raw" else None
-    if size is None:
+    if args.source_format == "raw":
+        size = os.path.getsize(args.source)
+    elif args.source_format == "ova" or (args.source_format is None and is_ova(args.source)):
+        size = ova_disk_size(args.source, args.disk)
+    else:
         source = open_source(args.source, args.source_format, **_open_flags(args))
         size = source.size
         source.close()
@@ -181,7 +186,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         convert(args.source, args.target, src_format=args.source_format,
                 out_format=args.output_format, sparse_size=parse_size(args.sparse_size),
                 progress=bar,
-                allow_external=args.allow_external, force_share=args.force_share, **kwargs)
+                allow_external=args.allow_external, force_share=args.force_share,
+                disk=args.disk, **kwargs)
     return 0
 
 
@@ -357,6 +363,18 @@ def cmd_compact(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_ova(args: argparse.Namespace) -> int:
+    from .ova import export_ova
+
+    source = open_source(args.source, args.source_format, **_open_flags(args))
+    size = source.size
+    source.close()
+    with progress_bar(args.progress, size, "export") as bar:
+        export_ova(args.source, args.ova, name=args.name, cpus=args.cpus,
+                   memory_mb=args.memory, progress=bar, **_open_flags(args))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -424,8 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("size", nargs="?", help="bytes, or with a suffix: 10G, 512M")
 
     p = verb("convert", cmd_convert, "copy a disk into a new image or raw file")
-    p.add_argument("-f", dest="source_format", choices=("raw", "vmdk"), default=None,
+    p.add_argument("-f", dest="source_format", choices=("raw", "vmdk", "ova"), default=None,
                    help="source format (detected when omitted)")
+    p.add_argument("--disk", default=None, help="which disk of an OVA (default: the first)")
+    p.add_argument("--target-is-zero", action="store_true",
+                   help="accepted for qemu-img compatibility: zeros are never written anyway")
     p.add_argument("-O", dest="output_format", choices=("raw", "vmdk"), default="vmdk")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                    help="create options of the target, as for 'create'")
@@ -489,6 +510,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
     p.add_argument("-q", dest="quiet", action="store_true")
     p.add_argument("image")
+
+    p = verb("export-ova", cmd_export_ova,
+             "package a disk as an OVA (OVF 1.0, streamOptimized disk, SHA-256 manifest)")
+    p.add_argument("-f", dest="source_format", choices=("raw", "vmdk"), default=None)
+    p.add_argument("--name", default=None, help="the VM's name (default: the OVA's file name)")
+    p.add_argument("--cpus", type=int, default=1)
+    p.add_argument("--memory", type=int, default=1024, help="memory in MiB")
+    p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
+    p.add_argument("source")
+    p.add_argument("ova")
 
     p = verb("serve", cmd_serve, "export the image over NBD until SIGINT or SIGTERM")
     p.add_argument("--read-only", "-r", action="store_true", help="refuse writes")

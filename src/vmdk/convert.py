@@ -8,6 +8,7 @@ unallocated grains in sparse images).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Callable, Iterator
@@ -175,30 +176,62 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
             src_format: str | None = None, out_format: str = "vmdk",
             subformat: str = "monolithicSparse", sparse_size: int = DEFAULT_SPARSE_SIZE,
             progress: Progress | None = None, overwrite: bool = True,
-            allow_external: bool = False, force_share: bool = False,
+            allow_external: bool = False, force_share: bool = False, disk: str | None = None,
             **create_options: Any) -> int:
-    """Convert ``src`` (raw or any VMDK, chains flattened) into ``dst``; returns bytes written."""
+    """Convert ``src`` into ``dst``; returns the bytes written.
+
+    ``src`` is a raw file, any VMDK (a snapshot chain is flattened) or an OVA
+    (its first disk, or ``disk``), detected unless ``src_format`` says
+    "raw", "vmdk" or "ova".  ``out_format`` is "vmdk" (with ``subformat`` and
+    the options of :func:`vmdk.create`) or "raw".
+    """
+    from .ova import copy_from_ova, is_ova, ova_disk_size
+
     src, dst = os.fspath(src), os.fspath(dst)
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+        raise VmdkError("source and destination are the same file", dst)
+    if src_format == "ova" or (src_format is None and is_ova(src)):
+        with _target(dst, ova_disk_size(src, disk), out_format, subformat, sparse_size,
+                     overwrite, create_options) as (write_at, _block):
+            copy_from_ova(src, write_at, disk, progress)
+        return os.path.getsize(dst)
     extra = ({"allow_external": allow_external, "force_share": force_share}
              if src_format != "raw" else {})
     source = open_source(src, src_format, **extra)
     try:
-        if os.path.exists(dst) and os.path.samefile(src, dst):
-            raise VmdkError("source and destination are the same file", dst)
-        if out_format == "raw":
-            target = RawTarget(dst, source.size)
-            try:
-                return copy(source, target.write_at, sparse_size=sparse_size, progress=progress)
-            finally:
-                target.close()
-        if out_format != "vmdk":
-            raise VmdkError(f"unknown output format {out_format!r} (raw or vmdk)", dst)
-        from .create import create
-
-        if "Sparse" in subformat or subformat == "streamOptimized":
-            # Zeros inside a grain cost nothing to write; whole zero grains are skipped anyway.
-            sparse_size = max(sparse_size, create_options.get("cluster_size", 65536))
-        with create(dst, source.size, subformat, overwrite=overwrite, **create_options) as out:
-            return copy(source, out.write_at, sparse_size=sparse_size, progress=progress)
+        with _target(dst, source.size, out_format, subformat, sparse_size, overwrite,
+                     create_options) as (write_at, block):
+            return copy(source, write_at, sparse_size=block, progress=progress)
     finally:
         source.close()
+
+
+@contextlib.contextmanager
+def _target(dst: str, size: int, out_format: str, subformat: str, sparse_size: int,
+            overwrite: bool, create_options: dict[str, Any]
+            ) -> Iterator[tuple[Callable[[int, memoryview], None], int]]:
+    """The destination's ``write_at`` and the zero-detection block size suited to it."""
+    if out_format == "raw":
+        target = RawTarget(dst, size)
+        try:
+            yield target.write_at, sparse_size
+        finally:
+            target.close()
+        return
+    if out_format != "vmdk":
+        raise VmdkError(f"unknown output format {out_format!r} (raw or vmdk)", dst)
+    from .create import create
+
+    if "Sparse" in subformat or subformat == "streamOptimized":
+        # Zeros inside a grain cost nothing to write; whole zero grains are skipped anyway.
+        sparse_size = max(sparse_size, create_options.get("cluster_size", 65536))
+    out = create(dst, size, subformat, overwrite=overwrite, **create_options)
+    try:
+        yield out.write_at, sparse_size
+    except BaseException:
+        if hasattr(out, "abandon"):
+            out.abandon()  # a half-written stream must not look complete
+        else:
+            out.close()
+        raise
+    out.close()

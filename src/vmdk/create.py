@@ -24,7 +24,7 @@ from .image import Image, compute_geometry, new_cid
 SPLIT_SECTORS = 2047 * 2048
 ADAPTER_TYPES = ("ide", "buslogic", "lsilogic", "legacyESX", "pvscsi", "lsisas1068")
 SUBFORMATS = ("monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse",
-              "twoGbMaxExtentFlat", "streamOptimized", "vmfs", "fullDevice",
+              "twoGbMaxExtentFlat", "streamOptimized", "vmfs", "vmfsSparse", "fullDevice",
               "partitionedDevice")
 #: Accepted spellings of subformats, as VMware's own documents use both.
 ALIASES = {"2GbMaxExtentSparse": "twoGbMaxExtentSparse", "2GbMaxExtentFlat": "twoGbMaxExtentFlat"}
@@ -167,7 +167,7 @@ def create(
                          zeroed_grain, toolsversion, compression_level)
     parent_image = None
     if parent is not None:
-        if subformat not in ("monolithicSparse", "twoGbMaxExtentSparse"):
+        if subformat not in ("monolithicSparse", "twoGbMaxExtentSparse", "vmfsSparse"):
             raise UnsupportedFormatError(f"a snapshot cannot be {subformat}; use a sparse subformat",
                                          path)
         parent_image = Image.open(parent, "r", allow_external=allow_external)
@@ -275,6 +275,21 @@ def _create_stream(path: str, sectors: int, opts: CreateOptions, parent: Image |
                       compression_level=opts.compression_level)
 
 
+def _create_vmfs_sparse(path: str, sectors: int, opts: CreateOptions, parent: Image | None,
+                        overwrite: bool, *_: Any) -> None:
+    """An ESX snapshot: a descriptor plus a COWD ``name-delta.vmdk`` extent."""
+    from .extents.cowd import CowdExtent
+
+    full, base = _sibling(path, "-delta")
+    _remove_if([path, full], overwrite)
+    parent_name = os.path.basename(parent.path) if parent is not None else None
+    CowdExtent.create(full, sectors, grain_size=1, parent_file_name=parent_name).close()
+    descriptor = Descriptor.new("vmfsSparse", [ExtentLine("RW", sectors, "VMFSSPARSE", base, None)],
+                                cid=new_cid(), ddb=_ddb(sectors * SECTOR_SIZE, opts, parent),
+                                **_parent_fields(path, parent))
+    _write_text_descriptor(path, descriptor)
+
+
 def _device_size(device: str) -> int:
     fd = os.open(device, os.O_RDONLY)
     try:
@@ -349,6 +364,7 @@ _WRITERS = {
     "monolithicFlat": _create_flat,
     "twoGbMaxExtentFlat": _create_split_flat,
     "vmfs": _create_vmfs,
+    "vmfsSparse": _create_vmfs_sparse,
     "streamOptimized": _create_stream,
     "fullDevice": _create_full_device,
     "partitionedDevice": _create_partitioned_device,

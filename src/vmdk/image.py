@@ -177,6 +177,10 @@ class Image:
             if open_parent:
                 parent = _open_parent(path, descriptor, allow_external, ignore_cid,
                                       _depth, _seen | {real}, force_share)
+                if parent is not None and parent.cid != descriptor.parent_cid and not read_only:
+                    raise ChainError(
+                        "a snapshot whose parent changed (CID mismatch) opens read-only only",
+                        path)
         except BaseException:
             for extent in extents:
                 extent.close()

@@ -114,6 +114,9 @@ class SparseExtent(Extent):
         self._data_unsynced = False
         self._header_dirty = False
         self._end = _ceil_div(self.file_size, SECTOR_SIZE)  # next free sector
+        if header.unclean_shutdown and not self.compressed:
+            log.warning("%s: the image was not closed cleanly; 'vmdk check -r all' verifies "
+                        "it and clears the flag", filename)
         if not read_only:
             if self.compressed:
                 raise UnsupportedFormatError(

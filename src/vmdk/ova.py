@@ -1,0 +1,289 @@
+"""OVA packages: read a streamOptimized disk straight out of one, and write one.
+
+An OVA is a tar of an ``.ovf`` descriptor, its disks (streamOptimized VMDK)
+and a manifest of digests.  Disks inside are read sequentially, marker by
+marker, so nothing is extracted to a temporary file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+import uuid
+from collections.abc import Callable, Iterator
+from typing import IO
+from xml.sax.saxutils import escape
+
+from . import _deflate
+from ._structs import (
+    SECTOR_SIZE,
+    GrainMarker,
+    MarkerType,
+    MetadataMarker,
+    SparseFlags,
+    SparseHeader,
+)
+from .errors import CorruptImageError, UnsupportedFormatError, VmdkError
+
+#: Largest metadata block a marker may announce (a 2 TiB disk's GD is 512 KiB).
+MAX_METADATA_SECTORS = 1 << 16
+
+
+def is_ova(path: str) -> bool:
+    try:
+        return tarfile.is_tarfile(path) and path.lower().endswith((".ova", ".tar"))
+    except OSError:
+        return False
+
+
+def ova_disks(path: str) -> list[str]:
+    """Names of the VMDK members of an OVA, in archive order."""
+    with tarfile.open(path, "r:") as tar:
+        return [m.name for m in tar.getmembers() if m.isfile() and m.name.lower().endswith(".vmdk")]
+
+
+def iter_stream_grains(f: IO[bytes], name: str) -> tuple[SparseHeader, Iterator[tuple[int, bytes]]]:
+    """Walk a streamOptimized extent front to back: its header, then (byte offset, grain data)."""
+    head = _read_exact(f, SECTOR_SIZE, name, "header")
+    try:
+        header = SparseHeader.unpack(head)
+    except ValueError as exc:
+        raise CorruptImageError("not a sparse VMDK (no KDMV header)", name) from exc
+    if not header.has(SparseFlags.COMPRESSED) or not header.has(SparseFlags.MARKERS):
+        raise UnsupportedFormatError(
+            "only streamOptimized disks (compressed, with markers) can be read sequentially", name)
+    if not 1 <= header.grain_size <= 1 << 16 or header.grain_size & (header.grain_size - 1):
+        raise CorruptImageError(f"invalid grain size {header.grain_size}", name)
+    if header.overhead < 1 or header.overhead > 1 << 24:
+        raise CorruptImageError(f"invalid overhead {header.overhead}", name)
+    _read_exact(f, (header.overhead - 1) * SECTOR_SIZE, name, "descriptor")
+    return header, _grains(f, header, name)
+
+
+def _grains(f: IO[bytes], header: SparseHeader, name: str) -> Iterator[tuple[int, bytes]]:
+    grain_bytes = header.grain_size * SECTOR_SIZE
+    capacity = header.capacity * SECTOR_SIZE
+    last = -1
+    while True:
+        sector = f.read(SECTOR_SIZE)
+        if not sector:
+            return  # layout (c) streams end without an EOS marker
+        if len(sector) < SECTOR_SIZE:
+            raise CorruptImageError("stream ends inside a marker", name)
+        marker = GrainMarker.unpack(sector)
+        if marker.size == 0:
+            meta = MetadataMarker.unpack(sector)
+            if meta.type == MarkerType.EOS:
+                return
+            if meta.num_sectors > MAX_METADATA_SECTORS:
+                raise CorruptImageError(f"metadata marker announces {meta.num_sectors} sectors",
+                                        name)
+            _read_exact(f, meta.num_sectors * SECTOR_SIZE, name, "metadata block")
+            continue
+        if marker.size > 2 * grain_bytes:
+            raise CorruptImageError(f"grain at sector {marker.lba}: bad compressed size "
+                                    f"{marker.size}", name)
+        offset = marker.lba * SECTOR_SIZE
+        if marker.lba % header.grain_size or offset >= capacity or marker.lba <= last:
+            raise CorruptImageError(f"grain marker names sector {marker.lba}, out of order or "
+                                    "outside the disk", name)
+        last = marker.lba
+        body = sector[GrainMarker.SIZE:]
+        rest = GrainMarker.SIZE + marker.size - SECTOR_SIZE
+        if rest > 0:
+            body += _read_exact(f, -(-rest // SECTOR_SIZE) * SECTOR_SIZE, name, "grain")
+        try:
+            data = _deflate.inflate_bounded(body[:marker.size], grain_bytes)
+        except ValueError as exc:
+            raise CorruptImageError(f"grain at sector {marker.lba}: {exc}", name) from exc
+        yield offset, data[:capacity - offset]
+
+
+def _read_exact(f: IO[bytes], n: int, name: str, what: str) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise CorruptImageError(f"stream ends inside the {what}", name)
+    return data
+
+
+def copy_from_ova(path: str, write_at: Callable[[int, memoryview], None],
+                  disk: str | None = None, progress: Callable[[int], None] | None = None) -> int:
+    """Write every grain of an OVA's disk through ``write_at``; returns the virtual size."""
+    with tarfile.open(path, "r:") as tar:
+        member = _pick_disk(tar, path, disk)
+        f = tar.extractfile(member)
+        assert f is not None
+        header, grains = iter_stream_grains(f, f"{path}:{member.name}")
+        done = 0
+        for offset, data in grains:
+            write_at(offset, memoryview(data))
+            if progress:
+                progress(offset + len(data) - done)
+                done = offset + len(data)
+        return int(header.capacity * SECTOR_SIZE)
+
+
+def ova_disk_size(path: str, disk: str | None = None) -> int:
+    with tarfile.open(path, "r:") as tar:
+        member = _pick_disk(tar, path, disk)
+        f = tar.extractfile(member)
+        assert f is not None
+        head = f.read(SECTOR_SIZE)
+    try:
+        header = SparseHeader.unpack(head)
+    except ValueError as exc:
+        raise CorruptImageError(f"{member.name} is not a sparse VMDK", path) from exc
+    return int(header.capacity * SECTOR_SIZE)
+
+
+def _pick_disk(tar: tarfile.TarFile, path: str, disk: str | None) -> tarfile.TarInfo:
+    disks = [m for m in tar.getmembers() if m.isfile() and m.name.lower().endswith(".vmdk")]
+    if disk is not None:
+        disks = [m for m in disks if m.name == disk or os.path.basename(m.name) == disk]
+    if not disks:
+        raise VmdkError(f"no disk {disk!r} in the package" if disk else "package holds no disk",
+                        path)
+    return disks[0]
+
+
+# ------------------------------------------------------------------------- export
+
+_OVF = """<?xml version="1.0" encoding="UTF-8"?>
+<Envelope vmw:buildId="vmdk-python" xmlns="http://schemas.dmtf.org/ovf/envelope/1"
+    xmlns:cim="http://schemas.dmtf.org/wbem/wscim/1/common"
+    xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1"
+    xmlns:rasd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData"
+    xmlns:vmw="http://www.vmware.com/schema/ovf"
+    xmlns:vssd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_VirtualSystemSettingData"
+    xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">
+  <References>
+    <File ovf:href="{disk_file}" ovf:id="file1" ovf:size="{disk_file_size}"/>
+  </References>
+  <DiskSection>
+    <Info>Virtual disk information</Info>
+    <Disk ovf:capacity="{capacity}" ovf:capacityAllocationUnits="byte" ovf:diskId="vmdisk1" ovf:fileRef="file1" ovf:format="http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized" ovf:populatedSize="{populated}"/>
+  </DiskSection>
+  <NetworkSection>
+    <Info>The list of logical networks</Info>
+    <Network ovf:name="VM Network">
+      <Description>The VM Network network</Description>
+    </Network>
+  </NetworkSection>
+  <VirtualSystem ovf:id="{name}">
+    <Info>A virtual machine</Info>
+    <Name>{name}</Name>
+    <OperatingSystemSection ovf:id="{os_id}">
+      <Info>The kind of installed guest operating system</Info>
+    </OperatingSystemSection>
+    <VirtualHardwareSection>
+      <Info>Virtual hardware requirements</Info>
+      <System>
+        <vssd:ElementName>Virtual Hardware Family</vssd:ElementName>
+        <vssd:InstanceID>0</vssd:InstanceID>
+        <vssd:VirtualSystemIdentifier>{name}</vssd:VirtualSystemIdentifier>
+        <vssd:VirtualSystemType>vmx-{hw}</vssd:VirtualSystemType>
+      </System>
+      <Item>
+        <rasd:AllocationUnits>hertz * 10^6</rasd:AllocationUnits>
+        <rasd:Description>Number of Virtual CPUs</rasd:Description>
+        <rasd:ElementName>{cpus} virtual CPU(s)</rasd:ElementName>
+        <rasd:InstanceID>1</rasd:InstanceID>
+        <rasd:ResourceType>3</rasd:ResourceType>
+        <rasd:VirtualQuantity>{cpus}</rasd:VirtualQuantity>
+      </Item>
+      <Item>
+        <rasd:AllocationUnits>byte * 2^20</rasd:AllocationUnits>
+        <rasd:Description>Memory Size</rasd:Description>
+        <rasd:ElementName>{memory}MB of memory</rasd:ElementName>
+        <rasd:InstanceID>2</rasd:InstanceID>
+        <rasd:ResourceType>4</rasd:ResourceType>
+        <rasd:VirtualQuantity>{memory}</rasd:VirtualQuantity>
+      </Item>
+      <Item>
+        <rasd:Address>0</rasd:Address>
+        <rasd:Description>SCSI Controller</rasd:Description>
+        <rasd:ElementName>SCSI controller 0</rasd:ElementName>
+        <rasd:InstanceID>3</rasd:InstanceID>
+        <rasd:ResourceSubType>lsilogic</rasd:ResourceSubType>
+        <rasd:ResourceType>6</rasd:ResourceType>
+      </Item>
+      <Item>
+        <rasd:AddressOnParent>0</rasd:AddressOnParent>
+        <rasd:ElementName>Hard disk 1</rasd:ElementName>
+        <rasd:HostResource>ovf:/disk/vmdisk1</rasd:HostResource>
+        <rasd:InstanceID>4</rasd:InstanceID>
+        <rasd:Parent>3</rasd:Parent>
+        <rasd:ResourceType>17</rasd:ResourceType>
+      </Item>
+    </VirtualHardwareSection>
+  </VirtualSystem>
+</Envelope>
+"""
+
+
+def build_ovf(name: str, disk_file: str, disk_file_size: int, capacity: int, populated: int, *,
+              cpus: int = 1, memory_mb: int = 1024, hardware_version: int = 10,
+              os_id: int = 101) -> bytes:
+    """A minimal OVF 1.0 envelope for one VM with one streamOptimized disk."""
+    return _OVF.format(name=escape(name), disk_file=escape(disk_file),
+                       disk_file_size=disk_file_size, capacity=capacity, populated=populated,
+                       cpus=cpus, memory=memory_mb, hw=hardware_version, os_id=os_id).encode()
+
+
+def export_ova(src: str | os.PathLike[str], ova: str | os.PathLike[str], *,
+               name: str | None = None, cpus: int = 1, memory_mb: int = 1024,
+               compression_level: int = 1, progress: Callable[[int], None] | None = None,
+               **open_args: object) -> None:
+    """Package the disk ``src`` (raw or any VMDK) as an OVA: OVF, streamOptimized disk, manifest."""
+    from .convert import convert
+
+    src, ova = os.fspath(src), os.fspath(ova)
+    stem = name or os.path.splitext(os.path.basename(ova))[0]
+    disk_name = f"{stem}-disk1.vmdk"
+    tmp_disk = os.path.join(os.path.dirname(os.path.abspath(ova)),
+                            f".{uuid.uuid4().hex}-{disk_name}")
+    try:
+        convert(src, tmp_disk, subformat="streamOptimized", adapter_type="lsilogic",
+                compression_level=compression_level, progress=progress, **open_args)
+        from .image import Image
+
+        with Image.open(tmp_disk) as image:
+            capacity = image.size
+            populated = sum(r.length for r in image.map() if r.data)
+        disk_size = os.path.getsize(tmp_disk)
+        ovf = build_ovf(stem, disk_name, disk_size, capacity, populated, cpus=cpus,
+                        memory_mb=memory_mb)
+        disk_digest = _sha256_file(tmp_disk)
+        manifest = (f"SHA256({stem}.ovf)= {hashlib.sha256(ovf).hexdigest()}\n"
+                    f"SHA256({disk_name})= {disk_digest}\n").encode()
+        tmp_ova = f"{ova}.tmp-{os.getpid()}"
+        with tarfile.open(tmp_ova, "w", format=tarfile.USTAR_FORMAT) as tar:
+            # The OVF must come first: importers read the archive as a stream.
+            _add_bytes(tar, f"{stem}.ovf", ovf)
+            tar.add(tmp_disk, arcname=disk_name)
+            _add_bytes(tar, f"{stem}.mf", manifest)
+        os.replace(tmp_ova, ova)
+    finally:
+        if os.path.exists(tmp_disk):
+            os.unlink(tmp_disk)
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+__all__ = ["copy_from_ova", "export_ova", "is_ova", "iter_stream_grains",
+           "ova_disks"]

@@ -1,0 +1,157 @@
+"""resize, compact and check -r: sizes change and space comes back without losing a byte."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+import vmdk
+from vmdk.check import check
+from vmdk.compact import compact
+from vmdk.resize import resize
+from conftest import pattern, run
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+@pytest.mark.parametrize("subformat", ["monolithicSparse", "monolithicFlat",
+                                       "twoGbMaxExtentSparse", "twoGbMaxExtentFlat"])
+def test_grow_then_write_at_the_new_end(tmp_path: Path, subformat: str) -> None:
+    path = tmp_path / "d.vmdk"
+    data = pattern(3 * MiB, seed=2)
+    with vmdk.create(path, 3 * MiB, subformat) as disk:
+        disk.write(data)
+    new_size = 5 * GiB if subformat.startswith("twoGb") else 3 * GiB
+    resize(path, new_size)
+    with vmdk.open(path, "r+") as disk:
+        assert disk.size == new_size
+        disk.seek(new_size - 70_000)
+        disk.write(b"\x55" * 70_000)
+    with vmdk.open(path) as disk:
+        assert disk.read(3 * MiB) == data
+        disk.seek(new_size - 70_000)
+        assert disk.read() == b"\x55" * 70_000
+        assert disk.read_at(4 * MiB, 4096) == bytes(4096)
+    assert check(path).exit_code == 0
+    if subformat.startswith("twoGb"):
+        assert len(vmdk.open(path).image.extents) == 3
+
+
+def test_shrink_needs_the_flag_and_refuses_to_lose_data(tmp_path: Path) -> None:
+    path = tmp_path / "d.vmdk"
+    with vmdk.create(path, 8 * MiB) as disk:
+        disk.write(b"a" * MiB)
+        disk.seek(6 * MiB)
+        disk.write(b"b" * 10)
+    with pytest.raises(vmdk.VmdkError, match="--shrink"):
+        resize(path, 4 * MiB)
+    with pytest.raises(vmdk.VmdkError, match="offset 6291456"):
+        resize(path, 4 * MiB, shrink=True)
+    with vmdk.open(path, "r+") as disk:
+        disk.write_zeroes_at(6 * MiB, 10)
+    resize(path, 4 * MiB, shrink=True)
+    with vmdk.open(path) as disk:
+        assert disk.size == 4 * MiB
+        assert disk.read(MiB) == b"a" * MiB
+
+
+def test_streamoptimized_cannot_be_resized(tmp_path: Path) -> None:
+    path = tmp_path / "s.vmdk"
+    with vmdk.create(path, MiB, "streamOptimized") as disk:
+        disk.write(b"x" * 1000)
+    with pytest.raises(vmdk.UnsupportedFormatError, match="streamOptimized"):
+        resize(path, 2 * MiB)
+
+
+@pytest.mark.interop
+def test_grown_images_pass_qemu_check(tmp_path: Path, qemu_img: str) -> None:
+    path = tmp_path / "d.vmdk"
+    with vmdk.create(path, MiB) as disk:
+        disk.write(pattern(MiB, seed=3))
+    resize(path, 40 * GiB)  # the directory must move: more entries than its sector holds
+    with vmdk.open(path, "r+") as disk:
+        disk.seek(39 * GiB)
+        disk.write(b"end" * 1000)
+    assert run(qemu_img, "check", path).returncode == 0
+    out = run(qemu_img, "info", "--output=json", path).stdout
+    assert str(40 * GiB) in out
+    run(qemu_img, "convert", "-O", "raw", path, tmp_path / "out.raw")
+    with open(tmp_path / "out.raw", "rb") as f:
+        assert f.read(MiB) == pattern(MiB, seed=3)
+        f.seek(39 * GiB)
+        assert f.read(3000) == b"end" * 1000
+
+
+def test_compact_drops_zero_grains_and_truncates(tmp_path: Path) -> None:
+    path = tmp_path / "c.vmdk"
+    data = bytearray(pattern(4 * MiB, seed=5, zero_every=0))
+    with vmdk.create(path, 8 * MiB) as disk:
+        disk.write(data)
+        disk.seek(65536)
+        disk.write(bytes(5 * 65536))  # stored zeros: compact gives them back
+    data[65536:6 * 65536] = bytes(5 * 65536)
+    before = os.path.getsize(path)
+    result = compact(path)
+    assert result.zero_grains_dropped == 5
+    assert os.path.getsize(path) == before - 5 * 65536
+    with vmdk.open(path) as disk:
+        assert disk.read(4 * MiB) == bytes(data)
+    assert check(path).exit_code == 0
+
+
+def test_check_finds_and_repairs_leaks(tmp_path: Path) -> None:
+    path = tmp_path / "k.vmdk"
+    with vmdk.create(path, 8 * MiB) as disk:
+        disk.write(pattern(2 * MiB, seed=6, zero_every=0))
+    with open(path, "ab") as f:
+        f.write(os.urandom(3 * 65536))  # space no table references, as after a crash
+    result = check(path)
+    assert (result.exit_code, result.leaks, result.corruptions) == (3, 3, 0)
+    fixed = check(path, repair="leaks")
+    assert fixed.exit_code == 0 and fixed.leaks_fixed == 3
+    with vmdk.open(path) as disk:
+        assert disk.read(2 * MiB) == pattern(2 * MiB, seed=6, zero_every=0)
+
+
+def _first_gt_sector(path: Path) -> tuple[int, int]:
+    with vmdk.open(path) as disk:
+        extent = disk.image.extents[0]
+        return int(extent.gd[0]), int(extent.rgd[0])
+
+
+def test_check_finds_and_repairs_corruption(tmp_path: Path) -> None:
+    path = tmp_path / "k.vmdk"
+    with vmdk.create(path, 8 * MiB) as disk:
+        disk.write(pattern(2 * MiB, seed=7, zero_every=0))
+    gt, _rgt = _first_gt_sector(path)
+    with open(path, "r+b") as f:
+        f.seek(gt * 512 + 40 * 4)
+        f.write(struct.pack("<I", 10 ** 7))  # an entry past the end of the file
+    result = check(path)
+    assert result.exit_code == 2
+    messages = " ".join(p.message for p in result.problems)
+    assert "past the end" in messages and "redundant" in messages
+    fixed = check(path, repair="all")
+    assert fixed.exit_code == 0 and fixed.corruptions_fixed == 2
+    with vmdk.open(path) as disk:
+        assert disk.read(MiB) == pattern(2 * MiB, seed=7, zero_every=0)[:MiB]
+
+
+def test_check_reports_and_clears_the_unclean_flag(tmp_path: Path) -> None:
+    path = tmp_path / "u.vmdk"
+    with vmdk.create(path, MiB) as disk:
+        disk.write(b"x")
+    with open(path, "r+b") as f:
+        f.seek(72)
+        f.write(b"\x01")
+    result = check(path)
+    assert any("not closed cleanly" in p.message for p in result.problems)
+    assert result.exit_code == 0
+    check(path, repair="all")
+    with open(path, "rb") as f:
+        f.seek(72)
+        assert f.read(1) == b"\x00"
