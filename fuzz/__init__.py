@@ -747,7 +747,8 @@ def save_finding(finding: Finding, save_dir: Path) -> str | None:
     if len(blob) > MAX_SAVED_BYTES:
         return None
     save_dir.mkdir(parents=True, exist_ok=True)
-    path = save_dir / f"{_slug(finding.signature)}.tar.gz"
+    # Without the line number: the name stays put while the code around the bug moves.
+    path = save_dir / f"{_slug(finding.signature.rsplit(':', 1)[0])}.tar.gz"
     path.write_bytes(blob)
     return str(path)
 

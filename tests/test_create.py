@@ -116,7 +116,7 @@ def test_two_gb_split_at_2047_mib(tmp_path: Path, subformat: str, kind: str, let
         f'RW 4192256 {kind} "big-{letter}002.vmdk"{offset}',
         f'RW {size // 512 - 2 * 4192256} {kind} "big-{letter}003.vmdk"{offset}',
     ]
-    assert sorted(os.listdir(tmp_path)) == ["big-%s00%d.vmdk" % (letter, i) for i in (1, 2, 3)] + [
+    assert sorted(os.listdir(tmp_path)) == [f"big-{letter}00{i}.vmdk" for i in (1, 2, 3)] + [
         "big.vmdk"]
     with vmdk.open(path) as f:
         assert f.read_at(split - 3, 6) == b"abcdef"
@@ -270,3 +270,23 @@ def test_child_descriptor(tmp_path: Path) -> None:
     assert 'parentFileNameHint="base.vmdk"' in text.splitlines()
     with pytest.raises(vmdk.UnsupportedFormatError):
         vmdk.create(tmp_path / "flatchild.vmdk", parent=base, subformat="monolithicFlat")
+
+
+@pytest.mark.parametrize("subformat", ["monolithicSparse", "monolithicFlat",
+                                       "twoGbMaxExtentSparse", "twoGbMaxExtentFlat", "vmfs"])
+def test_refused_name_leaves_nothing(tmp_path: Path, subformat: str) -> None:
+    """A descriptor has no escape for '"' or newlines: such names are refused, and nothing is left."""
+    for name in ('a"b.vmdk', "new\nline.vmdk"):
+        with pytest.raises((vmdk.VmdkError, ValueError)):
+            vmdk.create(tmp_path / name, MiB, subformat=subformat)
+    assert os.listdir(tmp_path) == []
+
+
+def test_names_with_spaces_and_unicode(tmp_path: Path) -> None:
+    for name, subformat in (("my disk.vmdk", "monolithicFlat"), ("dïsk✓.vmdk", "twoGbMaxExtentSparse")):
+        with vmdk.create(tmp_path / name, MiB, subformat=subformat) as f:
+            f.write_at(0, b"hi")
+        with vmdk.open(tmp_path / name) as f:
+            assert f.read_at(0, 2) == b"hi"
+    assert (tmp_path / "my disk-flat.vmdk").exists()
+    assert (tmp_path / "dïsk✓-s001.vmdk").exists()

@@ -207,26 +207,40 @@ def test_zeroed_grain_with_backing_marks_zero_grains(tmp_path: Path) -> None:
 
 def test_write_zeroes(tmp_path: Path) -> None:
     e = make(tmp_path / "e.vmdk")
-    model = bytearray(pattern(SIZE, seed=3, zero_every=0, block=G))
+    model = bytearray(pattern(SIZE // 2, seed=3, zero_every=0, block=G)) + bytes(SIZE // 2)
     try:
-        e.write(0, memoryview(model))
+        e.write(0, memoryview(model[:SIZE // 2]))
         e.write_zeroes(G + 100, 5 * G)  # partial head, whole grains, partial tail
         model[G + 100:6 * G + 100] = bytes(5 * G)
-        assert read(e, 0, SIZE)[0] == bytes(model)
-        # Without a parent, whole zeroed grains become unallocated again.
-        holes = read(e, 0, SIZE)[1]
-        assert (2 * G, 4 * G) in holes
+        e.write_zeroes(SIZE // 2 - G, 3 * G)  # stored, then unallocated grains
+        model[SIZE // 2 - G:SIZE // 2 + 2 * G] = bytes(3 * G)
+        data, holes = read(e, 0, SIZE)
+        assert data == bytes(model)
+        # Unallocated grains stay unallocated (nothing is stored to make zeros)...
+        assert holes == [(SIZE // 2, SIZE // 2)]
     finally:
         e.close()
+    # ...and stored grains keep their space (zeroed in place, not leaked).
+    assert gte(tmp_path / "e.vmdk", 2) > ZEROED_GTE
+
+
+def test_write_zeroes_over_backing_marks_zeroed_grains(tmp_path: Path) -> None:
     z = make(tmp_path / "z.vmdk", zeroed_grain=True)
+
+    def backing(offset: int, view: memoryview) -> None:
+        view[:] = b"\x66" * len(view)
+
     try:
-        z.write(0, memoryview(b"\x55" * (4 * G)))
-        z.write_zeroes(G, 2 * G, lambda off, view: None)
+        z.write(0, memoryview(b"\x55" * G))
+        z.write_zeroes(0, 4 * G, backing)
         z.flush()
-        assert read(z, 0, 4 * G)[0] == b"\x55" * G + bytes(2 * G) + b"\x55" * G
+        assert read(z, 0, 4 * G) == (bytes(4 * G), [])
     finally:
         z.close()
-    assert gte(tmp_path / "z.vmdk", 1) == ZEROED_GTE == gte(tmp_path / "z.vmdk", 2)
+    path = tmp_path / "z.vmdk"
+    assert gte(path, 0) > ZEROED_GTE  # stored: zeroed in place
+    assert [gte(path, i) for i in (1, 2, 3)] == [ZEROED_GTE] * 3
+    assert [gte(path, i, redundant=True) for i in (1, 2, 3)] == [ZEROED_GTE] * 3
 
 
 def test_redundant_gt_equals_primary_after_flush(ext: SparseExtent, tmp_path: Path) -> None:

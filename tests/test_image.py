@@ -242,7 +242,7 @@ def chain(tmp_path: Path) -> tuple[Path, Path, bytes]:
 
 
 def test_child_reads_fall_through_to_parent(chain: tuple[Path, Path, bytes]) -> None:
-    base, child, content = chain
+    _base, child, content = chain
     with vmdk.open(child) as f:
         assert f.size == SIZE
         assert f.read() == content
@@ -268,7 +268,7 @@ def test_partial_grain_write_keeps_parent_bytes(chain: tuple[Path, Path, bytes])
 
 
 def test_parent_cid_mismatch(chain: tuple[Path, Path, bytes]) -> None:
-    base, child, content = chain
+    base, child, _content = chain
     with vmdk.open(base, "r+") as f:
         f.write_at(0, b"changed")  # the parent's CID changes
     with pytest.raises(vmdk.ChainError) as exc:
@@ -368,9 +368,8 @@ def test_write_changes_only_the_cid_line(tmp_path: Path) -> None:
 
 
 def test_second_writer_is_refused(disk: Path) -> None:
-    with vmdk.open(disk, "r+"):
-        with pytest.raises(vmdk.ImageInUseError):
-            vmdk.open(disk, "r+")
+    with vmdk.open(disk, "r+"), pytest.raises(vmdk.ImageInUseError):
+        vmdk.open(disk, "r+")
     with vmdk.open(disk):
         with vmdk.open(disk):  # readers share
             pass

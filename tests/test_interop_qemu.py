@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import vmdk
 from conftest import pattern, run
@@ -151,6 +153,56 @@ def test_our_images_pass_qemu_check_and_compare(qemu_img: str, tmp_path: Path,
     expected.write_bytes(model)
     qemu_check(qemu_img, path, subformat)
     qemu_compare(qemu_img, path, expected)
+
+
+@pytest.mark.parametrize("subformat", ["monolithicSparse", "twoGbMaxExtentSparse"])
+def test_odd_sized_image_passes_qemu(qemu_img: str, qemu_io: str, tmp_path: Path,
+                                     subformat: str) -> None:
+    """Capacity not a grain multiple: the last grain is partial."""
+    size = 2 * MiB + 7 * 512
+    path = tmp_path / "odd.vmdk"
+    model = bytearray(size)
+    with vmdk.create(path, size, subformat=subformat) as f:
+        f.write_at(size - 5000, b"\x5e" * 5000)
+        f.write_at(100, b"\x11" * 300)
+    model[size - 5000:] = b"\x5e" * 5000
+    model[100:400] = b"\x11" * 300
+    expected = tmp_path / "expected.raw"
+    expected.write_bytes(model)
+    qemu_check(qemu_img, path, subformat)
+    qemu_compare(qemu_img, path, expected)
+    run(qemu_io, "-f", "vmdk", "-c", f"write -P 0x77 {size - 512} 512", path)
+    model[size - 512:] = b"\x77" * 512
+    with vmdk.open(path) as f:
+        assert f.size == size and f.read() == bytes(model)
+
+
+def test_grain_table_allocated_here_reads_in_qemu(qemu_img: str, tmp_path: Path) -> None:
+    """A GD entry of 0 (no grain table) gets a table at the end of the file when written."""
+    import struct
+
+    from vmdk._structs import SparseHeader
+
+    size = 96 * MiB  # three grain tables of 32 MiB
+    path = tmp_path / "gd.vmdk"
+    vmdk.create(path, size).close()
+    h = SparseHeader.unpack(path.read_bytes()[:512])
+    with open(path, "r+b") as f:
+        for sector in (h.gd_offset, h.rgd_offset):
+            f.seek(sector * 512 + 4)
+            f.write(struct.pack("<I", 0))
+    model = {40 * MiB + 3: b"in the new table", 70 * MiB: b"\x99" * 70000}
+    with vmdk.open(path, "r+") as f:
+        for off, data in model.items():
+            f.write_at(off, data)
+    qemu_check(qemu_img, path, "monolithicSparse")
+    out = tmp_path / "out.raw"
+    run(qemu_img, "convert", "-f", "vmdk", "-O", "raw", path, out)
+    with open(out, "rb") as f:
+        for off, data in model.items():
+            f.seek(off)
+            assert f.read(len(data)) == data
+    assert os.path.getsize(out) == size
 
 
 def test_our_zeroed_grain_image_passes_qemu(qemu_img: str, tmp_path: Path) -> None:
@@ -316,6 +368,20 @@ def test_qemu_image_written_here(qemu_img: str, raw: Path, tmp_path: Path) -> No
 # -- locking: the same bytes as qemu ------------------------------------------------------------
 
 
+def qemu_holds_write_lock(path: Path) -> bool:
+    """Whether some process holds qemu's "write" permission lock (byte 101) on ``path``."""
+    import fcntl
+    import struct
+
+    flock = struct.Struct("hhqqi4x")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        out = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, flock.pack(fcntl.F_WRLCK, os.SEEK_SET, 101, 1, 0))
+    finally:
+        os.close(fd)
+    return flock.unpack(out)[0] != fcntl.F_UNLCK
+
+
 def test_locks_seen_by_qemu_and_back(qemu_img: str, qemu_io: str, tmp_path: Path) -> None:
     path = tmp_path / "locked.vmdk"
     vmdk.create(path, SIZE).close()
@@ -330,13 +396,12 @@ def test_locks_seen_by_qemu_and_back(qemu_img: str, qemu_io: str, tmp_path: Path
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 10
-        while True:  # wait until qemu-io has the image open
-            try:
-                vmdk.open(path, "r+").close()
-            except vmdk.ImageInUseError:
-                break
+        while not qemu_holds_write_lock(path):  # probe without taking a lock (no race)
+            assert holder.poll() is None, holder.communicate()
             assert time.monotonic() < deadline, "qemu-io never took its lock"
             time.sleep(0.05)
+        with pytest.raises(vmdk.ImageInUseError):
+            vmdk.open(path, "r+")
         with pytest.raises(vmdk.ImageInUseError):
             vmdk.open(path)
         with vmdk.open(path, force_share=True) as f:
@@ -344,3 +409,135 @@ def test_locks_seen_by_qemu_and_back(qemu_img: str, qemu_io: str, tmp_path: Path
     finally:
         holder.communicate("quit\n", timeout=30)
     vmdk.open(path, "r+").close()
+
+
+@pytest.mark.parametrize("subformat", ["twoGbMaxExtentFlat", "twoGbMaxExtentSparse"])
+def test_qemu_split_images_across_extent_boundaries(qemu_img: str, qemu_io: str, tmp_path: Path,
+                                                    subformat: str) -> None:
+    """qemu splits at 2048 MiB (VMware at 2047): both read across either side's boundaries."""
+    size = 4608 * MiB
+    path = tmp_path / "split.vmdk"
+    run(qemu_img, "create", "-f", "vmdk", "-o", f"subformat={subformat}", path, str(size))
+    qemu_edge, vmware_edge = 2048 * MiB, 2047 * MiB
+    run(qemu_io, "-f", "vmdk", "-c", f"write -P 0x21 {qemu_edge - 3} 6", path)
+    with vmdk.open(path, "r+") as f:
+        assert f.size == size
+        assert len(f.image.extents) == 3
+        assert f.read_at(qemu_edge - 4, 8) == b"\0" + b"\x21" * 6 + b"\0"
+        f.write_at(2 * qemu_edge - 70000, b"\x43" * 140000)
+        f.write_at(vmware_edge - 1, b"\x44\x44")
+    run(qemu_io, "-f", "vmdk", "-c", f"read -P 0x43 {2 * qemu_edge - 70000} 140000",
+        "-c", f"read -P 0x44 {vmware_edge - 1} 2", "-c", f"read -P 0x21 {qemu_edge - 3} 6", path)
+    qemu_check(qemu_img, path, subformat)
+
+
+def test_write_here_into_qemu_child(qemu_img: str, raw: Path, tmp_path: Path) -> None:
+    base, child = tmp_path / "base.vmdk", tmp_path / "child.vmdk"
+    run(qemu_img, "convert", "-f", "raw", "-O", "vmdk", raw, base)
+    run(qemu_img, "create", "-f", "vmdk", "-b", base.name, "-F", "vmdk", child)
+    model = bytearray(raw.read_bytes())
+    with vmdk.open(child, "r+") as f:
+        random_writes(f, model, seed=41)
+        f.write_at(65536 * 5 + 3, b"partial")  # completed from the parent
+        model[65536 * 5 + 3:65536 * 5 + 10] = b"partial"
+    expected = tmp_path / "expected.raw"
+    expected.write_bytes(model)
+    qemu_check(qemu_img, child, "monolithicSparse")
+    qemu_compare(qemu_img, child, expected)
+    with vmdk.open(base) as f:  # the parent is untouched
+        assert f.read() == raw.read_bytes()
+
+
+def test_qemu_writes_into_our_child(qemu_img: str, qemu_io: str, raw: Path,
+                                    tmp_path: Path) -> None:
+    base, child = tmp_path / "base.vmdk", tmp_path / "child.vmdk"
+    with vmdk.create(base, SIZE, subformat="monolithicFlat") as f:
+        f.write(raw.read_bytes())
+    vmdk.create(child, parent=base).close()
+    run(qemu_io, "-f", "vmdk", "-c", "write -P 0x66 1000 2000", "-c", "write -P 0x67 1M 64k",
+        child)
+    model = bytearray(raw.read_bytes())
+    model[1000:3000] = b"\x66" * 2000
+    model[MiB:MiB + 65536] = b"\x67" * 65536
+    with vmdk.open(child) as f:
+        assert f.read() == bytes(model)
+        assert f.image.parent is not None
+
+
+# -- random operation sequences, checked by the other side --------------------------------------
+
+HSIZE = MiB + 3 * 65536 + 1024  # the last grain is partial
+h_ops = st.lists(st.tuples(st.sampled_from(["write", "write", "zero"]), st.integers(0, HSIZE - 1),
+                           st.sampled_from([1, 512, 4096, 65535, 65536, 65537, 200000]),
+                           st.integers(1, 255)), min_size=1, max_size=8)
+
+
+@pytest.mark.parametrize("kind", ["monolithicSparse", "twoGbMaxExtentSparse", "monolithicFlat",
+                                  "child", "zeroed-child"])
+# qemu_img is a constant (the tool's name): sharing it between examples is harmless.
+@settings(max_examples=8, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(ops=h_ops)
+def test_random_ops_here_read_by_qemu(qemu_img: str, kind: str,
+                                      ops: list[tuple[str, int, int, int]]) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        path = folder / "img.vmdk"
+        if kind in ("child", "zeroed-child"):
+            base_content = pattern(HSIZE, seed=5, block=65536)
+            with vmdk.create(folder / "base.vmdk", HSIZE) as f:
+                f.write(base_content)
+            model = bytearray(base_content)
+            f = vmdk.create(path, parent=folder / "base.vmdk", zeroed_grain=kind == "zeroed-child")
+        else:
+            model = bytearray(HSIZE)
+            f = vmdk.create(path, HSIZE, subformat=kind)
+        with f:
+            for name, off, n, byte in ops:
+                n = min(n, HSIZE - off)
+                if name == "zero":
+                    f.write_zeroes_at(off, n)
+                    model[off:off + n] = bytes(n)
+                else:
+                    f.write_at(off, bytes([byte]) * n)
+                    model[off:off + n] = bytes([byte]) * n
+        expected = folder / "expected.raw"
+        expected.write_bytes(model)
+        qemu_check(qemu_img, path, "monolithicFlat" if kind == "monolithicFlat"
+                   else "monolithicSparse")
+        qemu_compare(qemu_img, path, expected)
+
+
+@pytest.mark.parametrize("kind", ["monolithicSparse", "twoGbMaxExtentSparse", "zeroed"])
+# qemu_img is a constant (the tool's name): sharing it between examples is harmless.
+@settings(max_examples=8, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(ops=h_ops)
+def test_random_qemu_io_ops_read_here(qemu_img: str, kind: str,
+                                      ops: list[tuple[str, int, int, int]]) -> None:
+    import tempfile
+
+    if not shutil.which("qemu-io"):
+        pytest.skip("qemu-io is not installed")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "q.vmdk"
+        opts = "zeroed_grain=on" if kind == "zeroed" else f"subformat={kind}"
+        run(qemu_img, "create", "-f", "vmdk", "-o", opts, path, str(HSIZE))
+        model = bytearray(HSIZE)
+        cmds: list[str] = []
+        for name, off, n, byte in ops:
+            off, n = off // 512 * 512, max(512, n // 512 * 512)  # qemu-io wants sectors
+            n = min(n, HSIZE - off)
+            if name == "zero":
+                cmds += ["-c", f"write -z {off} {n}"]
+                model[off:off + n] = bytes(n)
+            else:
+                cmds += ["-c", f"write -P {byte} {off} {n}"]
+                model[off:off + n] = bytes([byte]) * n
+        run("qemu-io", "-f", "vmdk", *cmds, path)
+        with vmdk.open(path) as f:
+            assert f.read() == bytes(model)
+            theirs, ours = qemu_map(qemu_img, path), [r.to_json() for r in f.map()]
+        assert intervals(ours, "data") == intervals(theirs, "data")

@@ -7,7 +7,6 @@ UnicodeDecodeError; never slow; never a huge allocation driven by a header field
 from __future__ import annotations
 
 import functools
-import os
 import struct
 import tempfile
 import time
@@ -33,7 +32,7 @@ VERSION, FLAGS, CAPACITY, GRAIN, DESC_OFF, DESC_SIZE = 4, 8, 12, 20, 28, 36
 GTES, RGD, GD, OVERHEAD, UNCLEAN, NEWLINES, COMPRESS = 44, 48, 56, 64, 72, 73, 77
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def base_image() -> bytes:
     """A small valid image (allocated and unallocated grains) as bytes."""
     with tempfile.TemporaryDirectory() as tmp:

@@ -216,9 +216,12 @@ def _compare_redundant(extent: SparseExtent, result: CheckResult, gt_sectors: in
         return
     name = extent.filename
     gd, rgd = extent.gd, extent.rgd
+    # After a crash (unclean flag set) a copy one step behind its primary is the expected
+    # trace of an interrupted update: the primary is right, and -r all rewrites the copy.
+    kind = "warning" if extent.was_unclean else "corruption"
     mismatch = np.flatnonzero((gd == 0) != (rgd == 0))
     if mismatch.size:
-        result.add("corruption", f"grain directory and its redundant copy disagree in "
+        result.add(kind, f"grain directory and its redundant copy disagree in "
                    f"{mismatch.size} entries", name, int(mismatch.size))
     n = extent.header.num_gtes_per_gt
     differing = 0
@@ -228,7 +231,7 @@ def _compare_redundant(extent: SparseExtent, result: CheckResult, gt_sectors: in
         if not np.array_equal(backup, extent._gt(int(i))):
             differing += 1
     if differing:
-        result.add("corruption", f"{differing} grain tables differ from their redundant copies",
+        result.add(kind, f"{differing} grain tables differ from their redundant copies",
                    name, differing)
 
 

@@ -159,11 +159,15 @@ def cmd_create(args: argparse.Namespace) -> int:
     kwargs = create_kwargs(parse_options(args.options))
     if args.backing:
         kwargs["parent"] = args.backing
+    if "parent" in kwargs and not os.path.isabs(kwargs["parent"]):
+        # As qemu-img: a relative parent name is relative to the new image's folder.
+        kwargs["parent"] = os.path.join(os.path.dirname(args.image), kwargs["parent"])
     size = parse_size(args.size) if args.size is not None else None
     if size is None and "parent" not in kwargs:
         raise VmdkError("a size is required (for example 10G)")
-    with create(args.image, size, overwrite=True, **kwargs):
-        pass
+    with create(args.image, size, overwrite=True, allow_external=args.allow_external,
+                **kwargs) as disk:
+        size = disk.size
     if not args.quiet:
         sub = kwargs.get("subformat", "monolithicSparse")
         print(f"Formatting '{args.image}', fmt=vmdk subformat={sub} size={size}")
@@ -193,13 +197,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     result = check(args.image, repair=args.repair, **_open_flags(args))
+    opening = [p for p in result.problems if p.kind == "error"]
+    if result.check_errors and opening and not result.allocated_clusters:
+        # The image could not even be opened: an error like any other verb's.
+        print(f"vmdk: error: {opening[0].message}", file=sys.stderr)
+        return 1
     if args.output == "json":
         print(json.dumps(result.to_json(), indent=4))
         return result.exit_code
     for problem in result.problems:
         label = {"corruption": "ERROR", "leak": "Leaked", "warning": "Warning"}.get(
             problem.kind, "ERROR")
-        print(f"{label}: {problem.filename or result.filename}: {problem.message}")
+        where = problem.filename or result.filename
+        message = problem.message
+        print(f"{label}: {message}" if message.startswith(where) else f"{label}: {where}: {message}")
     if result.corruptions_fixed or result.leaks_fixed:
         print(f"The following inconsistencies were found and repaired:\n\n"
               f"    {result.leaks_fixed} leaked clusters\n    {result.corruptions_fixed} corruptions\n")

@@ -181,16 +181,51 @@ def create(
     _check_options(size, opts)
     sectors = _ceil_div(size, SECTOR_SIZE)
     size = sectors * SECTOR_SIZE
+    folder = os.path.dirname(path) or "."
+    before = set(os.listdir(folder))
     try:
         writer = _WRITERS[subformat]
         made = writer(path, sectors, opts, parent_image, overwrite, raw_device, partitions)
+    except BaseException:
+        _remove_new_files(folder, before, os.path.basename(path))
+        raise
     finally:
         if parent_image is not None:
             parent_image.close()
     if made is not None:
         return made
-    return VmdkFile(Image.open(path, "r+", allow_external=allow_external or subformat in (
-        "fullDevice", "partitionedDevice")))
+    try:
+        return VmdkFile(Image.open(path, "r+", allow_external=allow_external or subformat in (
+            "fullDevice", "partitionedDevice")))
+    except BaseException:
+        _remove_created(path)
+        raise
+
+
+def _remove_new_files(folder: str, before: set[str], name: str) -> None:
+    """Remove the files a failed create made: new in ``folder`` and named after the image."""
+    stem = name[:-5] if name.lower().endswith(".vmdk") else name
+    for entry in set(os.listdir(folder)) - before:
+        full = os.path.join(folder, entry)
+        if entry.startswith(stem) and os.path.isfile(full) and not os.path.islink(full):
+            os.unlink(full)
+
+
+def _remove_created(path: str) -> None:
+    """Undo a create whose image then failed to open: remove the files it made."""
+    try:
+        with open(path, "rb") as f:
+            extents = Descriptor.parse(f.read(1 << 20)).extents
+    except (OSError, VmdkError):
+        extents = []
+    folder = os.path.dirname(path)
+    for line in extents:
+        name = os.path.join(folder, line.filename) if line.filename else None
+        if name and os.path.isfile(name) and os.path.dirname(os.path.abspath(name)) == \
+                os.path.abspath(folder) and os.path.basename(name) != os.path.basename(path):
+            os.unlink(name)
+    if os.path.isfile(path):
+        os.unlink(path)
 
 
 def _parent_fields(path: str, parent: Image | None) -> dict[str, Any]:

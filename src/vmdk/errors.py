@@ -79,3 +79,15 @@ class ImageInUseError(VmdkError, BlockingIOError):
 
 class DescriptorSpaceError(VmdkError):
     """An edited descriptor no longer fits the area reserved for it in the extent."""
+
+
+class ImageIOError(VmdkError, OSError):
+    """The operating system failed an I/O on one of the image's files (EIO, ENOSPC...).
+
+    ``errno`` is the system's error number, so callers can test for ENOSPC.
+    """
+
+    def __init__(self, message: str, filename: str | os.PathLike[str] | None = None,
+                 errno: int | None = None) -> None:
+        super().__init__(message, filename)
+        self.errno = errno

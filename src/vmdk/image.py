@@ -7,6 +7,7 @@ adds the file-object position on top.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import logging
 import os
@@ -20,6 +21,7 @@ from ._structs import COWD_MAGIC, SESPARSE_CONST_MAGIC, SPARSE_MAGIC, SparseFlag
 from .descriptor import Descriptor, ExtentLine
 from .errors import (
     ChainError,
+    ImageIOError,
     DescriptorError,
     OutOfRangeError,
     ReadOnlyError,
@@ -69,6 +71,18 @@ class MapRun:
         if self.filename is not None:
             out["filename"] = self.filename
         return out
+
+
+@contextlib.contextmanager
+def io_errors(filename: str | None) -> Iterator[None]:
+    """Turn a bare OSError from the system into an ImageIOError naming the file."""
+    try:
+        yield
+    except VmdkError:
+        raise
+    except OSError as exc:
+        raise ImageIOError(exc.strerror or str(exc), exc.filename or filename,
+                           errno=exc.errno) from exc
 
 
 def new_cid() -> int:
@@ -143,9 +157,18 @@ class Image:
     @classmethod
     def open(cls, path: str | os.PathLike[str], mode: str = "r", *,
              allow_external: bool = False, ignore_cid: bool = False, force_share: bool = False,
-             open_parent: bool = True, repair: bool = False, _depth: int = 0, _seen: frozenset[str] = frozenset()
-             ) -> Image:
+             open_parent: bool = True, repair: bool = False, _depth: int = 0,
+             _seen: frozenset[str] = frozenset()) -> Image:
         path = os.fspath(path)
+        with io_errors(path):
+            return cls._open(path, mode, allow_external=allow_external, ignore_cid=ignore_cid,
+                             force_share=force_share, open_parent=open_parent, repair=repair,
+                             _depth=_depth, _seen=_seen)
+
+    @classmethod
+    def _open(cls, path: str, mode: str, *, allow_external: bool, ignore_cid: bool,
+              force_share: bool, open_parent: bool, repair: bool, _depth: int,
+              _seen: frozenset[str]) -> Image:
         if mode not in ("r", "r+", "rb", "r+b", "rb+"):
             raise ValueError(f"invalid mode {mode!r}: use 'r' or 'r+'")
         read_only = "+" not in mode
@@ -218,7 +241,9 @@ class Image:
     def readinto_at(self, offset: int, buf: memoryview | bytearray) -> None:
         view = memoryview(buf).cast("B")
         for extent, inner, n, at in self._pieces(offset, len(view)):
-            for start, count in extent.read_into(inner, view[at:at + n]):
+            with io_errors(extent.filename):
+                holes = extent.read_into(inner, view[at:at + n])
+            for start, count in holes:
                 self._fill_hole(offset + at + start, view[at + start:at + start + count])
 
     def _fill_hole(self, offset: int, view: memoryview) -> None:
@@ -251,13 +276,15 @@ class Image:
         view = memoryview(data).cast("B")
         self._first_write()
         for extent, inner, n, at in self._pieces(offset, len(view)):
-            extent.write(inner, view[at:at + n], self._backing_for(extent))
+            with io_errors(extent.filename):
+                extent.write(inner, view[at:at + n], self._backing_for(extent))
 
     def write_zeroes_at(self, offset: int, length: int) -> None:
         self._check_writable()
         self._first_write()
         for extent, inner, n, _at in self._pieces(offset, length):
-            extent.write_zeroes(inner, n, self._backing_for(extent))
+            with io_errors(extent.filename):
+                extent.write_zeroes(inner, n, self._backing_for(extent))
 
     def discard_at(self, offset: int, length: int) -> None:
         """Forget a range (NBD TRIM); without a parent it reads as zeros afterwards."""
@@ -294,13 +321,13 @@ class Image:
                            run.filename, run.compressed)]
         if run.alloc is Alloc.ZERO:
             return [MapRun(start, run.length, False, True, 0, True)]
-        if self.parent is None:
+        if self.parent is None or start >= self.parent.size:
             return [MapRun(start, run.length, False, True, 0, False)]
         end = min(start + run.length, self.parent.size)
         below = [dataclasses.replace(r, depth=r.depth + 1)
-                 for r in self.parent.map(start, end - start)] if end > start else []
-        if end < start + run.length:
-            below.append(MapRun(end, start + run.length - end, False, True, 1, False))
+                 for r in self.parent.map(start, end - start)]
+        if end < start + run.length:  # past the parent's end, as qemu reports it: depth 0
+            below.append(MapRun(end, start + run.length - end, False, True, 0, False))
         return below
 
     # ---------------------------------------------------------------- flushing
@@ -308,9 +335,11 @@ class Image:
     def flush(self) -> None:
         if self.read_only or self.closed:
             return
-        self._write_descriptor()
+        with io_errors(self.path):
+            self._write_descriptor()
         for extent in self.extents:
-            extent.flush()
+            with io_errors(extent.filename):
+                extent.flush()
 
     def _write_descriptor(self) -> None:
         data = self.descriptor.to_bytes()
@@ -332,7 +361,8 @@ class Image:
             self.closed = True
             try:
                 for extent in self.extents:
-                    extent.close()
+                    with io_errors(extent.filename):
+                        extent.close()
                 if self.parent is not None:
                     self.parent.close()
             finally:
@@ -505,6 +535,7 @@ class Image:
         if self.parent is not None:
             out["backing-filename"] = hint
             out["full-backing-filename"] = self.parent.path
+            out["backing-filename-format"] = "vmdk"
         c, h, s = self.geometry
         out["geometry"] = {"cylinders": c, "heads": h, "sectors": s}
         for key, value in (("adapter-type", self.adapter_type),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from ..errors import MissingExtentError
+from ..errors import CorruptImageError, MissingExtentError
 from .base import SECTOR_SIZE, Alloc, BackingReader, Extent, Run, pread_exact, pwrite_all
 
 
@@ -16,6 +16,10 @@ class FlatExtent(Extent):
         self.size = sectors * SECTOR_SIZE
         self.base = start_sector * SECTOR_SIZE
         self.read_only = read_only
+        if start_sector < 0 or self.base + self.size >= 1 << 63:
+            raise CorruptImageError(
+                f"flat extent at sector {start_sector} of {sectors} sectors lies beyond any "
+                "possible file offset", filename)
         flags = os.O_RDONLY if read_only else os.O_RDWR
         try:
             self.fd = os.open(filename, flags | getattr(os, "O_CLOEXEC", 0))

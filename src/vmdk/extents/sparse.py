@@ -41,7 +41,16 @@ from ..errors import (
     OutOfRangeError,
     UnsupportedFormatError,
 )
-from .base import SECTOR_SIZE, Alloc, BackingReader, Extent, Run, pread_exact, pwrite_all
+from .base import (
+    SECTOR_SIZE,
+    Alloc,
+    BackingReader,
+    Extent,
+    Run,
+    merge_runs,
+    pread_exact,
+    pwrite_all,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +96,10 @@ class SparseExtent(Extent):
         self.header = header
         self.read_only = read_only
         self.file_size = os.fstat(fd).st_size
+        #: A writer died with the file open: disagreeing redundant copies are then the
+        #: expected trace of an interrupted update, repaired from the primary, not an error.
+        self.was_unclean = bool(header.unclean_shutdown)
+        self._rgd_mismatch = np.zeros(0, dtype=np.int64)
         self._validate_header()
         self.grain_bytes = header.grain_size * SECTOR_SIZE
         self.gt_coverage = header.num_gtes_per_gt * header.grain_size  # sectors per GT
@@ -114,6 +127,8 @@ class SparseExtent(Extent):
         self._data_unsynced = False
         self._header_dirty = False
         self._end = _ceil_div(self.file_size, SECTOR_SIZE)  # next free sector
+        if self._rgd_mismatch.size and not read_only:
+            self._recover_directories()
         if header.unclean_shutdown and not self.compressed:
             log.warning("%s: the image was not closed cleanly; 'vmdk check -r all' verifies "
                         "it and clears the flag", filename)
@@ -235,9 +250,26 @@ class SparseExtent(Extent):
         if mismatch.size:
             msg = (f"grain directory and its redundant copy disagree at entry {int(mismatch[0])} "
                    f"({mismatch.size} entries); run 'vmdk check -r all'")
-            if not self.read_only and self.strict:
+            if not self.read_only and self.strict and not self.was_unclean:
                 raise CorruptImageError(msg, self.filename)
             log.warning("%s: %s", self.filename, msg)
+            self._rgd_mismatch = mismatch
+
+    def _recover_directories(self) -> None:
+        """Give every table the primary directory knows a fresh redundant copy (after a crash)."""
+        assert self.rgd is not None
+        gt_sectors = _ceil_div(self.header.num_gtes_per_gt * 4, SECTOR_SIZE)
+        for i in self._rgd_mismatch.tolist():
+            if self.gd[i] == 0:
+                self.gd[i] = self.rgd[i]  # only the copy survived: it becomes the primary
+            self.rgd[i] = self._end
+            self._end += gt_sectors
+            self._gt(i)
+            self._gt_dirty.add(i)
+            self._gd_dirty.add(i)
+        os.ftruncate(self.fd, max(self.file_size, self._end * SECTOR_SIZE))
+        self.file_size = max(self.file_size, self._end * SECTOR_SIZE)
+        self._rgd_mismatch = np.zeros(0, dtype=np.int64)
 
     @classmethod
     def create(
@@ -328,7 +360,7 @@ class SparseExtent(Extent):
         n = self.header.num_gtes_per_gt
         sector = int(self.gd[index])
         if sector == 0:
-            table = np.zeros(n, dtype=np.uint32)
+            return self._absent_table()  # not cached: it holds nothing
         else:
             raw = os.pread(self.fd, n * 4, sector * SECTOR_SIZE)
             if len(raw) != n * 4:
@@ -348,9 +380,19 @@ class SparseExtent(Extent):
         if backup != raw:
             msg = (f"grain table {index} differs from its redundant copy; "
                    "run 'vmdk check -r all'")
-            if not self.read_only and self.strict:
+            if not self.read_only and self.strict and not self.was_unclean:
                 raise CorruptImageError(msg, self.filename)
             log.warning("%s: %s", self.filename, msg)
+            if not self.read_only:
+                self._gt_dirty.add(index)  # the next flush rewrites the copy from the primary
+
+    def _absent_table(self) -> np.ndarray:
+        table = getattr(self, "_absent", None)
+        if table is None:
+            table = np.zeros(self.header.num_gtes_per_gt, dtype=np.uint32)
+            table.flags.writeable = False
+            self._absent = table
+        return table
 
     def _evict_tables(self) -> None:
         while len(self._gt_cache) > self._max_gts:
@@ -471,29 +513,51 @@ class SparseExtent(Extent):
         return data if len(data) == g else data + bytes(g - len(data))
 
     def status(self, offset: int, length: int) -> list[Run]:
+        """Runs over the range, one grain table at a time so memory stays bounded.
+
+        Stretches of empty directory slots become one unallocated run without
+        touching any table, so mapping a huge, mostly empty disk is cheap.
+        """
         self._check_range(offset, length)
         if not length:
             return []
         g = self.grain_bytes
-        first, last = offset // g, (offset + length - 1) // g
+        span = self.header.num_gtes_per_gt * g  # bytes covered by one grain table
+        end = offset + length
+        out: list[Run] = []
+        index = offset // span
+        last = (end - 1) // span
+        while index <= last:
+            if self.gd[index] == 0:
+                stop = index + 1
+                while stop <= last and self.gd[stop] == 0:
+                    stop += 1
+                lo, hi = max(offset, index * span), min(end, stop * span)
+                out.append(Run(lo, hi - lo, Alloc.UNALLOCATED))
+                index = stop
+                continue
+            lo, hi = max(offset, index * span), min(end, (index + 1) * span)
+            out.extend(self._table_status(lo, hi))
+            index += 1
+        return merge_runs(out)
+
+    def _table_status(self, lo: int, hi: int) -> list[Run]:
+        g = self.grain_bytes
+        first, last = lo // g, (hi - 1) // g
         gtes = self._entries(first, last)
         out: list[Run] = []
         for start, count, kind in self._runs(gtes):
-            lo = max(offset, (first + start) * g)
-            hi = min(offset + length, (first + start + count) * g)
+            a = max(lo, (first + start) * g)
+            b = min(hi, (first + start + count) * g)
             if kind == _UNALLOC:
-                run = Run(lo, hi - lo, Alloc.UNALLOCATED)
+                out.append(Run(a, b - a, Alloc.UNALLOCATED))
             elif kind == _ZERO:
-                run = Run(lo, hi - lo, Alloc.ZERO)
+                out.append(Run(a, b - a, Alloc.ZERO))
             elif kind == _DATA:
-                host = int(gtes[start]) * SECTOR_SIZE + (lo - (first + start) * g)
-                run = Run(lo, hi - lo, Alloc.DATA, host, self.filename)
+                host = int(gtes[start]) * SECTOR_SIZE + (a - (first + start) * g)
+                out.append(Run(a, b - a, Alloc.DATA, host, self.filename))
             else:
-                run = Run(lo, hi - lo, Alloc.DATA, None, self.filename, compressed=True)
-            if out and out[-1].alloc == run.alloc and out[-1].compressed and run.compressed:
-                prev = out.pop()
-                run = Run(prev.offset, prev.length + run.length, Alloc.DATA, None, self.filename, True)
-            out.append(run)
+                out.append(Run(a, b - a, Alloc.DATA, None, self.filename, compressed=True))
         return out
 
     # ------------------------------------------------------------------- write
@@ -607,25 +671,50 @@ class SparseExtent(Extent):
         self._gd_dirty.add(index)
 
     def write_zeroes(self, offset: int, length: int, backing: BackingReader | None = None) -> None:
-        """Zero a range: whole grains become unallocated (no parent) or zeroed entries."""
+        """Make a range read as zeros, storing as little as possible.
+
+        Stored grains are zeroed in place (unmapping them would leak their
+        space); unallocated grains stay unallocated when nothing shows
+        through them, and become zeroed-grain entries over a parent when the
+        header allows it.
+        """
         self._check_writable()
         self._check_range(offset, length)
-        g = self.grain_bytes
-        first_full = _ceil_div(offset, g)
-        last_full = (offset + length) // g  # exclusive
-        can_mark = backing is None or self.zeroed_gte
-        if not can_mark or last_full <= first_full:
-            super().write_zeroes(offset, length, backing)
+        if not length:
             return
-        if offset < first_full * g:
-            super().write_zeroes(offset, first_full * g - offset, backing)
-        marker = 0 if backing is None else ZEROED_GTE
-        gtes = self._entries(first_full, last_full - 1)
-        # Only grains not already reading as zeros need a change.
-        for i in np.flatnonzero(gtes != marker):
-            self._set_entry(first_full + int(i), marker)
-        if offset + length > last_full * g:
-            super().write_zeroes(last_full * g, offset + length - last_full * g, backing)
+        g = self.grain_bytes
+        first, last = offset // g, (offset + length - 1) // g
+        gtes = self._entries(first, last).copy()
+        for start, count, kind in self._runs(gtes):
+            lo = max(offset, (first + start) * g)
+            hi = min(offset + length, (first + start + count) * g)
+            if kind == _DATA:
+                host = int(gtes[start]) * SECTOR_SIZE + (lo - (first + start) * g)
+                self._pwrite_zeros(host, hi - lo)
+            elif kind == _UNALLOC and backing is not None:
+                self._zero_over_parent(lo, hi, backing)
+
+    def _pwrite_zeros(self, host: int, length: int) -> None:
+        zeros = memoryview(bytes(min(length, 4 << 20)))
+        done = 0
+        while done < length:
+            n = min(length - done, len(zeros))
+            pwrite_all(self.fd, zeros[:n], host + done)
+            done += n
+        self._data_unsynced = True
+
+    def _zero_over_parent(self, lo: int, hi: int, backing: BackingReader) -> None:
+        g = self.grain_bytes
+        full_lo, full_hi = _ceil_div(lo, g), hi // g
+        if not self.zeroed_gte or full_hi <= full_lo:
+            super().write_zeroes(lo, hi - lo, backing)
+            return
+        if lo < full_lo * g:
+            super().write_zeroes(lo, full_lo * g - lo, backing)
+        for grain in range(full_lo, full_hi):  # one table slot per whole grain
+            self._set_entry(grain, ZEROED_GTE)
+        if hi > full_hi * g:
+            super().write_zeroes(full_hi * g, hi - full_hi * g, backing)
 
     # ---------------------------------------------------------------- flushing
 
