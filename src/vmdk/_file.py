@@ -95,6 +95,16 @@ class VmdkFile(io.RawIOBase):
     def truncate(self, size: int | None = None) -> int:
         raise io.UnsupportedOperation("a virtual disk has a fixed size; use vmdk resize")
 
+    @property
+    def durable(self) -> bool:
+        """Whether flush and close fsync (True); False is qemu-img's "-t unsafe"."""
+        return all(e.durable for e in self.image.extents)
+
+    @durable.setter
+    def durable(self, value: bool) -> None:
+        for extent in self.image.extents:
+            extent.durable = value
+
     def flush(self) -> None:
         """Write descriptor and metadata, then fsync every file."""
         if not self.closed:

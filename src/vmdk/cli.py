@@ -191,7 +191,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 out_format=args.output_format, sparse_size=parse_size(args.sparse_size),
                 progress=bar,
                 allow_external=args.allow_external, force_share=args.force_share,
-                disk=args.disk, **kwargs)
+                disk=args.disk, durable=args.cache != "unsafe", **kwargs)
     return 0
 
 
@@ -463,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="create options of the target, as for 'create'")
     p.add_argument("-S", dest="sparse_size", default=str(DEFAULT_SPARSE_SIZE),
                    help="runs of zeros of at least this size are not written (default 4k)")
+    p.add_argument("-t", dest="cache", choices=("writeback", "unsafe"), default="writeback",
+                   help="writeback (default) syncs the target before returning; unsafe "
+                        "skips the sync, as qemu-img convert does by default")
     p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
     p.add_argument("source")
     p.add_argument("target")

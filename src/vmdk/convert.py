@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .errors import VmdkError
+from .extents.base import pread_exact
 from .image import Image, sniff
 
 #: Bytes moved per read/write system call.
@@ -69,13 +70,7 @@ class RawSource:
             pos = hole
 
     def readinto_at(self, offset: int, buf: memoryview) -> None:
-        done = 0
-        while done < len(buf):
-            n = os.preadv(self.fd, [buf[done:]], offset + done)
-            if n == 0:
-                buf[done:] = bytes(len(buf) - done)
-                return
-            done += n
+        pread_exact(self.fd, buf, offset, self.path)
 
     def close(self) -> None:
         os.close(self.fd)
@@ -131,8 +126,9 @@ def nonzero_runs(view: memoryview, block: int) -> list[tuple[int, int]]:
 class RawTarget:
     """A raw output file: created at full size as one hole, then data is written into it."""
 
-    def __init__(self, path: str, size: int) -> None:
+    def __init__(self, path: str, size: int, durable: bool = True) -> None:
         self.path = path
+        self.durable = durable
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0),
                           0o644)
         os.ftruncate(self.fd, size)
@@ -143,7 +139,8 @@ class RawTarget:
             done += os.pwrite(self.fd, data[done:], offset + done)
 
     def close(self) -> None:
-        os.fsync(self.fd)
+        if self.durable:
+            os.fsync(self.fd)
         os.close(self.fd)
 
 
@@ -177,13 +174,14 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
             subformat: str = "monolithicSparse", sparse_size: int = DEFAULT_SPARSE_SIZE,
             progress: Progress | None = None, overwrite: bool = True,
             allow_external: bool = False, force_share: bool = False, disk: str | None = None,
-            **create_options: Any) -> int:
+            durable: bool = True, **create_options: Any) -> int:
     """Convert ``src`` into ``dst``; returns the bytes written.
 
     ``src`` is a raw file, any VMDK (a snapshot chain is flattened) or an OVA
     (its first disk, or ``disk``), detected unless ``src_format`` says
     "raw", "vmdk" or "ova".  ``out_format`` is "vmdk" (with ``subformat`` and
-    the options of :func:`vmdk.create`) or "raw".
+    the options of :func:`vmdk.create`) or "raw".  ``durable=False`` skips the
+    final fsync, as ``qemu-img convert`` does by default.
     """
     from .ova import copy_from_ova, is_ova, ova_disk_size
 
@@ -192,7 +190,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
         raise VmdkError("source and destination are the same file", dst)
     if src_format == "ova" or (src_format is None and is_ova(src)):
         with _target(dst, ova_disk_size(src, disk), out_format, subformat, sparse_size,
-                     overwrite, create_options) as (write_at, _block):
+                     overwrite, durable, create_options) as (write_at, _block):
             copy_from_ova(src, write_at, disk, progress)
         return os.path.getsize(dst)
     extra = ({"allow_external": allow_external, "force_share": force_share}
@@ -200,7 +198,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     source = open_source(src, src_format, **extra)
     try:
         with _target(dst, source.size, out_format, subformat, sparse_size, overwrite,
-                     create_options) as (write_at, block):
+                     durable, create_options) as (write_at, block):
             return copy(source, write_at, sparse_size=block, progress=progress)
     finally:
         source.close()
@@ -208,11 +206,11 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
 
 @contextlib.contextmanager
 def _target(dst: str, size: int, out_format: str, subformat: str, sparse_size: int,
-            overwrite: bool, create_options: dict[str, Any]
+            overwrite: bool, durable: bool, create_options: dict[str, Any]
             ) -> Iterator[tuple[Callable[[int, memoryview], None], int]]:
     """The destination's ``write_at`` and the zero-detection block size suited to it."""
     if out_format == "raw":
-        target = RawTarget(dst, size)
+        target = RawTarget(dst, size, durable)
         try:
             yield target.write_at, sparse_size
         finally:
@@ -226,6 +224,7 @@ def _target(dst: str, size: int, out_format: str, subformat: str, sparse_size: i
         # Zeros inside a grain cost nothing to write; whole zero grains are skipped anyway.
         sparse_size = max(sparse_size, create_options.get("cluster_size", 65536))
     out = create(dst, size, subformat, overwrite=overwrite, **create_options)
+    out.durable = durable
     try:
         yield out.write_at, sparse_size
     except BaseException:

@@ -29,7 +29,7 @@ from .errors import (
     UnsupportedFormatError,
     VmdkError,
 )
-from .extents.base import SECTOR_SIZE, Alloc, Extent, Run
+from .extents.base import SECTOR_SIZE, Alloc, Extent, Run, zero_fill
 from .extents.flat import FlatExtent, ZeroExtent
 from .extents.sparse import SparseExtent
 
@@ -251,9 +251,9 @@ class Image:
             n = min(len(view), self.parent.size - offset)
             self.parent.readinto_at(offset, view[:n])
             if n < len(view):
-                view[n:] = bytes(len(view) - n)
+                zero_fill(view[n:])
         else:
-            view[:] = bytes(len(view))
+            zero_fill(view)
 
     def read_at(self, offset: int, length: int) -> bytes:
         buf = bytearray(length)

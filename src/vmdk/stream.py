@@ -135,6 +135,8 @@ class StreamWriter:
         self._flushed = 0  # bytes already handed to the file
         self._closed = False
 
+        #: False skips the final fsync (qemu-img's "-t unsafe").
+        self.durable = True
         self.name = _display_name(fileobj_or_path)
         self._file, self._owns_file = _open_target(fileobj_or_path)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="vmdk-deflate")
@@ -196,7 +198,8 @@ class StreamWriter:
             self._write_trailer()
             self._drain()
             self._file.flush()
-            _fsync_if_regular(self._file)
+            if self.durable:
+                _fsync_if_regular(self._file)
         finally:
             self._release()
 
@@ -504,6 +507,14 @@ class StreamFile(io.RawIOBase):
 
     def flush(self) -> None:
         """Nothing to do before close: a stream is only valid once its footer is written."""
+
+    @property
+    def durable(self) -> bool:
+        return self._writer.durable
+
+    @durable.setter
+    def durable(self, value: bool) -> None:
+        self._writer.durable = value
 
     def close(self) -> None:
         if not self.closed:

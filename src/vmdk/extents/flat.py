@@ -57,7 +57,7 @@ class FlatExtent(Extent):
         self._dirty = True
 
     def flush(self) -> None:
-        if self._dirty:
+        if self._dirty and self.durable:
             os.fsync(self.fd)
             self._dirty = False
 

@@ -50,6 +50,7 @@ from .base import (
     merge_runs,
     pread_exact,
     pwrite_all,
+    zero_fill,
 )
 
 log = logging.getLogger(__name__)
@@ -424,6 +425,8 @@ class SparseExtent(Extent):
         """Split grains into (first, count, kind) runs; data runs have contiguous sectors."""
         if gtes.size == 0:
             return []
+        if gtes.size <= 32:
+            return self._runs_small(gtes.tolist())
         kinds = self._classify(gtes)
         step = self.header.grain_size
         brk = kinds[1:] != kinds[:-1]
@@ -432,6 +435,26 @@ class SparseExtent(Extent):
         starts = np.concatenate(([0], np.flatnonzero(brk) + 1))
         ends = np.concatenate((starts[1:], [gtes.size]))
         return [(int(s), int(e - s), int(kinds[s])) for s, e in zip(starts, ends)]
+
+    def _kind(self, entry: int) -> int:
+        if entry == 0:
+            return _UNALLOC
+        if entry == ZEROED_GTE and self.zeroed_gte:
+            return _ZERO
+        return _COMPRESSED if self.compressed else _DATA
+
+    def _runs_small(self, entries: list[int]) -> list[tuple[int, int, int]]:
+        """``_runs`` for a few grains: plain Python beats numpy's per-call cost here."""
+        step = self.header.grain_size
+        runs: list[tuple[int, int, int]] = []
+        start, kind = 0, self._kind(entries[0])
+        for i in range(1, len(entries)):
+            k = self._kind(entries[i])
+            if k != kind or k == _COMPRESSED or (k == _DATA and entries[i] != entries[i - 1] + step):
+                runs.append((start, i - start, kind))
+                start, kind = i, k
+        runs.append((start, len(entries) - start, kind))
+        return runs
 
     # -------------------------------------------------------------------- read
 
@@ -451,7 +474,7 @@ class SparseExtent(Extent):
             if kind == _UNALLOC:
                 holes.append((lo - offset, hi - lo))
             elif kind == _ZERO:
-                piece[:] = bytes(len(piece))
+                zero_fill(piece)
             elif kind == _DATA:
                 host = int(gtes[start]) * SECTOR_SIZE + (lo - (first + start) * g)
                 self._pread_grains(piece, host)
@@ -722,7 +745,7 @@ class SparseExtent(Extent):
         """Sync grain data, then write every dirty grain table (both copies)."""
         if not self._gt_dirty:
             return
-        if self._data_unsynced:
+        if self._data_unsynced and self.durable:
             os.fdatasync(self.fd)
             self._data_unsynced = False
         for index in sorted(self._gt_dirty):
@@ -735,7 +758,8 @@ class SparseExtent(Extent):
     def _write_back_directory(self) -> None:
         if not self._gd_dirty:
             return
-        os.fdatasync(self.fd)  # the tables must be durable before anything points at them
+        if self.durable:
+            os.fdatasync(self.fd)  # the tables must be durable before anything points at them
         for index in sorted(self._gd_dirty):
             for table, sector in ((self.gd, self.header.gd_offset), (self.rgd, self.header.rgd_offset)):
                 if table is not None:
@@ -748,13 +772,15 @@ class SparseExtent(Extent):
             return
         self._write_back_tables()
         self._write_back_directory()
-        os.fsync(self.fd)
-        self._data_unsynced = False
+        if self.durable:
+            os.fsync(self.fd)
+            self._data_unsynced = False
 
     def _mark_unclean(self, unclean: bool) -> None:
         self.header.unclean_shutdown = int(unclean)
         pwrite_all(self.fd, self.header_bytes(), 0)
-        os.fsync(self.fd)
+        if self.durable:
+            os.fsync(self.fd)
 
     def header_bytes(self) -> bytes:
         """The header as it belongs at sector 0 (the footer's gdOffset is not copied back)."""
