@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
@@ -33,6 +34,8 @@ class Span:
     start: int
     length: int
     data: bool  # False: known to read as zeros, need not be read
+    host_fd: int | None = None  # where the bytes lie as they are, when they do
+    host_offset: int | None = None
 
 
 class Source(Protocol):
@@ -84,8 +87,15 @@ class ImageSource:
         self.size = image.size
 
     def spans(self) -> Iterator[Span]:
+        fds = {}
+        for image in self.image.chain():
+            for extent in image.extents:
+                fd = getattr(extent, "fd", None)
+                if extent.filename and isinstance(fd, int):
+                    fds.setdefault(extent.filename, fd)
         for run in self.image.map():
-            yield Span(run.start, run.length, run.data)
+            fd = fds.get(run.filename) if run.filename and run.offset is not None else None
+            yield Span(run.start, run.length, run.data, fd, run.offset if fd is not None else None)
 
     def readinto_at(self, offset: int, buf: memoryview) -> None:
         self.image.readinto_at(offset, buf)
@@ -145,8 +155,14 @@ class RawTarget:
 
 
 def copy(source: Source, write_at: Callable[[int, memoryview], None], *,
-         sparse_size: int = DEFAULT_SPARSE_SIZE, progress: Progress | None = None) -> int:
-    """Copy every stored, non-zero byte of ``source`` through ``write_at``; returns bytes written."""
+         sparse_size: int = DEFAULT_SPARSE_SIZE, progress: Progress | None = None,
+         target_fd: int | None = None) -> int:
+    """Copy every stored, non-zero byte of ``source`` through ``write_at``; returns bytes written.
+
+    With ``target_fd`` (a raw target), ranges stored as they are in a host file
+    are copied by the kernel (``copy_file_range``) without passing through
+    Python: stored grains are copied whole, zeros inside them included.
+    """
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     written = 0
@@ -155,6 +171,18 @@ def copy(source: Source, write_at: Callable[[int, memoryview], None], *,
             if progress:
                 progress(span.length)
             continue
+        if target_fd is not None and span.host_fd is not None and span.host_offset is not None:
+            try:
+                _kernel_copy(span.host_fd, span.host_offset, target_fd, span.start, span.length)
+            except OSError as exc:
+                if exc.errno not in _NO_KERNEL_COPY:
+                    raise
+                target_fd = None  # this filesystem cannot: copy through Python from here on
+            else:
+                written += span.length
+                if progress:
+                    progress(span.length)
+                continue
         pos, end = span.start, span.start + span.length
         while pos < end:
             n = min(CHUNK, end - pos)
@@ -167,6 +195,18 @@ def copy(source: Source, write_at: Callable[[int, memoryview], None], *,
             if progress:
                 progress(n)
     return written
+
+
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
+
+
+def _kernel_copy(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, length: int) -> None:
+    done = 0
+    while done < length:
+        n = os.copy_file_range(src_fd, dst_fd, length - done, src_offset + done, dst_offset + done)
+        if n == 0:  # the source file ends early: what is missing reads as zeros
+            return
+        done += n
 
 
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
@@ -199,7 +239,9 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     try:
         with _target(dst, source.size, out_format, subformat, sparse_size, overwrite,
                      durable, create_options) as (write_at, block):
-            return copy(source, write_at, sparse_size=block, progress=progress)
+            raw_fd = getattr(getattr(write_at, "__self__", None), "fd", None)
+            return copy(source, write_at, sparse_size=block, progress=progress,
+                        target_fd=raw_fd if out_format == "raw" else None)
     finally:
         source.close()
 

@@ -1,0 +1,81 @@
+"""convert: zero detection, raw holes, the kernel-copy path and its fallback."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+import vmdk
+from vmdk.convert import RawSource, convert, nonzero_runs
+from conftest import pattern
+
+MiB = 1 << 20
+
+
+def test_nonzero_runs_finds_blocks_and_tails() -> None:
+    data = bytearray(10 * 4096 + 100)
+    data[4096:4097] = b"x"
+    data[3 * 4096:5 * 4096] = b"y" * 8192
+    data[-1:] = b"z"
+    assert nonzero_runs(memoryview(data), 4096) == [(4096, 4096), (3 * 4096, 8192),
+                                                    (10 * 4096, 100)]
+    assert nonzero_runs(memoryview(bytes(8192)), 4096) == []
+
+
+def test_raw_source_skips_holes(tmp_path: Path) -> None:
+    path = tmp_path / "holes.raw"
+    with open(path, "wb") as f:
+        f.truncate(8 * MiB)
+        f.seek(3 * MiB)
+        f.write(b"d" * MiB)
+    source = RawSource(str(path))
+    try:
+        spans = list(source.spans())
+    finally:
+        source.close()
+    assert sum(s.length for s in spans) == 8 * MiB
+    assert [(s.start, s.length) for s in spans if s.data] == [(3 * MiB, MiB)]
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_vmdk_to_raw_keeps_every_byte_and_the_holes(tmp_path: Path, kernel_copy: bool,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    data = pattern(6 * MiB, seed=21)
+    src = tmp_path / "src.vmdk"
+    with vmdk.create(src, 6 * MiB) as disk:
+        disk.write(data)
+    if not kernel_copy:
+        def refuse(*args: object) -> int:
+            raise OSError(errno.EXDEV, "cross-device")
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    out = tmp_path / "out.raw"
+    convert(src, out, out_format="raw")
+    assert out.read_bytes() == data
+    # Every third 64 KiB block of the pattern is zero and never stored: a hole in the output.
+    assert os.stat(out).st_blocks * 512 < len(data)
+
+
+def test_raw_to_every_subformat_and_back(tmp_path: Path) -> None:
+    data = pattern(3 * MiB + 512, seed=22)
+    raw = tmp_path / "in.raw"
+    raw.write_bytes(data)
+    for subformat in ("monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse",
+                      "twoGbMaxExtentFlat", "streamOptimized", "vmfs"):
+        out = tmp_path / f"{subformat}.vmdk"
+        convert(raw, out, subformat=subformat, durable=False)
+        with vmdk.open(out) as disk:
+            assert disk.read() == data, subformat
+        back = tmp_path / f"{subformat}.raw"
+        convert(out, back, out_format="raw")
+        assert back.read_bytes() == data, subformat
+
+
+def test_convert_refuses_the_same_file(tmp_path: Path) -> None:
+    path = tmp_path / "a.vmdk"
+    with vmdk.create(path, MiB):
+        pass
+    with pytest.raises(vmdk.VmdkError, match="same file"):
+        convert(path, path)
