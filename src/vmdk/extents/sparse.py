@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -74,6 +75,17 @@ _UNALLOC, _ZERO, _DATA, _COMPRESSED = 0, 1, 2, 3
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _inflate_pool() -> ThreadPoolExecutor:
+    """Shared workers for inflating grains, made on first use."""
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="vmdk-inflate")
+    return _pool
 
 
 class SparseExtent(Extent):
@@ -493,23 +505,53 @@ class SparseExtent(Extent):
 
     def _read_compressed(self, grains: list[tuple[int, int, int]], buf: memoryview, offset: int,
                          gtes: np.ndarray, first: int) -> None:
-        for grain, lo, hi in grains:
+        found: dict[int, bytes] = {}
+        missing: list[tuple[int, int]] = []
+        for grain, _lo, _hi in grains:
             data = self._grain_cache.get(grain)
             if data is None:
-                data = self._inflate_grain(grain, int(gtes[grain - first]))
-                self._grain_cache[grain] = data
-                if len(self._grain_cache) > GRAIN_CACHE_ENTRIES:
-                    self._grain_cache.popitem(last=False)
+                missing.append((grain, int(gtes[grain - first])))
+            else:
+                found[grain] = data
+        if missing:
+            records = self._fetch_records(missing)
+            if len(records) >= 4:  # the deflate engines release the GIL: inflate on all cores
+                inflated = list(_inflate_pool().map(lambda r: self._inflate(*r), records))
+            else:
+                inflated = [self._inflate(*r) for r in records]
+            for (grain, _sector, _payload), data in zip(records, inflated):
+                found[grain] = data
+            for grain, _sector, _payload in records[-GRAIN_CACHE_ENTRIES:]:
+                self._grain_cache[grain] = found[grain]
+            while len(self._grain_cache) > GRAIN_CACHE_ENTRIES:
+                self._grain_cache.popitem(last=False)
+        for grain, lo, hi in grains:
             base = grain * self.grain_bytes
-            buf[lo - offset:hi - offset] = data[lo - base:hi - base]
+            buf[lo - offset:hi - offset] = memoryview(found[grain])[lo - base:hi - base]
 
-    def _inflate_grain(self, grain: int, sector: int) -> bytes:
-        """Read one compressed grain record and inflate it to exactly a grain."""
+    def _fetch_records(self, grains: list[tuple[int, int]]) -> list[tuple[int, int, bytes]]:
+        """The compressed payload of each (grain, sector), reading neighbours in one go."""
+        g = self.grain_bytes
+        head = GrainMarker.SIZE if self.markers else 4
+        ordered = sorted(grains, key=lambda x: x[1])
+        lo = ordered[0][1] * SECTOR_SIZE
+        hi = ordered[-1][1] * SECTOR_SIZE + head + 2 * g  # incompressible data grows a little
+        window = b""
+        if hi - lo <= max(3 * len(ordered) * g, 1 << 20) and hi - lo <= 64 << 20:
+            window = os.pread(self.fd, hi - lo, lo)
+        return [(grain, sector, self._record(grain, sector, window, lo)) for grain, sector in grains]
+
+    def _record(self, grain: int, sector: int, window: bytes, window_start: int) -> bytes:
+        """One compressed grain record's payload, from ``window`` when it holds the record."""
         name, g = self.filename, self.grain_bytes
         head_len = GrainMarker.SIZE if self.markers else 4
         host = sector * SECTOR_SIZE
-        # One read usually covers the whole record: compressed grains are smaller than a grain.
-        raw = os.pread(self.fd, head_len + g, host)
+        at = host - window_start
+        if window and 0 <= at and at + head_len <= len(window):
+            raw = window[at:at + head_len + 2 * g]
+        else:
+            # One read usually covers the whole record: compressed grains are smaller.
+            raw = os.pread(self.fd, head_len + g, host)
         if len(raw) < head_len:
             raise CorruptImageError(f"grain {grain} at sector {sector} lies past the end of the file",
                                     name)
@@ -528,10 +570,15 @@ class SparseExtent(Extent):
             raw = os.pread(self.fd, head_len + size, host)
             if len(raw) < head_len + size:
                 raise CorruptImageError(f"grain {grain} at sector {sector} is truncated", name)
+        return raw[head_len:head_len + size]
+
+    def _inflate(self, grain: int, sector: int, payload: bytes) -> bytes:
+        g = self.grain_bytes
         try:
-            data = _deflate.inflate_bounded(memoryview(raw)[head_len:head_len + size], g)
+            data = _deflate.inflate_bounded(payload, g)
         except ValueError as exc:
-            raise CorruptImageError(f"grain {grain} at sector {sector}: {exc}", name) from exc
+            raise CorruptImageError(f"grain {grain} at sector {sector}: {exc}",
+                                    self.filename) from exc
         # A short last grain (qemu writes those) is completed with zeros.
         return data if len(data) == g else data + bytes(g - len(data))
 
