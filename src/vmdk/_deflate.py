@@ -26,7 +26,8 @@ ISAL_MAX_LEVEL = 3
 def compress(data: bytes | memoryview, level: int = 1) -> bytes:
     if _engine is not zlib:
         level = min(level, ISAL_MAX_LEVEL)
-    return _engine.compress(data, level)
+    out: bytes = _engine.compress(data, level)
+    return out
 
 
 def inflate_bounded(data: bytes | memoryview, limit: int) -> bytes:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any
+from typing import Any, Self
 
 from .errors import OutOfRangeError
 from .image import Image, MapRun
@@ -120,7 +120,7 @@ class VmdkFile(io.RawIOBase):
     def fileno(self) -> int:
         raise io.UnsupportedOperation("a VMDK image has no single file descriptor")
 
-    def __enter__(self) -> VmdkFile:
+    def __enter__(self) -> Self:
         self._checkClosed()
         return self
 

@@ -29,7 +29,8 @@ def _flock(kind: int, start: int) -> bytes:
 def _held_by_other(fd: int, byte: int) -> bool:
     """Would an exclusive lock on ``byte`` conflict with someone else's lock?"""
     out = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _flock(fcntl.F_WRLCK, byte))
-    return _FLOCK.unpack(out)[0] != fcntl.F_UNLCK
+    kind: int = _FLOCK.unpack(out)[0]
+    return kind != fcntl.F_UNLCK
 
 
 def _take(fd: int, byte: int) -> None:

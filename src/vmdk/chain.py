@@ -7,6 +7,7 @@ so must be followed by updating the children that still depend on it.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from .create import create
 from .errors import ChainError, UnsupportedFormatError
-from .image import NO_PARENT_CID, Image
+from .image import NO_PARENT_CID, Image, MapRun
 
 CHUNK = 8 << 20
 Progress = Callable[[int], None]
@@ -40,10 +41,10 @@ def commit(child: str | os.PathLike[str], *, progress: Progress | None = None) -
             _copy_runs(top, base, runs, progress)
             base.flush()
             new_cid = base.cid
-    _set_parent(child, new_cid, None)
+    _set_parent(os.fspath(child), new_cid, None)
 
 
-def _copy_runs(src: Image, dst: Image, runs: list, progress: Progress | None) -> None:
+def _copy_runs(src: Image, dst: Image, runs: list[MapRun], progress: Progress | None) -> None:
     buf = bytearray(CHUNK)
     for run in runs:
         if not run.data:
@@ -132,7 +133,7 @@ def _differing(a: memoryview, b: memoryview, grain: int, base: int) -> list[tupl
     head = (-base) % grain
     out: list[tuple[int, int]] = []
     edges = [0] + list(range(head or grain, len(a), grain)) + [len(a)]
-    for lo, hi in zip(edges, edges[1:]):
+    for lo, hi in itertools.pairwise(edges):
         if hi > lo and not np.array_equal(x[lo:hi], y[lo:hi]):
             if out and out[-1][0] + out[-1][1] == lo:
                 out[-1] = (out[-1][0], out[-1][1] + hi - lo)

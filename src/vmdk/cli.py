@@ -93,7 +93,7 @@ def progress_bar(enabled: bool, total: int, desc: str) -> Iterator[Callable[[int
     if not enabled or not sys.stderr.isatty():
         yield None
         return
-    from tqdm import tqdm
+    from tqdm import tqdm  # type: ignore[import-untyped]
 
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
               leave=False) as bar:

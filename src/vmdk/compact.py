@@ -12,9 +12,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ._structs import ZEROED_GTE
 from .errors import UnsupportedFormatError
 from .extents.base import SECTOR_SIZE, pread_exact, pwrite_all
-from .extents.sparse import ZEROED_GTE, SparseExtent
+from .extents.sparse import SparseExtent
 from .image import Image
 
 Progress = Callable[[int], None]
@@ -128,7 +129,7 @@ def defragment(extent: SparseExtent) -> int:
     buf = bytearray(extent.grain_bytes)
     for _number, src, dst in moves:
         pread_exact(extent.fd, memoryview(buf), src * SECTOR_SIZE, extent.filename)
-        pwrite_all(extent.fd, buf, dst * SECTOR_SIZE)
+        pwrite_all(extent.fd, memoryview(buf), dst * SECTOR_SIZE)
     if moves:
         os.fdatasync(extent.fd)  # the copies are durable before any table points at them
         for number, _src, dst in moves:

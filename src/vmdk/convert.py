@@ -87,7 +87,7 @@ class ImageSource:
         self.size = image.size
 
     def spans(self) -> Iterator[Span]:
-        fds = {}
+        fds: dict[str, int] = {}
         for image in self.image.chain():
             for extent in image.extents:
                 fd = getattr(extent, "fd", None)

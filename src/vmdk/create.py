@@ -346,7 +346,7 @@ def _create_full_device(path: str, sectors: int, opts: CreateOptions, parent: Im
 def _partition_lines(path: str, sectors: int, ranges: Sequence[RawRange]
                      ) -> tuple[list[ExtentLine], bytes]:
     """Extent lines covering the disk, and the bytes of the partition-table copy file."""
-    pt_full, pt_base = _sibling(path, "-pt")
+    _pt_full, pt_base = _sibling(path, "-pt")
     lines: list[ExtentLine] = []
     table = bytearray()
     pos = 0

@@ -15,14 +15,15 @@ import secrets
 import stat
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Self
+from uuid import UUID
 
 from ._structs import COWD_MAGIC, SESPARSE_CONST_MAGIC, SPARSE_MAGIC, SparseFlags
 from .descriptor import Descriptor, ExtentLine
 from .errors import (
     ChainError,
-    ImageIOError,
     DescriptorError,
+    ImageIOError,
     OutOfRangeError,
     ReadOnlyError,
     UnsafePathError,
@@ -370,7 +371,7 @@ class Image:
                     os.close(fd)
                 self._lock_fds = []
 
-    def __enter__(self) -> Image:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -442,7 +443,7 @@ class Image:
         c, h, _s = self.geometry
         return "lba" if c >= 1024 or h != 16 else "none"
 
-    def _uuid(self, key: str) -> uuid.UUID | None:
+    def _uuid(self, key: str) -> UUID | None:
         value = self.descriptor.ddb_get(key)
         if not value:
             return None
@@ -452,27 +453,27 @@ class Image:
             return None
 
     @property
-    def uuid(self) -> uuid.UUID | None:
+    def uuid(self) -> UUID | None:
         return self._uuid("ddb.uuid.image") or self._uuid("ddb.uuid")
 
     @uuid.setter
-    def uuid(self, value: uuid.UUID) -> None:
+    def uuid(self, value: UUID) -> None:
         self.set_metadata("ddb.uuid.image", str(value))
 
     @property
-    def modification_uuid(self) -> uuid.UUID | None:
+    def modification_uuid(self) -> UUID | None:
         return self._uuid("ddb.uuid.modification")
 
     @modification_uuid.setter
-    def modification_uuid(self, value: uuid.UUID) -> None:
+    def modification_uuid(self, value: UUID) -> None:
         self.set_metadata("ddb.uuid.modification", str(value))
 
     @property
-    def parent_uuid(self) -> uuid.UUID | None:
+    def parent_uuid(self) -> UUID | None:
         return self._uuid("ddb.uuid.parent")
 
     @parent_uuid.setter
-    def parent_uuid(self, value: uuid.UUID) -> None:
+    def parent_uuid(self, value: UUID) -> None:
         self.set_metadata("ddb.uuid.parent", str(value))
 
     @property

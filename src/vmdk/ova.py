@@ -235,7 +235,7 @@ def build_ovf(name: str, disk_file: str, disk_file_size: int, capacity: int, pop
 def export_ova(src: str | os.PathLike[str], ova: str | os.PathLike[str], *,
                name: str | None = None, cpus: int = 1, memory_mb: int = 1024,
                compression_level: int = 1, progress: Callable[[int], None] | None = None,
-               **open_args: object) -> None:
+               allow_external: bool = False, force_share: bool = False) -> None:
     """Package the disk ``src`` (raw or any VMDK) as an OVA: OVF, streamOptimized disk, manifest."""
     from .convert import convert
 
@@ -246,7 +246,8 @@ def export_ova(src: str | os.PathLike[str], ova: str | os.PathLike[str], *,
                             f".{uuid.uuid4().hex}-{disk_name}")
     try:
         convert(src, tmp_disk, subformat="streamOptimized", adapter_type="lsilogic",
-                compression_level=compression_level, progress=progress, **open_args)
+                compression_level=compression_level, progress=progress,
+                allow_external=allow_external, force_share=force_share)
         from .image import Image
 
         with Image.open(tmp_disk) as image:

@@ -19,7 +19,7 @@ from .errors import UnsupportedFormatError, VmdkError
 from .extents.base import SECTOR_SIZE, pwrite_all
 from .extents.flat import FlatExtent
 from .extents.sparse import SparseExtent
-from .image import Image, compute_geometry
+from .image import Image, MapRun, compute_geometry
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -79,7 +79,7 @@ def _shrink(image: Image, sectors: int, allowed: bool) -> None:
             pwrite_all(extent.fd, extent.header_bytes(), 0)
 
 
-def _first_nonzero(image: Image, runs: list) -> int | None:
+def _first_nonzero(image: Image, runs: list[MapRun]) -> int | None:
     """Offset of the first non-zero byte stored in ``runs`` (stored zeros are not data)."""
     chunk = 8 << 20
     for run in runs:
@@ -89,7 +89,8 @@ def _first_nonzero(image: Image, runs: list) -> int | None:
             data = np.frombuffer(image.read_at(pos, n), dtype=np.uint8)
             hits = np.flatnonzero(data)
             if hits.size:
-                return pos + int(hits[0])
+                found: int = pos + int(hits[0])
+                return found
             pos += n
     return None
 
@@ -136,7 +137,8 @@ def _new_split_extent(image: Image, like: ExtentLine, number: int, sectors: int)
         full, base = _sibling(image.path, f"-s{number:03d}")
         if os.path.exists(full):
             raise VmdkError(f"cannot add extent {base}: the file exists", image.path)
-        grain = getattr(image.extents[-1], "header").grain_size
+        last = image.extents[-1]
+        grain = last.header.grain_size if isinstance(last, SparseExtent) else 128
         SparseExtent.create(full, sectors, grain_size=grain).close()
         return ExtentLine("RW", sectors, "SPARSE", base, None)
     full, base = _sibling(image.path, f"-f{number:03d}")

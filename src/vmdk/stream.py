@@ -20,8 +20,8 @@ written in submission order, so the output does not depend on the thread count.
 from __future__ import annotations
 
 import collections
-import io
 import dataclasses
+import io
 import os
 import stat
 import zlib

@@ -39,7 +39,6 @@ from ..errors import (
     CorruptImageError,
     InvalidHeaderError,
     MissingExtentError,
-    OutOfRangeError,
     UnsupportedFormatError,
 )
 from .base import (

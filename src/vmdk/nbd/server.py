@@ -16,7 +16,7 @@ import socket
 import socketserver
 import threading
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol, Self
 
 from ..errors import VmdkError
@@ -53,7 +53,7 @@ class BlockDevice(Protocol):
     def write_zeroes_at(self, offset: int, length: int) -> None: ...
     def discard_at(self, offset: int, length: int) -> None: ...
     def flush(self) -> None: ...
-    def map(self, offset: int, length: int) -> list[MapRun]: ...
+    def map(self, offset: int, length: int) -> Sequence[MapRun]: ...
 
 
 #: Device errors as NBD errors, looked up along the exception's MRO.
