@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -80,7 +81,8 @@ class CheckResult:
 
 
 def check(path: str | os.PathLike[str], *, repair: str | None = None,
-          allow_external: bool = False, force_share: bool = False) -> CheckResult:
+          allow_external: bool = False, force_share: bool = False,
+          progress: Callable[[int], None] | None = None) -> CheckResult:
     """Check an image and report every inconsistency found.
 
     ``repair`` is None (only look), "leaks" (give leaked space back) or "all"
@@ -96,14 +98,15 @@ def check(path: str | os.PathLike[str], *, repair: str | None = None,
         if before.check_errors or not (before.corruptions or before.leaks or before.problems):
             return before
         _repair(path, repair, allow_external)
-        after = _inspect(path, allow_external, force_share=False)
+        after = _inspect(path, allow_external, force_share=False, progress=progress)
         after.corruptions_fixed = max(0, before.corruptions - after.corruptions)
         after.leaks_fixed = max(0, before.leaks - after.leaks)
         return after
-    return _inspect(path, allow_external, force_share)
+    return _inspect(path, allow_external, force_share, progress)
 
 
-def _inspect(path: str, allow_external: bool, force_share: bool) -> CheckResult:
+def _inspect(path: str, allow_external: bool, force_share: bool,
+             progress: Callable[[int], None] | None = None) -> CheckResult:
     result = CheckResult(path)
     try:
         image = Image.open(path, "r", allow_external=allow_external, open_parent=False,
@@ -118,6 +121,8 @@ def _inspect(path: str, allow_external: bool, force_share: bool) -> CheckResult:
                 _check_sparse(extent, result)
             elif isinstance(extent, FlatExtent):
                 _check_flat(extent, result)
+            if progress:
+                progress(1)  # extents checked
     finally:
         image.close()
     return result

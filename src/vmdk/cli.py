@@ -95,8 +95,8 @@ def progress_bar(enabled: bool, total: int, desc: str) -> Iterator[Callable[[int
         return
     from tqdm import tqdm  # type: ignore[import-untyped]
 
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-              leave=False) as bar:
+    sized = {"total": total, "unit": "B", "unit_scale": True, "unit_divisor": 1024} if total else {}
+    with tqdm(desc=desc, leave=False, **sized) as bar:
         yield bar.update
 
 
@@ -196,7 +196,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    result = check(args.image, repair=args.repair, **_open_flags(args))
+    with progress_bar(args.progress, 0, "check extents") as bar:
+        result = check(args.image, repair=args.repair, progress=bar, **_open_flags(args))
     opening = [p for p in result.problems if p.kind == "error"]
     if result.check_errors and opening and not result.allocated_clusters:
         # The image could not even be opened: an error like any other verb's.
@@ -250,13 +251,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     a = open_source(args.first, args.first_format, **_open_flags(args))
     b = open_source(args.second, args.second_format, **_open_flags(args))
     try:
-        return _compare(a, b, args.strict, args.quiet)
+        with progress_bar(args.progress, max(a.size, b.size), "compare") as bar:
+            return _compare(a, b, args.strict, args.quiet, bar)
     finally:
         a.close()
         b.close()
 
 
-def _compare(a: Any, b: Any, strict: bool, quiet: bool) -> int:
+def _compare(a: Any, b: Any, strict: bool, quiet: bool,
+             progress: Callable[[int], None] | None = None) -> int:
     if strict and a.size != b.size:
         if not quiet:
             print(f"Strict mode: Image size mismatch! ({a.size} vs {b.size})")
@@ -277,6 +280,8 @@ def _compare(a: Any, b: Any, strict: bool, quiet: bool) -> int:
                 print(f"{where} at offset {pos + first}!")
             return 1
         pos += n
+        if progress:
+            progress(n)
     if not quiet:
         print("Images are identical.")
     return 0
@@ -472,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("check", cmd_check, "check an image for inconsistencies (and repair them)")
     p.add_argument("--output", choices=("human", "json"), default="human")
+    p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
     p.add_argument("-r", dest="repair", choices=("leaks", "all"), default=None,
                    help="repair leaked space, or everything that can be repaired without "
                         "losing data")
@@ -487,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", dest="first_format", choices=("raw", "vmdk"), default=None)
     p.add_argument("-F", dest="second_format", choices=("raw", "vmdk"), default=None)
     p.add_argument("-s", dest="strict", action="store_true", help="sizes must match too")
+    p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
     p.add_argument("-q", dest="quiet", action="store_true")
     p.add_argument("first")
     p.add_argument("second")
