@@ -73,7 +73,8 @@ for i, (kind, offset, length, flush) in enumerate(operations(seed, windows, coun
         disk.write_zeroes_at(offset, length)
     if flush:
         disk.flush()
-        print("FLUSHED", i + 1, flush=True)
+        sys.stdout.write(f"FLUSHED {i + 1}\n")  # one write: a kill cannot split it
+        sys.stdout.flush()
 print("DONE", flush=True)
 os._exit(0)  # no close: the last stretch after the final flush is a crash as well
 '''
@@ -208,8 +209,8 @@ def run_and_kill(path: Path, seed: int, count: int, windows: list[tuple[int, int
             proc.wait()
     lines = out.split()
     flushed = 0
-    for i, word in enumerate(lines):
-        if word == "FLUSHED":
+    for i, word in enumerate(lines[:-1]):
+        if word == "FLUSHED" and lines[i + 1].isdigit():
             flushed = int(lines[i + 1])
     if proc.returncode not in (0, -signal.SIGKILL):
         pytest.fail(f"writer failed ({proc.returncode}): {err[-3000:]}")

@@ -515,7 +515,11 @@ class SparseExtent(Extent):
         if missing:
             records = self._fetch_records(missing)
             if len(records) >= 4:  # the deflate engines release the GIL: inflate on all cores
-                inflated = list(_inflate_pool().map(lambda r: self._inflate(*r), records))
+                workers = os.cpu_count() or 1
+                step = -(-len(records) // workers)  # one batch per worker: tasks cost too
+                batches = [records[i:i + step] for i in range(0, len(records), step)]
+                inflated = [data for batch in _inflate_pool().map(
+                    lambda b: [self._inflate(*r) for r in b], batches) for data in batch]
             else:
                 inflated = [self._inflate(*r) for r in records]
             for (grain, _sector, _payload), data in zip(records, inflated):
