@@ -104,13 +104,42 @@ def block_states(
         yield end - pos, BlockState(0)
 
 
+class WriterSlot:
+    """Any number of clients may read; one at a time may write.
+
+    The first client to send a write-type command holds the slot until it
+    disconnects; another client's writes meanwhile get EPERM.
+    """
+
+    def __init__(self) -> None:
+        self.holder: object | None = None
+
+    def claim(self, session: object) -> bool:
+        if self.holder is None:
+            self.holder = session
+        return self.holder is session
+
+    def release(self, session: object) -> None:
+        if self.holder is session:
+            self.holder = None
+
+
+_WRITES = (p.Write, p.Trim, p.WriteZeroes)
+
+
 class _Session:
     """Carries out the requests of one client on the shared device."""
 
-    def __init__(self, device: BlockDevice, lock: threading.Lock, conn: p.ServerConnection) -> None:
+    def __init__(self, device: BlockDevice, lock: threading.Lock, conn: p.ServerConnection,
+                 writer: WriterSlot | None = None) -> None:
         self.device = device
         self.lock = lock
         self.conn = conn
+        self.writer = writer if writer is not None else WriterSlot()
+
+    def close(self) -> None:
+        with self.lock:
+            self.writer.release(self)
 
     def handle(self, event: p.Event) -> bytes:
         if isinstance(event, p.OptionEvent):
@@ -124,6 +153,9 @@ class _Session:
         assert isinstance(event, p.Request)
         try:
             with self.lock:
+                if isinstance(event, _WRITES) and not self.writer.claim(self):
+                    return self.conn.reply_error(
+                        event, Errno.EPERM, "another client is writing to this export")
                 return action(self, event)
         except (VmdkError, OSError) as exc:
             log.warning("%s failed: %s", type(event).__name__, exc)
@@ -209,7 +241,7 @@ class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         owner = self.owner
         conn = p.ServerConnection({owner.export_name: owner.export})
-        session = _Session(owner.device, owner.lock, conn)
+        session = _Session(owner.device, owner.lock, conn, owner.writer)
         sock: socket.socket = self.request
         try:
             sock.sendall(conn.greeting())
@@ -226,6 +258,8 @@ class _Handler(socketserver.BaseRequestHandler):
             log.warning("dropping client %s: %s", self.client_address or "(unix)", exc)
         except OSError as exc:
             log.info("client %s gone: %s", self.client_address or "(unix)", exc)
+        finally:
+            session.close()
 
 
 class _ServerMixin(socketserver.ThreadingMixIn):
@@ -271,6 +305,7 @@ class NbdServer:
         self.export_name = export_name
         self.export = p.ExportInfo(size=device.size, read_only=read_only or not device.writable())
         self.lock = threading.Lock()
+        self.writer = WriterSlot()
         self.clients: set[socket.socket] = set()
         self.clients_lock = threading.Lock()
         self._host, self._port, self._unix_socket = host, port, unix_socket
