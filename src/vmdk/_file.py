@@ -11,11 +11,12 @@ import io
 import os
 from typing import Any, Self
 
+from ._positioned import PositionedDisk
 from .errors import OutOfRangeError
 from .image import Image, MapRun
 
 
-class VmdkFile(io.RawIOBase):
+class VmdkFile(PositionedDisk):
     """A virtual disk opened for reading (mode "r") or reading and writing ("r+")."""
 
     def __init__(self, image: Image) -> None:
@@ -45,29 +46,6 @@ class VmdkFile(io.RawIOBase):
     def writable(self) -> bool:
         self._checkClosed()
         return not self.image.read_only
-
-    def seekable(self) -> bool:
-        self._checkClosed()
-        return True
-
-    def tell(self) -> int:
-        self._checkClosed()
-        return self._pos
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        self._checkClosed()
-        if whence == os.SEEK_SET:
-            pos = offset
-        elif whence == os.SEEK_CUR:
-            pos = self._pos + offset
-        elif whence == os.SEEK_END:
-            pos = self.image.size + offset
-        else:
-            raise ValueError(f"invalid whence {whence}")
-        if pos < 0:
-            raise ValueError(f"negative seek position {pos}")
-        self._pos = pos
-        return pos
 
     def readinto(self, buffer: Any) -> int:
         self._checkClosed()

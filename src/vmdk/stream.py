@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import io
 import os
 import stat
 import zlib
@@ -32,6 +31,7 @@ from typing import Any, BinaryIO, Self
 
 import numpy as np
 
+from ._positioned import PositionedDisk
 from ._structs import (
     GD_AT_END,
     SECTOR_SIZE,
@@ -444,7 +444,7 @@ def _fsync_if_regular(fileobj: BinaryIO) -> None:
         os.fsync(fd)
 
 
-class StreamFile(io.RawIOBase):
+class StreamFile(PositionedDisk):
     """A streamOptimized image being written front to back, as a write-only file object.
 
     What ``vmdk.create(..., subformat="streamOptimized")`` returns: ``write``
@@ -476,22 +476,6 @@ class StreamFile(io.RawIOBase):
     def writable(self) -> bool:
         self._checkClosed()
         return True
-
-    def seekable(self) -> bool:
-        self._checkClosed()
-        return True
-
-    def tell(self) -> int:
-        self._checkClosed()
-        return self._pos
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        self._checkClosed()
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size}[whence]
-        if base + offset < 0:
-            raise ValueError("negative seek position")
-        self._pos = base + offset
-        return self._pos
 
     def write(self, data: Any) -> int:
         self._checkClosed()

@@ -618,20 +618,29 @@ class SparseExtent(Extent):
         g = self.grain_bytes
         first, last = lo // g, (hi - 1) // g
         gtes = self._entries(first, last)
-        out: list[Run] = []
+        spans: list[list[int]] = []  # [start, end, kind, host]; neighbours merged as they come
         for start, count, kind in self._runs(gtes):
             a = max(lo, (first + start) * g)
             b = min(hi, (first + start + count) * g)
-            if kind == _UNALLOC:
-                out.append(Run(a, b - a, Alloc.UNALLOCATED))
-            elif kind == _ZERO:
-                out.append(Run(a, b - a, Alloc.ZERO))
-            elif kind == _DATA:
+            host = -1
+            if kind == _DATA:
                 host = int(gtes[start]) * SECTOR_SIZE + (a - (first + start) * g)
-                out.append(Run(a, b - a, Alloc.DATA, host, self.filename))
+            prev = spans[-1] if spans else None
+            if prev is not None and prev[2] == kind and prev[1] == a and (
+                    kind != _DATA or prev[3] + (prev[1] - prev[0]) == host):
+                prev[1] = b
             else:
-                out.append(Run(a, b - a, Alloc.DATA, None, self.filename, compressed=True))
-        return out
+                spans.append([a, b, kind, host])
+        return [self._as_run(a, b, kind, host) for a, b, kind, host in spans]
+
+    def _as_run(self, a: int, b: int, kind: int, host: int) -> Run:
+        if kind == _UNALLOC:
+            return Run(a, b - a, Alloc.UNALLOCATED)
+        if kind == _ZERO:
+            return Run(a, b - a, Alloc.ZERO)
+        if kind == _DATA:
+            return Run(a, b - a, Alloc.DATA, host, self.filename)
+        return Run(a, b - a, Alloc.DATA, None, self.filename, compressed=True)
 
     # ------------------------------------------------------------------- write
 

@@ -1,0 +1,39 @@
+"""The file position shared by every file object over a virtual disk."""
+
+from __future__ import annotations
+
+import io
+import os
+
+
+class PositionedDisk(io.RawIOBase):
+    """``seek``/``tell`` over a disk of ``size`` bytes; subclasses move ``_pos`` as they do I/O."""
+
+    _pos = 0
+
+    @property
+    def size(self) -> int:
+        raise NotImplementedError
+
+    def seekable(self) -> bool:
+        self._checkClosed()
+        return True
+
+    def tell(self) -> int:
+        self._checkClosed()
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self._checkClosed()
+        if whence == os.SEEK_SET:
+            pos = offset
+        elif whence == os.SEEK_CUR:
+            pos = self._pos + offset
+        elif whence == os.SEEK_END:
+            pos = self.size + offset
+        else:
+            raise ValueError(f"invalid whence {whence}")
+        if pos < 0:
+            raise ValueError(f"negative seek position {pos}")
+        self._pos = pos
+        return pos
