@@ -694,8 +694,8 @@ class SparseExtent(Extent):
         zero = ~words.reshape(full_last - full_first, g // 8).any(axis=1)
         skip[full_first:full_last] = zero
         if backing is not None:  # a parent exists: mark the grains as zero instead of storing
-            for i in np.flatnonzero(zero):
-                self._set_entry(grain0 + full_first + int(i), ZEROED_GTE)
+            marks = np.where(zero, ZEROED_GTE, 0).astype(np.uint32)
+            self._set_entries(grain0 + full_first, marks)
         return skip
 
     def _append_grains(self, grain0: int, count: int, lo: int, piece: memoryview,
@@ -721,13 +721,30 @@ class SparseExtent(Extent):
         self._data_unsynced = True
         sector = self._end
         self._end += count * self.header.grain_size
-        for i in range(count):  # a handful of table slots per run, not per sector
-            self._set_entry(grain0 + i, sector + i * self.header.grain_size)
+        step = self.header.grain_size
+        self._set_entries(grain0, (sector + np.arange(count, dtype=np.int64) * step)
+                          .astype(np.uint32))
 
     @staticmethod
     def _fill_partial(view: memoryview, offset: int, backing: BackingReader | None) -> None:
         if backing is not None:
             backing(offset, view)
+
+    def _set_entries(self, grain0: int, values: np.ndarray) -> None:
+        """Set the entries of grains ``grain0 ..`` from an array, one table slice at a time."""
+        n = self.header.num_gtes_per_gt
+        pos = 0
+        while pos < len(values):
+            index, slot = divmod(grain0 + pos, n)
+            take = min(len(values) - pos, n - slot)
+            chunk = values[pos:pos + take]
+            pos += take
+            if self.gd[index] == 0:
+                if not chunk.any():
+                    continue  # an absent table already reads as unallocated
+                self._allocate_table(index)
+            self._gt(index)[slot:slot + take] = chunk
+            self._gt_dirty.add(index)
 
     def _set_entry(self, grain: int, value: int) -> None:
         index, slot = divmod(grain, self.header.num_gtes_per_gt)
@@ -793,8 +810,7 @@ class SparseExtent(Extent):
             return
         if lo < full_lo * g:
             super().write_zeroes(lo, full_lo * g - lo, backing)
-        for grain in range(full_lo, full_hi):  # one table slot per whole grain
-            self._set_entry(grain, ZEROED_GTE)
+        self._set_entries(full_lo, np.full(full_hi - full_lo, ZEROED_GTE, dtype=np.uint32))
         if hi > full_hi * g:
             super().write_zeroes(full_hi * g, hi - full_hi * g, backing)
 
