@@ -137,7 +137,6 @@ class SparseExtent(Extent):
         self._max_gts = max(4, gt_cache_bytes // (header.num_gtes_per_gt * 4))
         self._grain_cache: OrderedDict[int, bytes] = OrderedDict()
         self._data_unsynced = False
-        self._header_dirty = False
         self._end = _ceil_div(self.file_size, SECTOR_SIZE)  # next free sector
         if self._rgd_mismatch.size and not read_only:
             self._recover_directories()
