@@ -89,7 +89,9 @@ def _ddb(size: int, opts: CreateOptions, parent: Image | None = None) -> dict[st
         "ddb.toolsVersion": opts.toolsversion,
     }
     if opts.comment is not None:
-        ddb["ddb.comment"] = opts.comment
+        from .image import encode_comment
+
+        ddb["ddb.comment"] = encode_comment(opts.comment)
     return ddb
 
 

@@ -478,11 +478,13 @@ class Image:
 
     @property
     def comment(self) -> str | None:
-        return self.descriptor.ddb_get("ddb.comment")
+        """``ddb.comment``, with VirtualBox's escapes (``\\n``, ``\\r``, ``\\\\``) undone."""
+        raw = self.descriptor.ddb_get("ddb.comment")
+        return None if raw is None else decode_comment(raw)
 
     @comment.setter
     def comment(self, value: str) -> None:
-        self.set_metadata("ddb.comment", value)
+        self.set_metadata("ddb.comment", encode_comment(value))
 
     def set_metadata(self, key: str, value: str) -> None:
         """Set a disk database key (``ddb.`` is added when missing)."""
@@ -560,6 +562,29 @@ class Image:
             images.append(node)
             node = node.parent
         return images
+
+
+_COMMENT_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r"}
+
+
+def encode_comment(text: str) -> str:
+    """Escape a free-text comment for one descriptor line, as VirtualBox writes ddb.comment.
+
+    A double quote cannot be escaped in the format and is refused (DescriptorError).
+    """
+    return "".join(_COMMENT_ESCAPES.get(ch, ch) for ch in text)
+
+
+def decode_comment(raw: str) -> str:
+    out: list[str] = []
+    chars = iter(raw)
+    for ch in chars:
+        if ch == "\\":
+            nxt = next(chars, "")
+            out.append({"n": "\n", "r": "\r", "\\": "\\"}.get(nxt, "\\" + nxt))
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def _merge_map(runs: list[MapRun]) -> list[MapRun]:

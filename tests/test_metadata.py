@@ -1,0 +1,66 @@
+"""The metadata API: geometry, translation, adapter, UUIDs, CIDs, comment, hardware version."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+import vmdk
+from vmdk.image import compute_geometry, decode_comment, encode_comment
+
+MiB = 1 << 20
+
+
+def test_geometry_is_computed_like_qemu_when_absent(tmp_path: Path) -> None:
+    assert compute_geometry(10 * 1024 * MiB, "ide") == (20805, 16, 63)
+    assert compute_geometry(10 * 1024 * MiB, "lsilogic") == (1305, 255, 63)
+    path = tmp_path / "g.vmdk"
+    with vmdk.create(path, 64 * MiB, adapter_type="lsilogic") as disk:
+        disk.image.descriptor.ddb_remove("ddb.geometry.cylinders")
+        assert disk.image.geometry == compute_geometry(64 * MiB, "lsilogic")
+
+
+def test_metadata_round_trips_through_the_descriptor(tmp_path: Path) -> None:
+    path = tmp_path / "m.vmdk"
+    with vmdk.create(path, 8 * MiB, adapter_type="buslogic", hwversion="7",
+                     geometry=(100, 4, 17), comment="made\nby tests") as disk:
+        image = disk.image
+        assert (image.adapter_type, image.hardware_version) == ("buslogic", "7")
+        assert image.geometry == (100, 4, 17)
+        assert image.bios_translation == "lba"  # heads != 16
+        assert image.comment == "made\nby tests"
+        assert isinstance(image.uuid, uuid.UUID)
+        new = uuid.uuid4()
+        image.uuid = new
+        image.adapter_type = "lsilogic"
+        image.hardware_version = "14"
+        image.set_geometry(1000, 16, 63)
+        image.comment = "second"
+        image.set_metadata("toolsInstallType", "4")
+    with vmdk.open(path) as disk:
+        image = disk.image
+        assert image.uuid == new
+        assert (image.adapter_type, image.hardware_version) == ("lsilogic", "14")
+        assert image.geometry == (1000, 16, 63)
+        assert image.bios_translation == "none"
+        assert image.comment == "second"
+        assert image.descriptor.ddb_get("ddb.toolsInstallType") == "4"
+        assert image.parent_cid == 0xFFFFFFFF
+        info = disk.info()
+        assert info["adapter-type"] == "lsilogic" and info["comment"] == "second"
+
+
+def test_metadata_is_read_only_on_a_read_only_open(tmp_path: Path) -> None:
+    path = tmp_path / "r.vmdk"
+    with vmdk.create(path, MiB):
+        pass
+    with vmdk.open(path) as disk, pytest.raises(vmdk.ReadOnlyError):
+        disk.image.adapter_type = "lsilogic"
+
+
+def test_comment_escapes_as_virtualbox_does() -> None:
+    for text in ("plain", "two\nlines\r\n", "back\\slash", "\\n literally", ""):
+        assert decode_comment(encode_comment(text)) == text
+    assert encode_comment("a\nb\\") == "a\\nb\\\\"
