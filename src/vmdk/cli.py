@@ -463,7 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disk", default=None, help="which disk of an OVA (default: the first)")
     p.add_argument("--target-is-zero", action="store_true",
                    help="accepted for qemu-img compatibility: zeros are never written anyway")
-    p.add_argument("-O", dest="output_format", choices=("raw", "vmdk"), default="vmdk")
+    p.add_argument("-O", dest="output_format", choices=("raw", "vmdk"), default="vmdk",
+                   help="target format (default vmdk)")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                    help="create options of the target, as for 'create'")
     p.add_argument("-S", dest="sparse_size", default=str(DEFAULT_SPARSE_SIZE),
@@ -472,8 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="writeback (default) syncs the target before returning; unsafe "
                         "skips the sync, as qemu-img convert does by default")
     p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
-    p.add_argument("source")
-    p.add_argument("target")
+    p.add_argument("source", help="raw file, VMDK (any kind; a snapshot is flattened) or OVA")
+    p.add_argument("target", help="the file to create (replaced if it exists)")
 
     p = verb("check", cmd_check, "check an image for inconsistencies (and repair them)")
     p.add_argument("--output", choices=("human", "json"), default="human")
@@ -511,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", dest="quiet", action="store_true")
     p.add_argument("image")
 
-    p = verb("rebase", cmd_rebase, "change the parent of a snapshot ('-b \'\'' removes it)")
+    p = verb("rebase", cmd_rebase, "change the parent of a snapshot (-b '' makes it standalone)")
     p.add_argument("-b", dest="backing", required=True, metavar="PARENT",
                    help="the new parent; an empty string makes the image standalone")
     p.add_argument("-F", dest="backing_format", choices=("vmdk",), default="vmdk")
@@ -560,17 +561,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         logging.basicConfig(level=logging.WARNING, format="vmdk: warning: %(message)s")
     try:
-        return int(args.func(args))
-    except (VmdkError, OSError, ValueError) as exc:
-        if args.debug:
-            raise
-        print(f"vmdk: error: {exc}", file=sys.stderr)
-        return 1
+        code = int(args.func(args))
+        sys.stdout.flush()
+        return code
     except BrokenPipeError:
         # The reader went away (as with "| head"): not an error of ours.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    except (VmdkError, OSError, ValueError) as exc:
+        if args.debug:
+            raise
+        print(f"vmdk: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("vmdk: interrupted", file=sys.stderr)
         return 130
