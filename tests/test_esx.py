@@ -62,3 +62,17 @@ def test_vmfs_create_writes_esx_descriptor(tmp_path: Path) -> None:
     assert 'createType="vmfs"' in text
     assert 'RW 2048 VMFS "esx-flat.vmdk"\n' in text  # ESX lines carry no offset
     assert (tmp_path / "esx-flat.vmdk").read_bytes()[:3] == b"esx"
+
+
+def test_pipes_and_folders_are_refused_without_blocking(tmp_path: Path) -> None:
+    import os
+
+    os.mkfifo(tmp_path / "pipe.vmdk")
+    with pytest.raises(vmdk.UnsupportedFormatError, match="pipe"):
+        vmdk.open(tmp_path / "pipe.vmdk")
+    with pytest.raises(vmdk.UnsupportedFormatError, match="folder"):
+        vmdk.open(tmp_path)
+    os.mkfifo(tmp_path / "data.bin")  # an extent that is a pipe would hang a reader
+    write_descriptor(tmp_path / "x.vmdk", "monolithicFlat", ['RW 2048 FLAT "data.bin" 0'])
+    with pytest.raises(vmdk.UnsafePathError, match="not a regular file"):
+        vmdk.open(tmp_path / "x.vmdk")

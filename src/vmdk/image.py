@@ -109,6 +109,15 @@ def sniff(path: str) -> str:
     return "raw"
 
 
+def _check_openable(path: str) -> None:
+    """Refuse what would hang or mislead a reader: pipes, sockets, folders."""
+    mode = os.stat(path).st_mode
+    if stat.S_ISDIR(mode):
+        raise UnsupportedFormatError("is a folder, not an image", path)
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        raise UnsupportedFormatError("is a pipe or socket, not an image file", path)
+
+
 def _looks_like_descriptor(path: str) -> bool:
     try:
         if os.path.getsize(path) > MAX_DESCRIPTOR_BYTES:
@@ -178,6 +187,7 @@ class Image:
             raise ChainError("snapshot chain loops back to this image", path)
         if _depth > MAX_CHAIN_DEPTH:
             raise ChainError(f"snapshot chain is deeper than {MAX_CHAIN_DEPTH} images", path)
+        _check_openable(path)
         kind = sniff(path)
         embedded: SparseExtent | None = None
         if kind == "sparse":
