@@ -30,7 +30,7 @@ from .errors import (
     UnsupportedFormatError,
     VmdkError,
 )
-from .extents.base import SECTOR_SIZE, Alloc, Extent, Run, zero_fill
+from .extents.base import SECTOR_SIZE, Alloc, Extent, Run, pwrite_all, zero_fill
 from .extents.flat import FlatExtent, ZeroExtent
 from .extents.sparse import SparseExtent
 
@@ -631,18 +631,19 @@ def _allocated(path: str) -> int:
 
 
 def _replace_file(path: str, data: bytes) -> None:
-    """Write a whole small file so a crash leaves either the old or the new content."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dirfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    """Rewrite a small descriptor file in place.
+
+    In place, not by rename: the file's locks live on its inode, and a new inode
+    would silently drop them.  A descriptor is a few hundred bytes, written in
+    one call before the file is cut to length.
+    """
+    fd = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
     try:
-        os.fsync(dirfd)
+        pwrite_all(fd, data, 0)
+        os.ftruncate(fd, len(data))
+        os.fsync(fd)
     finally:
-        os.close(dirfd)
+        os.close(fd)
 
 
 def _embedded_descriptor(extent: SparseExtent, path: str) -> Descriptor:
