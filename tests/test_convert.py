@@ -79,3 +79,27 @@ def test_convert_refuses_the_same_file(tmp_path: Path) -> None:
         pass
     with pytest.raises(vmdk.VmdkError, match="same file"):
         convert(path, path)
+
+
+def test_streams_through_pipes(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    data = pattern(3 * MiB + 4096, seed=23)
+    (tmp_path / "in.raw").write_bytes(data)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    made = subprocess.run([sys.executable, "-m", "vmdk", "convert", "-o",
+                           "subformat=streamOptimized", str(tmp_path / "in.raw"), "-"],
+                          capture_output=True, env=env, timeout=120, check=True)
+    assert made.stdout[:4] == b"KDMV"
+    (tmp_path / "piped.vmdk").write_bytes(made.stdout)
+    with vmdk.open(tmp_path / "piped.vmdk") as disk:
+        assert disk.read() == data
+    back = subprocess.run([sys.executable, "-m", "vmdk", "convert", "-O", "raw", "-",
+                           str(tmp_path / "back.raw")], input=made.stdout, capture_output=True,
+                          env=env, timeout=120)
+    assert back.returncode == 0, back.stderr
+    assert (tmp_path / "back.raw").read_bytes() == data
+    refused = subprocess.run([sys.executable, "-m", "vmdk", "convert", str(tmp_path / "in.raw"),
+                              "-"], capture_output=True, env=env, timeout=120)
+    assert refused.returncode == 1 and b"streamOptimized" in refused.stderr

@@ -178,7 +178,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .ova import is_ova, ova_disk_size
 
     kwargs = create_kwargs(parse_options(args.options))
-    if args.source_format == "raw":
+    if args.source == "-":
+        size = 0  # a stream on standard input: its size is in a header not read yet
+    elif args.source_format == "raw":
         size = os.path.getsize(args.source)
     elif args.source_format == "ova" or (args.source_format is None and is_ova(args.source)):
         size = ova_disk_size(args.source, args.disk)

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import errno
 import os
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -226,13 +227,16 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     from .ova import copy_from_ova, is_ova, ova_disk_size
 
     src, dst = os.fspath(src), os.fspath(dst)
-    if os.path.exists(dst) and os.path.samefile(src, dst):
+    if src == "-":
+        return _convert_from_pipe(dst, out_format, subformat, sparse_size, overwrite, durable,
+                                  create_options, progress)
+    if dst != "-" and os.path.exists(dst) and os.path.samefile(src, dst):
         raise VmdkError("source and destination are the same file", dst)
     if src_format == "ova" or (src_format is None and is_ova(src)):
         with _target(dst, ova_disk_size(src, disk), out_format, subformat, sparse_size,
                      overwrite, durable, create_options) as (write_at, _block):
             copy_from_ova(src, write_at, disk, progress)
-        return os.path.getsize(dst)
+        return os.path.getsize(dst) if dst != "-" else 0
     extra = ({"allow_external": allow_external, "force_share": force_share}
              if src_format != "raw" else {})
     source = open_source(src, src_format, **extra)
@@ -246,11 +250,48 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
         source.close()
 
 
+def _convert_from_pipe(dst: str, out_format: str, subformat: str, sparse_size: int,
+                      overwrite: bool, durable: bool, create_options: dict[str, Any],
+                      progress: Progress | None) -> int:
+    """A streamOptimized image arriving on standard input, read front to back."""
+    from .ova import iter_stream_grains
+
+    stdin = sys.stdin.buffer
+    header, grains = iter_stream_grains(stdin, "<stdin>")
+    size = header.capacity * 512
+    written = 0
+    with _target(dst, size, out_format, subformat, sparse_size, overwrite, durable,
+                 create_options) as (write_at, _block):
+        for offset, data in grains:
+            write_at(offset, memoryview(data))
+            written += len(data)
+            if progress:
+                progress(len(data))
+    return written
+
+
 @contextlib.contextmanager
 def _target(dst: str, size: int, out_format: str, subformat: str, sparse_size: int,
             overwrite: bool, durable: bool, create_options: dict[str, Any]
             ) -> Iterator[tuple[Callable[[int, memoryview], None], int]]:
     """The destination's ``write_at`` and the zero-detection block size suited to it."""
+    if dst == "-":
+        if out_format != "vmdk" or subformat != "streamOptimized":
+            raise VmdkError("standard output takes a streamOptimized image only "
+                            "(-o subformat=streamOptimized; 'vmdk cat' writes raw bytes)", dst)
+        from .create import create_stream
+
+        if sys.stdout.isatty():
+            raise VmdkError("refusing to write a disk image to a terminal", dst)
+        stream = create_stream(sys.stdout.buffer, size, name="disk.vmdk", **create_options)
+        stream.durable = False
+        try:
+            yield stream.write_at, max(sparse_size, create_options.get("cluster_size", 65536))
+        except BaseException:
+            stream.abandon()
+            raise
+        stream.close()
+        return
     if out_format == "raw":
         target = RawTarget(dst, size, durable)
         try:

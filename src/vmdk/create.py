@@ -11,7 +11,7 @@ import dataclasses
 import os
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 from .descriptor import Descriptor, ExtentLine
 from .errors import UnsupportedFormatError, VmdkError
@@ -301,15 +301,34 @@ def _create_split_flat(path: str, sectors: int, opts: CreateOptions, parent: Ima
 def _create_stream(path: str, sectors: int, opts: CreateOptions, parent: Image | None,
                    overwrite: bool, *_: Any) -> Any:
     """streamOptimized is written once, front to back: hand back the writer itself."""
+    _remove_if([path], overwrite)
+    return _stream_file(path, os.path.basename(path), sectors, opts)
+
+
+def _stream_file(target: Any, name: str, sectors: int, opts: CreateOptions) -> Any:
     from .stream import StreamFile
 
-    _remove_if([path], overwrite)
-    descriptor = Descriptor.new("streamOptimized",
-                                [ExtentLine("RW", sectors, "SPARSE", os.path.basename(path), None)],
+    descriptor = Descriptor.new("streamOptimized", [ExtentLine("RW", sectors, "SPARSE", name, None)],
                                 cid=new_cid(), ddb=_ddb(sectors * SECTOR_SIZE, opts))
-    return StreamFile(path, sectors, descriptor.to_bytes(),
+    return StreamFile(target, sectors, descriptor.to_bytes(),
                       grain_size=opts.cluster_size // SECTOR_SIZE,
                       compression_level=opts.compression_level)
+
+
+def create_stream(fileobj: BinaryIO, size: int, *, name: str = "disk.vmdk",
+                  adapter_type: str = "ide", hwversion: str = "4", comment: str | None = None,
+                  cluster_size: int = 65536, toolsversion: str = DEFAULT_TOOLS_VERSION,
+                  compression_level: int = 1, **ignored: Any) -> Any:
+    """A streamOptimized image written to an open binary file (a pipe or socket will do).
+
+    Returns a write-only :class:`vmdk.stream.StreamFile`; ``name`` is the extent
+    name its descriptor carries.  Nothing is ever sought, so the image can be
+    streamed as it is made.
+    """
+    opts = CreateOptions(adapter_type, hwversion, None, comment, False, cluster_size, False,
+                         toolsversion, compression_level)
+    _check_options(size, opts)
+    return _stream_file(fileobj, name, _ceil_div(size, SECTOR_SIZE), opts)
 
 
 def _create_vmfs_sparse(path: str, sectors: int, opts: CreateOptions, parent: Image | None,

@@ -452,13 +452,13 @@ class StreamFile(PositionedDisk):
     (the format is append-only: rewrite the image with ``vmdk convert``).
     """
 
-    def __init__(self, path: str, capacity_sectors: int, descriptor: bytes, *,
+    def __init__(self, target: PathOrFile, capacity_sectors: int, descriptor: bytes, *,
                  grain_size: int = 128, compression_level: int = 1,
                  threads: int | None = None) -> None:
         super().__init__()
-        self.path = path
-        self._writer = StreamWriter(path, capacity_sectors, descriptor, grain_size=grain_size,
+        self._writer = StreamWriter(target, capacity_sectors, descriptor, grain_size=grain_size,
                                     compression_level=compression_level, threads=threads)
+        self.path: str = self._writer.name or "<stream>"
         self._size = capacity_sectors * SECTOR_SIZE
         self._pos = 0
 
