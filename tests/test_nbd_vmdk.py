@@ -80,7 +80,7 @@ def test_one_writer_many_readers(image: Path, tmp_path: Path) -> None:
                 holder.close()
             # Once the writer is gone the slot is free again.
             import time
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + 15
             while True:
                 write = subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x33 0 4k",
                                         server.uri], capture_output=True, text=True, timeout=60)

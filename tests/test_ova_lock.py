@@ -100,7 +100,7 @@ def test_locks_are_seen_by_qemu(tmp_path: Path, qemu_img: str) -> None:
         result = run(qemu_img, "info", path, check=False)
         assert result.returncode != 0 and "lock" in result.stderr
         assert run(qemu_img, "info", "-U", path).returncode == 0
-    proc = subprocess.Popen(["qemu-io", "-c", "sleep 3000", str(path)])
+    proc = subprocess.Popen(["qemu-io", "-c", "sleep 30000", str(path)])
     try:
         import os
         import time
@@ -109,7 +109,7 @@ def test_locks_are_seen_by_qemu(tmp_path: Path, qemu_img: str) -> None:
 
         fd = os.open(path, os.O_RDONLY)
         try:  # probe without taking a lock, so qemu-io is free to take its own
-            deadline = time.monotonic() + 2.5
+            deadline = time.monotonic() + 15
             while not _held_by_other(fd, PERM_BASE + WRITE):
                 assert time.monotonic() < deadline, "qemu-io never took its write lock"
                 time.sleep(0.02)
@@ -118,4 +118,5 @@ def test_locks_are_seen_by_qemu(tmp_path: Path, qemu_img: str) -> None:
         with pytest.raises(vmdk.ImageInUseError, match="in use"):
             vmdk.open(path, "r+")
     finally:
+        proc.terminate()
         proc.wait(timeout=30)
