@@ -111,3 +111,16 @@ def test_sample_info_reports_create_type(samples: Path, tmp_path: Path) -> None:
     assert info["virtual-size"] == 8 << 30
     assert info["format-specific"]["data"]["create-type"] == "streamOptimized"
     assert info["compressed"] is True
+
+
+def test_truncated_stream_is_salvaged_with_recover(samples: Path, tmp_path: Path) -> None:
+    from vmdk.convert import convert
+
+    stage(samples, ["govmomi/ttylinux-pc_i486-16.1-disk1.vmdk"], tmp_path)
+    out = tmp_path / "salvaged.raw"
+    written = convert(tmp_path / "ttylinux-pc_i486-16.1-disk1.vmdk", out, out_format="raw",
+                      recover=True)
+    data = out.read_bytes()
+    assert len(data) == 61440 * 512
+    assert written == 36 * 65536  # the 36 whole grains before the cut (README)
+    assert data[510:512] == b"\x55\xaa"  # the MBR of the exported VM

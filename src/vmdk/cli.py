@@ -178,8 +178,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .ova import is_ova, ova_disk_size
 
     kwargs = create_kwargs(parse_options(args.options))
-    if args.source == "-":
-        size = 0  # a stream on standard input: its size is in a header not read yet
+    if args.source == "-" or args.recover:
+        size = 0  # a stream read front to back: its size is in a header not read yet
     elif args.source_format == "raw":
         size = os.path.getsize(args.source)
     elif args.source_format == "ova" or (args.source_format is None and is_ova(args.source)):
@@ -193,7 +193,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 out_format=args.output_format, sparse_size=parse_size(args.sparse_size),
                 progress=bar,
                 allow_external=args.allow_external, force_share=args.force_share,
-                disk=args.disk, durable=args.cache != "unsafe", **kwargs)
+                disk=args.disk, durable=args.cache != "unsafe", recover=args.recover, **kwargs)
     return 0
 
 
@@ -463,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", dest="source_format", choices=("raw", "vmdk", "ova"), default=None,
                    help="source format (detected when omitted)")
     p.add_argument("--disk", default=None, help="which disk of an OVA (default: the first)")
+    p.add_argument("--recover", action="store_true",
+                   help="salvage a truncated or damaged streamOptimized source: keep every "
+                        "grain before the damage")
     p.add_argument("--target-is-zero", action="store_true",
                    help="accepted for qemu-img compatibility: zeros are never written anyway")
     p.add_argument("-O", dest="output_format", choices=("raw", "vmdk"), default="vmdk",

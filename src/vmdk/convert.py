@@ -11,12 +11,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 from .errors import VmdkError
 from .extents.base import pread_exact
@@ -215,14 +218,16 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
             subformat: str = "monolithicSparse", sparse_size: int = DEFAULT_SPARSE_SIZE,
             progress: Progress | None = None, overwrite: bool = True,
             allow_external: bool = False, force_share: bool = False, disk: str | None = None,
-            durable: bool = True, **create_options: Any) -> int:
+            durable: bool = True, recover: bool = False, **create_options: Any) -> int:
     """Convert ``src`` into ``dst``; returns the bytes written.
 
     ``src`` is a raw file, any VMDK (a snapshot chain is flattened) or an OVA
     (its first disk, or ``disk``), detected unless ``src_format`` says
     "raw", "vmdk" or "ova".  ``out_format`` is "vmdk" (with ``subformat`` and
     the options of :func:`vmdk.create`) or "raw".  ``durable=False`` skips the
-    final fsync, as ``qemu-img convert`` does by default.
+    final fsync, as ``qemu-img convert`` does by default.  ``recover=True``
+    salvages a damaged or truncated streamOptimized source: its grain markers
+    are walked front to back and every grain before the damage is kept.
     """
     from .ova import copy_from_ova, is_ova, ova_disk_size
 
@@ -230,6 +235,9 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     if src == "-":
         return _convert_from_pipe(dst, out_format, subformat, sparse_size, overwrite, durable,
                                   create_options, progress)
+    if recover:
+        return _recover_stream(src, dst, out_format, subformat, sparse_size, overwrite, durable,
+                               create_options, progress)
     if dst != "-" and os.path.exists(dst) and os.path.samefile(src, dst):
         raise VmdkError("source and destination are the same file", dst)
     if src_format == "ova" or (src_format is None and is_ova(src)):
@@ -248,6 +256,29 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
                         target_fd=raw_fd if out_format == "raw" else None)
     finally:
         source.close()
+
+
+def _recover_stream(src: str, dst: str, out_format: str, subformat: str, sparse_size: int,
+                    overwrite: bool, durable: bool, create_options: dict[str, Any],
+                    progress: Progress | None) -> int:
+    """Keep every grain of a streamOptimized file up to the first damage."""
+    from .errors import CorruptImageError
+    from .ova import iter_stream_grains
+
+    written = 0
+    with open(src, "rb") as f:
+        header, grains = iter_stream_grains(f, src)
+        with _target(dst, header.capacity * 512, out_format, subformat, sparse_size, overwrite,
+                     durable, create_options) as (write_at, _block):
+            try:
+                for offset, data in grains:
+                    write_at(offset, memoryview(data))
+                    written += len(data)
+                    if progress:
+                        progress(len(data))
+            except CorruptImageError as exc:
+                log.warning("%s; kept the %d bytes of grains before it", exc, written)
+    return written
 
 
 def _convert_from_pipe(dst: str, out_format: str, subformat: str, sparse_size: int,
