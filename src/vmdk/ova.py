@@ -93,7 +93,8 @@ def _grains(f: IO[bytes], header: SparseHeader, name: str) -> Iterator[tuple[int
         body = sector[GrainMarker.SIZE:]
         rest = GrainMarker.SIZE + marker.size - SECTOR_SIZE
         if rest > 0:
-            body += _read_exact(f, -(-rest // SECTOR_SIZE) * SECTOR_SIZE, name, "grain")
+            body += _read_exact(f, rest, name, "grain")
+            f.read(-rest % SECTOR_SIZE)  # the padding to the next sector (may be cut at the end)
         try:
             data = _deflate.inflate_bounded(body[:marker.size], grain_bytes)
         except ValueError as exc:
