@@ -48,3 +48,22 @@ def samples() -> Path:
     if not SAMPLES.is_dir():
         pytest.skip("shared/samples is not present")
     return SAMPLES
+
+
+def covered(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Join touching (start, length) ranges, so two tools' different splits compare equal."""
+    out: list[list[int]] = []
+    for start, length in sorted(runs):
+        if out and out[-1][1] == start:
+            out[-1][1] += length
+        else:
+            out.append([start, start + length])
+    return [(a, b) for a, b in out]
+
+
+def qemu_data_ranges(image: os.PathLike[str] | str) -> list[tuple[int, int]]:
+    """(start, length) of every range ``qemu-img map`` reports as data."""
+    import json
+
+    mapped = json.loads(run("qemu-img", "map", "--output=json", "-f", "vmdk", image).stdout)
+    return [(m["start"], m["length"]) for m in mapped if m["data"]]

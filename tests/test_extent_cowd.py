@@ -14,6 +14,8 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
+
+from conftest import covered, qemu_data_ranges
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -405,24 +407,4 @@ def test_qemu_img_reads_what_we_wrote(tmp_path: Path, grain_size: int) -> None:
         capture_output=True,
     )
     assert out.read_bytes() == model
-    mapped = json.loads(
-        subprocess.run(
-            [QEMU_IMG, "map", "--output=json", "-f", "vmdk", str(desc)],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-    )
-    qemu_data = [(m["start"], m["length"]) for m in mapped if m["data"]]
-    assert _cover(qemu_data) == _cover(our_data)
-
-
-def _cover(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Join touching ranges, so two tools' different run splits compare equal."""
-    out: list[list[int]] = []
-    for start, length in sorted(runs):
-        if out and out[-1][1] == start:
-            out[-1][1] += length
-        else:
-            out.append([start, start + length])
-    return [(a, b) for a, b in out]
+    assert covered(qemu_data_ranges(desc)) == covered(our_data)

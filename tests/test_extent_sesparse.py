@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import covered, qemu_data_ranges
+
 from vmdk._structs import SESparseConstHeader, SESparseVolatileHeader
 from vmdk.errors import (
     CorruptImageError,
@@ -268,29 +270,8 @@ def test_qemu_img_agrees_on_synthetic_image(tmp_path: Path) -> None:
             buf[start : start + length] = bytes(length)
         ours_data = [(r.offset, r.length) for r in ext.status(0, ext.size) if r.alloc is Alloc.DATA]
     assert out.read_bytes() == bytes(buf)
-    mapped = json.loads(
-        subprocess.run(
-            [QEMU_IMG, "map", "--output=json", "-f", "vmdk", str(desc)],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-    )
-    qemu_data = [(m["start"], m["length"]) for m in mapped if m["data"]]
-    assert _cover(qemu_data) == _cover(ours_data)
+    assert covered(qemu_data_ranges(desc)) == covered(ours_data)
 
-
-def _cover(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[list[int]] = []
-    for start, length in sorted(runs):
-        if out and out[-1][1] == start:
-            out[-1][1] += length
-        else:
-            out.append([start, start + length])
-    return [(a, b) for a, b in out]
-
-
-# -- corrupt variants ----------------------------------------------------------------
 
 
 def _with(**changes: object) -> Layout:
