@@ -371,3 +371,11 @@ def test_python_m_vmdk_help() -> None:
     assert res.stdout.startswith("usage: vmdk")
     for verb in ("info", "create", "convert", "check", "map", "compare", "cat"):
         assert verb in res.stdout
+
+
+def test_compare_exit_codes_follow_qemu(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                        ) -> None:
+    raw = tmp_path / "a.raw"
+    raw.write_bytes(bytes(4096))
+    assert main(["compare", os.fspath(raw), os.fspath(tmp_path / "missing.raw")]) == 2
+    assert "missing.raw" in capsys.readouterr().err

@@ -250,11 +250,19 @@ def cmd_map(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    a = open_source(args.first, args.first_format, **_open_flags(args))
-    b = open_source(args.second, args.second_format, **_open_flags(args))
+    # As qemu-img compare: 0 same, 1 different, 2 an image could not be opened, 3 read error.
+    try:
+        a = open_source(args.first, args.first_format, **_open_flags(args))
+        b = open_source(args.second, args.second_format, **_open_flags(args))
+    except (VmdkError, OSError) as exc:
+        print(f"vmdk: error: {exc}", file=sys.stderr)
+        return 2
     try:
         with progress_bar(args.progress, max(a.size, b.size), "compare") as bar:
             return _compare(a, b, args.strict, args.quiet, bar)
+    except (VmdkError, OSError) as exc:
+        print(f"vmdk: error: {exc}", file=sys.stderr)
+        return 3
     finally:
         a.close()
         b.close()
@@ -495,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", dest="format", choices=("vmdk",), default="vmdk")
     p.add_argument("image")
 
-    p = verb("compare", cmd_compare, "compare the contents of two disks (raw or vmdk)")
+    p = verb("compare", cmd_compare, "compare the contents of two disks (raw or vmdk); exit 0 "
+             "same, 1 different, 2 could not open, 3 read error")
     p.add_argument("-f", dest="first_format", choices=("raw", "vmdk"), default=None)
     p.add_argument("-F", dest="second_format", choices=("raw", "vmdk"), default=None)
     p.add_argument("-s", dest="strict", action="store_true", help="sizes must match too")
