@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import errno
 import logging
+import mmap
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -126,7 +127,8 @@ def nonzero_runs(view: memoryview, block: int) -> list[tuple[int, int]]:
     runs: list[tuple[int, int]] = []
     if whole:
         words = np.frombuffer(view[:whole], dtype=np.uint8).reshape(-1, block)
-        nz = words.any(axis=1) if block % 8 else words.view(np.uint64).any(axis=1)
+        # max() along rows is several times faster than any() in numpy
+        nz = (words if block % 8 else words.view(np.uint64)).max(axis=1) != 0
         edges = np.flatnonzero(np.diff(np.concatenate(([False], nz, [False])).astype(np.int8)))
         runs = [(int(a) * block, int(b - a) * block) for a, b in zip(edges[::2], edges[1::2])]
     if whole < n and any(view[whole:]):
@@ -167,8 +169,8 @@ def copy(source: Source, write_at: Callable[[int, memoryview], None], *,
     are copied by the kernel (``copy_file_range``) without passing through
     Python: stored grains are copied whole, zeros inside them included.
     """
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
+    # Page-aligned, so reads from the page cache copy straight in (see extents.base.pread_exact).
+    view = memoryview(mmap.mmap(-1, CHUNK))
     written = 0
     for span in source.spans():
         if not span.data:

@@ -196,6 +196,15 @@ def zero_fill(view: memoryview) -> None:
         np.frombuffer(view, dtype=np.uint8)[:] = 0
 
 
+def pwritev_all(fd: int, buffers: list[memoryview | bytearray], offset: int) -> None:
+    """Write several buffers back to back in one system call (more only if it falls short)."""
+    total = sum(len(b) for b in buffers)
+    done = os.pwritev(fd, buffers, offset)
+    if done < total:
+        rest = memoryview(b"".join(bytes(b) for b in buffers))[done:]
+        pwrite_all(fd, rest, offset + done)
+
+
 def pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
     view = memoryview(data)
     done = 0

@@ -50,6 +50,7 @@ from .base import (
     merge_runs,
     pread_exact,
     pwrite_all,
+    pwritev_all,
     zero_fill,
 )
 
@@ -690,7 +691,7 @@ class SparseExtent(Extent):
             return skip
         start = full_first * g - head
         words = np.frombuffer(piece[start:start + (full_last - full_first) * g], dtype=np.uint64)
-        zero = ~words.reshape(full_last - full_first, g // 8).any(axis=1)
+        zero = words.reshape(full_last - full_first, g // 8).max(axis=1) == 0
         skip[full_first:full_last] = zero
         if backing is not None:  # a parent exists: mark the grains as zero instead of storing
             marks = np.where(zero, ZEROED_GTE, 0).astype(np.uint32)
@@ -707,16 +708,7 @@ class SparseExtent(Extent):
         if self._end + count * self.header.grain_size > MAX_FILE_SECTORS:
             raise UnsupportedFormatError("extent file would grow past 2 TiB (u32 sector numbers)",
                                          self.filename)
-        if plo == span_lo and phi == span_hi:
-            pwrite_all(self.fd, src, host)
-        else:
-            block = bytearray(span_hi - span_lo)
-            view = memoryview(block)
-            self._fill_partial(view[:g], span_lo, backing)
-            if count > 1:
-                self._fill_partial(view[-g:], span_hi - g, backing)
-            view[plo - span_lo:phi - span_lo] = src
-            pwrite_all(self.fd, view, host)
+        pwritev_all(self.fd, self._grain_buffers(span_lo, span_hi, plo, src, backing), host)
         self._data_unsynced = True
         sector = self._end
         self._end += count * self.header.grain_size
@@ -724,10 +716,38 @@ class SparseExtent(Extent):
         self._set_entries(grain0, (sector + np.arange(count, dtype=np.int64) * step)
                           .astype(np.uint32))
 
-    @staticmethod
-    def _fill_partial(view: memoryview, offset: int, backing: BackingReader | None) -> None:
+    def _grain_buffers(self, span_lo: int, span_hi: int, plo: int, src: memoryview,
+                       backing: BackingReader | None) -> list[memoryview | bytearray]:
+        """The new grains as buffers: the caller's bytes as they are, with only a partly
+        written first or last grain completed (from the parent, or zeros) in a buffer of its own.
+        """
+        g = self.grain_bytes
+        phi = plo + len(src)
+        if plo == span_lo and phi == span_hi:
+            return [src]
+        if span_hi - span_lo == g:
+            return [self._partial_grain(span_lo, plo, src, backing)]
+        out: list[memoryview | bytearray] = []
+        pos = plo
+        if plo > span_lo:
+            head = span_lo + g
+            out.append(self._partial_grain(span_lo, plo, src[:head - plo], backing))
+            pos = head
+        middle_end = span_hi - g if phi < span_hi else span_hi
+        if middle_end > pos:
+            out.append(src[pos - plo:middle_end - plo])
+        if phi < span_hi:
+            out.append(self._partial_grain(span_hi - g, middle_end, src[middle_end - plo:],
+                                           backing))
+        return out
+
+    def _partial_grain(self, grain_lo: int, at: int, data: memoryview,
+                       backing: BackingReader | None) -> bytearray:
+        block = bytearray(self.grain_bytes)
         if backing is not None:
-            backing(offset, view)
+            backing(grain_lo, memoryview(block))
+        block[at - grain_lo:at - grain_lo + len(data)] = data
+        return block
 
     def _set_entries(self, grain0: int, values: np.ndarray) -> None:
         """Set the entries of grains ``grain0 ..`` from an array, one table slice at a time."""
