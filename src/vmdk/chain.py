@@ -47,7 +47,7 @@ def commit(child: str | os.PathLike[str], *, progress: Progress | None = None) -
 def _copy_runs(src: Image, dst: Image, runs: list[MapRun], progress: Progress | None) -> None:
     buf = bytearray(CHUNK)
     for run in runs:
-        if not run.data:
+        if not run.data or run.zero:
             dst.write_zeroes_at(run.start, run.length)
             if progress:
                 progress(run.length)

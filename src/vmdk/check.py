@@ -97,6 +97,13 @@ def check(path: str | os.PathLike[str], *, repair: str | None = None,
         before = _inspect(path, allow_external, force_share=False)
         if before.check_errors or not (before.corruptions or before.leaks or before.problems):
             return before
+        if repair == "leaks" and before.corruptions:
+            # Moving grains around a corrupt table could make things worse: as qemu-img,
+            # "-r leaks" leaves corruptions alone, and here the leaks with them.
+            before.problems.append(Problem(
+                "warning", "not repaired: the image has corruptions; 'check -r all' repairs "
+                "what can be repaired", path))
+            return before
         _repair(path, repair, allow_external)
         after = _inspect(path, allow_external, force_share=False, progress=progress)
         after.corruptions_fixed = max(0, before.corruptions - after.corruptions)
@@ -217,10 +224,16 @@ def _count_leaks(extent: SparseExtent, result: CheckResult, meta: np.ndarray,
 
 
 def _compare_redundant(extent: SparseExtent, result: CheckResult, gt_sectors: int) -> None:
+    name = extent.filename
+    for fault in extent.directory_faults:
+        result.add("corruption", fault, name)
     if extent.rgd is None or not extent.header.has(SparseFlags.REDUNDANT_GT):
         return
-    name = extent.filename
     gd, rgd = extent.gd, extent.rgd
+    shared = np.flatnonzero((gd != 0) & (gd == rgd))
+    if shared.size and not extent.directory_faults:
+        result.add("corruption", f"{shared.size} grain tables have no separate redundant copy "
+                   "(both directories point at the same table)", name, int(shared.size))
     # After a crash (unclean flag set) a copy one step behind its primary is the expected
     # trace of an interrupted update: the primary is right, and -r all rewrites the copy.
     kind = "warning" if extent.was_unclean else "corruption"
@@ -249,10 +262,40 @@ def _repair(path: str, mode: str, allow_external: bool) -> None:
             if not isinstance(extent, SparseExtent) or extent.compressed:
                 continue
             if mode == "all":
+                _restore_from_redundant(extent)
                 _drop_bad_entries(extent)
                 _rebuild_redundant(extent)
             defragment(extent)
         # Closing the image writes its header with the unclean-shutdown flag cleared.
+
+
+def _valid_entries(extent: SparseExtent, table: np.ndarray) -> np.ndarray:
+    """Which entries can be right: unallocated, the zero marker, or a grain inside the
+    file past the metadata area."""
+    h = extent.header
+    file_sectors = -(-extent.file_size // SECTOR_SIZE)
+    entries = table.astype(np.int64)
+    ok = entries == 0
+    if extent.zeroed_gte:
+        ok |= entries == 1
+    valid: np.ndarray = ok | ((entries >= h.overhead) & (entries + h.grain_size <= file_sectors))
+    return valid
+
+
+def _restore_from_redundant(extent: SparseExtent) -> None:
+    """Where a grain table entry is impossible and its redundant copy is not, take the copy."""
+    if extent.rgd is None:
+        return
+    n = extent.header.num_gtes_per_gt
+    for index in np.flatnonzero((extent.gd != 0) & (extent.rgd != 0) & (extent.gd != extent.rgd)):
+        raw = os.pread(extent.fd, n * 4, int(extent.rgd[index]) * SECTOR_SIZE)
+        backup = np.frombuffer(raw.ljust(n * 4, b"\0"), dtype="<u4").astype(np.uint32)
+        table = extent._gt(int(index))
+        fix = ~_valid_entries(extent, table) & _valid_entries(extent, backup)
+        if fix.any():
+            table[fix] = backup[fix]
+            extent._gt_dirty.add(int(index))
+    extent.flush()
 
 
 def _drop_bad_entries(extent: SparseExtent) -> None:

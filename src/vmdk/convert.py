@@ -100,7 +100,8 @@ class ImageSource:
                     fds.setdefault(extent.filename, fd)
         for run in self.image.map():
             fd = fds.get(run.filename) if run.filename and run.offset is not None else None
-            yield Span(run.start, run.length, run.data, fd, run.offset if fd is not None else None)
+            stored = run.data and not run.zero  # holes in flat files need no reading
+            yield Span(run.start, run.length, stored, fd, run.offset if fd is not None else None)
 
     def readinto_at(self, offset: int, buf: memoryview) -> None:
         self.image.readinto_at(offset, buf)
@@ -329,8 +330,11 @@ def _target(dst: str, size: int, out_format: str, subformat: str, sparse_size: i
         target = RawTarget(dst, size, durable)
         try:
             yield target.write_at, sparse_size
-        finally:
+        except BaseException:
             target.close()
+            os.unlink(dst)  # a half-copied disk looks whole: leave nothing behind
+            raise
+        target.close()
         return
     if out_format != "vmdk":
         raise VmdkError(f"unknown output format {out_format!r} (raw or vmdk)", dst)
@@ -339,14 +343,19 @@ def _target(dst: str, size: int, out_format: str, subformat: str, sparse_size: i
     if "Sparse" in subformat or subformat == "streamOptimized":
         # Zeros inside a grain cost nothing to write; whole zero grains are skipped anyway.
         sparse_size = max(sparse_size, create_options.get("cluster_size", 65536))
+    from .create import remove_image
+
+    folder = os.path.dirname(dst) or "."
+    before = set(os.listdir(folder))
     out = create(dst, size, subformat, overwrite=overwrite, **create_options)
     out.durable = durable
     try:
         yield out.write_at, sparse_size
     except BaseException:
         if hasattr(out, "abandon"):
-            out.abandon()  # a half-written stream must not look complete
+            out.abandon()
         else:
             out.close()
+        remove_image(dst, before)  # a half-copied disk looks whole: leave nothing behind
         raise
     out.close()

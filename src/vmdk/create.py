@@ -204,6 +204,13 @@ def create(
         raise
 
 
+def remove_image(path: str, before: set[str]) -> None:
+    """Remove an image made after ``before`` (the folder's listing then): it and its extents."""
+    _remove_new_files(os.path.dirname(path) or ".", before, os.path.basename(path))
+    if os.path.isfile(path):
+        os.unlink(path)
+
+
 def _remove_new_files(folder: str, before: set[str], name: str) -> None:
     """Remove the files a failed create made: new in ``folder`` and named after the image."""
     stem = name[:-5] if name.lower().endswith(".vmdk") else name

@@ -332,6 +332,8 @@ class Image:
                            run.filename, run.compressed)]
         if run.alloc is Alloc.ZERO:
             return [MapRun(start, run.length, False, True, 0, True)]
+        if run.alloc is Alloc.HOLE:
+            return [MapRun(start, run.length, True, True, 0, True, run.host_offset, run.filename)]
         if self.parent is None or start >= self.parent.size:
             return [MapRun(start, run.length, False, True, 0, False)]
         end = min(start + run.length, self.parent.size)

@@ -31,6 +31,7 @@ BackingReader = Callable[[int, memoryview], None]
 class Alloc(enum.Enum):
     DATA = "data"  # stored in this extent
     ZERO = "zero"  # reads as zeros without reaching a parent (ZERO extent, zeroed GTE)
+    HOLE = "hole"  # a hole in a flat file: this layer's, reading as zeros (qemu: data + zero)
     UNALLOCATED = "unallocated"  # not stored here: the parent's bytes, or zeros
 
 

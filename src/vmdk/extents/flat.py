@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 from ..errors import CorruptImageError, MissingExtentError
@@ -45,10 +46,36 @@ class FlatExtent(Extent):
         return []
 
     def status(self, offset: int, length: int) -> list[Run]:
+        """Data where the file stores bytes; holes (and the part past its end) read as zeros."""
         self._check_range(offset, length)
         if not length:
             return []
-        return [Run(offset, length, Alloc.DATA, self.base + offset, self.filename)]
+        runs: list[Run] = []
+        pos, end = self.base + offset, self.base + offset + length
+        while pos < end:
+            data, hole = self._next_data(pos, end)
+            if data > pos:
+                runs.append(Run(pos - self.base, data - pos, Alloc.HOLE, pos, self.filename))
+            if hole > data:
+                runs.append(Run(data - self.base, hole - data, Alloc.DATA, data, self.filename))
+            pos = max(hole, data)
+        return runs
+
+    def _next_data(self, pos: int, end: int) -> tuple[int, int]:
+        """(start, end) of the next stored range at or after ``pos``, clipped to ``end``."""
+        try:
+            data = os.lseek(self.fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # nothing stored from here to the end of the file
+                return end, end
+            return pos, end  # no hole support (devices, some filesystems): all data
+        if data >= end:
+            return end, end
+        try:
+            hole = os.lseek(self.fd, data, os.SEEK_HOLE)
+        except OSError:
+            hole = end
+        return data, min(hole, end)
 
     def write(self, offset: int, data: memoryview, backing: BackingReader | None = None) -> None:
         self._check_writable()

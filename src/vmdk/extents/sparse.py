@@ -127,10 +127,17 @@ class SparseExtent(Extent):
                 f"{header.capacity}", filename)
         self.size = sectors * SECTOR_SIZE
         self._resolve_footer()
-        self.gd = self._read_directory(self.header.gd_offset, "grain directory")
+        #: Faults found in the directories and worked around with the redundant copy;
+        #: ``vmdk check`` reports them as corruptions and ``check -r all`` rewrites them.
+        self.directory_faults: list[str] = []
+        self.gd, gd_bad = self._read_directory(self.header.gd_offset, "grain directory")
         self.rgd: np.ndarray | None = None
+        rgd_bad = np.zeros(0, dtype=np.int64)
         if header.has(SparseFlags.REDUNDANT_GT) and header.rgd_offset and not self.compressed:
-            self.rgd = self._read_directory(header.rgd_offset, "redundant grain directory")
+            self.rgd, rgd_bad = self._read_directory(header.rgd_offset,
+                                                     "redundant grain directory")
+        self._use_redundant_for(gd_bad, rgd_bad)
+        if self.rgd is not None:
             self._compare_directories()
         self._gt_cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._gt_dirty: set[int] = set()
@@ -239,22 +246,43 @@ class SparseExtent(Extent):
         self.header.gd_offset = footer.gd_offset
         self.header.rgd_offset = footer.rgd_offset
 
-    def _read_directory(self, sector: int, what: str) -> np.ndarray:
+    def _read_directory(self, sector: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+        """The directory at ``sector`` and the indexes of its entries past the file's end."""
         count = self.gd_entries
         gd_sectors = _ceil_div(count * 4, SECTOR_SIZE)
         if count == 0:
-            return np.zeros(0, dtype=np.uint32)
+            return np.zeros(0, dtype=np.uint32), np.zeros(0, dtype=np.int64)
         self._check_area(sector, gd_sectors, what)
         raw = os.pread(self.fd, count * 4, sector * SECTOR_SIZE)
         gd = np.frombuffer(raw, dtype="<u4").astype(np.uint32)
         file_sectors = _ceil_div(self.file_size, SECTOR_SIZE)
         gt_sectors = _ceil_div(self.header.num_gtes_per_gt * 4, SECTOR_SIZE)
         bad = np.flatnonzero((gd != 0) & (gd.astype(np.uint64) + gt_sectors > file_sectors))
-        if bad.size:
-            i = int(bad[0])
-            raise CorruptImageError(
-                f"{what} entry {i} points at sector {int(gd[i])}, past the end of the file", self.filename)
-        return gd
+        return gd, bad
+
+    def _use_redundant_for(self, gd_bad: np.ndarray, rgd_bad: np.ndarray) -> None:
+        """Directory entries pointing past the end: fall back on the other copy where it can."""
+        name = self.filename
+        if rgd_bad.size:
+            assert self.rgd is not None
+            self.directory_faults.append(
+                f"redundant grain directory entry {int(rgd_bad[0])} points past the end of the "
+                f"file ({rgd_bad.size} entries)")
+            self.rgd[rgd_bad] = 0  # only a copy: the primary still knows these tables
+        if not gd_bad.size:
+            return
+        first = int(gd_bad[0])
+        msg = (f"grain directory entry {first} points at sector {int(self.gd[first])}, past the "
+               f"end of the file ({gd_bad.size} entries)")
+        usable = gd_bad[self.rgd[gd_bad] != 0] if self.rgd is not None else gd_bad[:0]
+        if usable.size < gd_bad.size:
+            raise CorruptImageError(msg, name)
+        assert self.rgd is not None
+        self.gd[usable] = self.rgd[usable]
+        self.directory_faults.append(msg + "; the redundant copy is used instead")
+        if not self.read_only and self.strict:
+            raise CorruptImageError(msg + "; run 'vmdk check -r all'", name)
+        log.warning("%s: %s; reading the redundant copy", name, msg)
 
     def _compare_directories(self) -> None:
         assert self.rgd is not None
