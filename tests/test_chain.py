@@ -146,3 +146,11 @@ def test_chain_deeper_than_the_limit_is_refused(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(vmdk.image, "MAX_CHAIN_DEPTH", 2)
     with pytest.raises(vmdk.ChainError, match="deeper"):
         vmdk.open(paths[-1])
+
+
+def test_rebase_refuses_to_make_a_loop(tmp_path: Path) -> None:
+    paths, _ = build_chain(tmp_path)
+    with pytest.raises(vmdk.ChainError, match="loop"):
+        rebase(paths[0], paths[-1], safe=False)
+    with pytest.raises(vmdk.ChainError, match="loop"):
+        rebase(paths[1], paths[1])

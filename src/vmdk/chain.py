@@ -74,6 +74,8 @@ def rebase(child: str | os.PathLike[str], new_parent: str | os.PathLike[str] | N
     """
     child = os.fspath(child)
     new_path = os.fspath(new_parent) if new_parent else None
+    if new_path is not None:
+        _refuse_loop(child, new_path)
     if safe:
         with Image.open(child, "r+") as top:
             new = Image.open(new_path, "r") if new_path else None
@@ -90,6 +92,16 @@ def rebase(child: str | os.PathLike[str], new_parent: str | os.PathLike[str] | N
         cid = new.cid
     hint = os.path.relpath(os.path.abspath(new_path), os.path.dirname(os.path.abspath(child)))
     _set_parent(child, cid, hint)
+
+
+def _refuse_loop(child: str, new_parent: str) -> None:
+    """A parent may not be the child itself or one of the child's own snapshots."""
+    me = os.path.realpath(child)
+    with Image.open(new_parent, "r", force_share=True, ignore_cid=True) as image:
+        chain = [os.path.realpath(img.path) for img in image.chain()]
+    if me in chain:
+        raise ChainError(f"{new_parent!r} is this image or one of its snapshots: the chain "
+                         "would loop", child)
 
 
 def _copy_differences(top: Image, new: Image | None, progress: Progress | None) -> None:

@@ -109,8 +109,11 @@ def _human_size(n: int) -> str:
 
 
 def _open_flags(args: argparse.Namespace) -> dict[str, Any]:
-    return {"allow_external": getattr(args, "allow_external", False),
-            "force_share": getattr(args, "force_share", False)}
+    flags = {"allow_external": getattr(args, "allow_external", False),
+             "force_share": getattr(args, "force_share", False)}
+    if getattr(args, "ignore_cid", False):
+        flags["ignore_cid"] = True
+    return flags
 
 
 # ----------------------------------------------------------------------- verbs
@@ -193,7 +196,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 out_format=args.output_format, sparse_size=parse_size(args.sparse_size),
                 progress=bar,
                 allow_external=args.allow_external, force_share=args.force_share,
-                disk=args.disk, durable=args.cache != "unsafe", recover=args.recover, **kwargs)
+                ignore_cid=args.ignore_cid, disk=args.disk, durable=args.cache != "unsafe", recover=args.recover, **kwargs)
     return 0
 
 
@@ -250,7 +253,7 @@ def cmd_map(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    # As qemu-img compare: 0 same, 1 different, 2 an image could not be opened, 3 read error.
+    # As qemu-img compare: 0 same, 1 different, 2 an image could not be opened, 4 read error.
     try:
         a = open_source(args.first, args.first_format, **_open_flags(args))
         b = open_source(args.second, args.second_format, **_open_flags(args))
@@ -262,7 +265,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             return _compare(a, b, args.strict, args.quiet, bar)
     except (VmdkError, OSError) as exc:
         print(f"vmdk: error: {exc}", file=sys.stderr)
-        return 3
+        return 4
     finally:
         a.close()
         b.close()
@@ -276,6 +279,8 @@ def _compare(a: Any, b: Any, strict: bool, quiet: bool,
         return 1
     chunk = 8 << 20
     common = min(a.size, b.size)
+    if a.size != b.size and not quiet:
+        print("Warning: Image size mismatch!")
     buf_a, buf_b = bytearray(chunk), bytearray(chunk)
     pos = 0
     while pos < max(a.size, b.size):
@@ -445,6 +450,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name not in ("create", "serve"):
             p.add_argument("-U", "--force-share", action="store_true",
                            help="read an image another process has open for writing")
+        if name not in ("create", "check", "commit", "rebase", "resize", "compact",
+                        "snapshot"):
+            p.add_argument("--ignore-cid", action="store_true",
+                           help="read a snapshot whose parent changed since (CID mismatch)")
         return p
 
     p = verb("info", cmd_info, "show an image's size, kind, metadata and extents")
@@ -504,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image")
 
     p = verb("compare", cmd_compare, "compare the contents of two disks (raw or vmdk); exit 0 "
-             "same, 1 different, 2 could not open, 3 read error")
+             "same, 1 different, 2 could not open, 4 read error")
     p.add_argument("-f", dest="first_format", choices=("raw", "vmdk"), default=None)
     p.add_argument("-F", dest="second_format", choices=("raw", "vmdk"), default=None)
     p.add_argument("-s", dest="strict", action="store_true", help="sizes must match too")

@@ -112,10 +112,13 @@ class ImageSource:
 
 def open_source(path: str, fmt: str | None = None, **open_args: Any) -> Source:
     """Open ``path`` as "raw" or "vmdk"; the kind is detected when ``fmt`` is None."""
-    if fmt is None:
-        fmt = "raw" if sniff(path) == "raw" else "vmdk"
-    if fmt == "raw":
-        return RawSource(path)
+    from .image import io_errors
+
+    with io_errors(path):
+        if fmt is None:
+            fmt = "raw" if sniff(path) == "raw" else "vmdk"
+        if fmt == "raw":
+            return RawSource(path)
     if fmt == "vmdk":
         return ImageSource(Image.open(path, "r", **open_args))
     raise VmdkError(f"unknown source format {fmt!r} (raw or vmdk)", path)
@@ -220,8 +223,9 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
             src_format: str | None = None, out_format: str = "vmdk",
             subformat: str = "monolithicSparse", sparse_size: int = DEFAULT_SPARSE_SIZE,
             progress: Progress | None = None, overwrite: bool = True,
-            allow_external: bool = False, force_share: bool = False, disk: str | None = None,
-            durable: bool = True, recover: bool = False, **create_options: Any) -> int:
+            allow_external: bool = False, force_share: bool = False, ignore_cid: bool = False,
+            disk: str | None = None, durable: bool = True, recover: bool = False,
+            **create_options: Any) -> int:
     """Convert ``src`` into ``dst``; returns the bytes written.
 
     ``src`` is a raw file, any VMDK (a snapshot chain is flattened) or an OVA
@@ -236,8 +240,11 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
 
     src, dst = os.fspath(src), os.fspath(dst)
     if src == "-":
+        if src_format not in (None, "vmdk"):
+            raise VmdkError(f"{src_format} input from a pipe is not supported: pipe a "
+                            "streamOptimized VMDK, or name a file", "<stdin>")
         return _convert_from_pipe(dst, out_format, subformat, sparse_size, overwrite, durable,
-                                  create_options, progress)
+                                  create_options, progress, recover)
     if recover:
         return _recover_stream(src, dst, out_format, subformat, sparse_size, overwrite, durable,
                                create_options, progress)
@@ -248,8 +255,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
                      overwrite, durable, create_options) as (write_at, _block):
             copy_from_ova(src, write_at, disk, progress)
         return os.path.getsize(dst) if dst != "-" else 0
-    extra = ({"allow_external": allow_external, "force_share": force_share}
-             if src_format != "raw" else {})
+    extra = ({"allow_external": allow_external, "force_share": force_share,
+              "ignore_cid": ignore_cid} if src_format != "raw" else {})
     source = open_source(src, src_format, **extra)
     try:
         with _target(dst, source.size, out_format, subformat, sparse_size, overwrite,
@@ -265,42 +272,43 @@ def _recover_stream(src: str, dst: str, out_format: str, subformat: str, sparse_
                     overwrite: bool, durable: bool, create_options: dict[str, Any],
                     progress: Progress | None) -> int:
     """Keep every grain of a streamOptimized file up to the first damage."""
-    from .errors import CorruptImageError
     from .ova import iter_stream_grains
 
-    written = 0
     with open(src, "rb") as f:
         header, grains = iter_stream_grains(f, src)
         with _target(dst, header.capacity * 512, out_format, subformat, sparse_size, overwrite,
                      durable, create_options) as (write_at, _block):
-            try:
-                for offset, data in grains:
-                    write_at(offset, memoryview(data))
-                    written += len(data)
-                    if progress:
-                        progress(len(data))
-            except CorruptImageError as exc:
-                log.warning("%s; kept the %d bytes of grains before it", exc, written)
-    return written
+            return _write_grains(grains, write_at, progress, recover=True)
 
 
 def _convert_from_pipe(dst: str, out_format: str, subformat: str, sparse_size: int,
                       overwrite: bool, durable: bool, create_options: dict[str, Any],
-                      progress: Progress | None) -> int:
+                      progress: Progress | None, recover: bool = False) -> int:
     """A streamOptimized image arriving on standard input, read front to back."""
     from .ova import iter_stream_grains
 
-    stdin = sys.stdin.buffer
-    header, grains = iter_stream_grains(stdin, "<stdin>")
-    size = header.capacity * 512
+    header, grains = iter_stream_grains(sys.stdin.buffer, "<stdin>")
+    with _target(dst, header.capacity * 512, out_format, subformat, sparse_size, overwrite,
+                 durable, create_options) as (write_at, _block):
+        return _write_grains(grains, write_at, progress, recover)
+
+
+def _write_grains(grains: Iterator[tuple[int, bytes]], write_at: Callable[[int, memoryview], None],
+                  progress: Progress | None, recover: bool) -> int:
+    """Write grains as they come; with ``recover``, stop quietly at the first damaged one."""
+    from .errors import CorruptImageError
+
     written = 0
-    with _target(dst, size, out_format, subformat, sparse_size, overwrite, durable,
-                 create_options) as (write_at, _block):
+    try:
         for offset, data in grains:
             write_at(offset, memoryview(data))
             written += len(data)
             if progress:
                 progress(len(data))
+    except CorruptImageError as exc:
+        if not recover:
+            raise
+        log.warning("%s; kept the %d bytes of grains before it", exc, written)
     return written
 
 
