@@ -379,3 +379,29 @@ def test_compare_exit_codes_follow_qemu(tmp_path: Path, capsys: pytest.CaptureFi
     raw.write_bytes(bytes(4096))
     assert main(["compare", os.fspath(raw), os.fspath(tmp_path / "missing.raw")]) == 2
     assert "missing.raw" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    ("preallocation=bogus", "preallocation"), ("zeroed_grain=maybe", "zeroed_grain"),
+    ("compression_level=abc", "compression_level"), ("geometry=1/2", "geometry"),
+    ("adapter_type=scsi", "adapter type"), ("nonsense=1", "unknown option")])
+def test_create_refuses_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                    option: str, message: str) -> None:
+    code = main(["create", "-o", option, os.fspath(tmp_path / "o.vmdk"), "1M"])
+    err = capsys.readouterr().err
+    assert code == 1 and message in err and "Traceback" not in err
+    assert not (tmp_path / "o.vmdk").exists()
+
+
+def test_create_geometry_comment_and_full_device(tmp_path: Path) -> None:
+    path = tmp_path / "g.vmdk"
+    assert main(["create", "-q", "-o", "geometry=100/16/63,comment=hello", os.fspath(path),
+                 "1M"]) == 0
+    with vmdk.open(path) as disk:
+        assert disk.image.geometry == (100, 16, 63) and disk.image.comment == "hello"
+    (tmp_path / "dev.bin").write_bytes(pattern(MiB, seed=9))
+    dev = tmp_path / "dev.vmdk"
+    assert main(["create", "-q", "--allow-external", "-o",
+                 f"subformat=fullDevice,device={tmp_path / 'dev.bin'}", os.fspath(dev)]) == 0
+    with vmdk.open(dev, allow_external=True) as disk:
+        assert disk.read() == pattern(MiB, seed=9)

@@ -57,27 +57,56 @@ _BOOL = {"on": True, "yes": True, "true": True, "1": True,
          "off": False, "no": False, "false": False, "0": False}
 
 
+def _flag(key: str, value: str) -> bool:
+    try:
+        return _BOOL[value.lower()]
+    except KeyError:
+        raise VmdkError(f"option {key}: {value!r} is not on or off") from None
+
+
+def _number(key: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise VmdkError(f"option {key}: {value!r} is not a whole number") from None
+
+
+def _geometry(value: str) -> tuple[int, int, int]:
+    parts = value.replace(",", "/").split("/")
+    if len(parts) != 3:
+        raise VmdkError(f"option geometry: {value!r} is not CYLINDERS/HEADS/SECTORS")
+    c, h, s = (_number("geometry", p) for p in parts)
+    return c, h, s
+
+
+_PREALLOCATION = {"off": False, "metadata": False, "falloc": True, "full": True}
+
+
 def create_kwargs(options: dict[str, str]) -> dict[str, Any]:
     """Translate qemu-img's create options (``-o``) into ``vmdk.create`` arguments."""
     kwargs: dict[str, Any] = {}
     for key, value in options.items():
-        if key == "subformat":
-            kwargs["subformat"] = value
-        elif key in ("adapter_type", "hwversion", "toolsversion", "comment"):
+        if key in ("subformat", "adapter_type", "hwversion", "toolsversion", "comment"):
             kwargs[key] = value
         elif key == "compat6":
-            if _BOOL.get(value.lower(), False):
+            if _flag(key, value):
                 kwargs["hwversion"] = "6"
-        elif key in ("zeroed_grain", "preallocation"):
-            if key == "preallocation":
-                kwargs["preallocate"] = value in ("full", "falloc")
-            else:
-                kwargs["zeroed_grain"] = _BOOL.get(value.lower(), False)
+        elif key == "zeroed_grain":
+            kwargs["zeroed_grain"] = _flag(key, value)
+        elif key == "preallocation":
+            if value not in _PREALLOCATION:
+                raise VmdkError(f"option preallocation: {value!r} is not one of "
+                                f"{', '.join(_PREALLOCATION)}")
+            kwargs["preallocate"] = _PREALLOCATION[value]
         elif key == "cluster_size":
             kwargs["cluster_size"] = parse_size(value)
         elif key == "compression_level":
-            kwargs["compression_level"] = int(value)
-        elif key in ("backing_file",):
+            kwargs["compression_level"] = _number(key, value)
+        elif key == "geometry":
+            kwargs["geometry"] = _geometry(value)
+        elif key == "device":
+            kwargs["raw_device"] = value
+        elif key == "backing_file":
             kwargs["parent"] = value
         elif key == "backing_fmt":
             if value != "vmdk":
@@ -166,7 +195,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         # As qemu-img: a relative parent name is relative to the new image's folder.
         kwargs["parent"] = os.path.join(os.path.dirname(args.image), kwargs["parent"])
     size = parse_size(args.size) if args.size is not None else None
-    if size is None and "parent" not in kwargs:
+    if size is None and "parent" not in kwargs and "raw_device" not in kwargs:
         raise VmdkError("a size is required (for example 10G)")
     with create(args.image, size, overwrite=True, allow_external=args.allow_external,
                 **kwargs) as disk:
@@ -466,9 +495,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", dest="format", choices=("vmdk",), default="vmdk")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                    help=f"subformat={{{','.join(SUBFORMATS)}}}, adapter_type=ide|buslogic|"
-                        "lsilogic|legacyESX, hwversion=N, compat6=on, toolsversion=N, "
-                        "zeroed_grain=on, cluster_size=SIZE, preallocation=off|full, "
-                        "compression_level=N, backing_file=PATH")
+                        "lsilogic|legacyESX|pvscsi|lsisas1068, hwversion=N, compat6=on, "
+                        "toolsversion=N, geometry=C/H/S, comment=TEXT, zeroed_grain=on, "
+                        "cluster_size=SIZE, preallocation=off|metadata|falloc|full, "
+                        "compression_level=0-9, backing_file=PATH, device=PATH (fullDevice; "
+                        "partitionedDevice is made from Python: vmdk.create(partitions=...))")
     p.add_argument("-b", dest="backing", metavar="PARENT",
                    help="create a snapshot (child) of PARENT")
     p.add_argument("-F", dest="backing_format", choices=("vmdk",), default="vmdk")

@@ -104,6 +104,12 @@ def _check_options(size: int, opts: CreateOptions) -> None:
     g = opts.cluster_size
     if g < 4096 or g & (g - 1) or g > (1 << 24):
         raise ValueError("cluster size must be a power of two from 4 KiB to 16 MiB")
+    if not 0 <= opts.compression_level <= 9:
+        raise ValueError("compression level must be from 0 to 9")
+    if opts.geometry is not None:
+        c, h, s = opts.geometry
+        if not (0 <= c and 1 <= h <= 255 and 1 <= s <= 63):
+            raise ValueError(f"geometry {c}/{h}/{s}: heads must be 1-255 and sectors 1-63")
 
 
 def _remove_if(paths: Sequence[str], overwrite: bool) -> None:
@@ -126,10 +132,18 @@ def _write_text_descriptor(path: str, descriptor: Descriptor) -> None:
         os.close(fd)
 
 
+#: A split image's descriptor names every extent; readers refuse descriptors of more lines.
+MAX_SPLIT_EXTENTS = 8192
+
+
 def _split_sizes(sectors: int) -> list[int]:
     if sectors == 0:
         return [0]
     full, rest = divmod(sectors, SPLIT_SECTORS)
+    if full + bool(rest) > MAX_SPLIT_EXTENTS:
+        raise UnsupportedFormatError(
+            f"a split image of {sectors * SECTOR_SIZE >> 40} TiB would need more than "
+            f"{MAX_SPLIT_EXTENTS} extents")
     return [SPLIT_SECTORS] * full + ([rest] if rest else [])
 
 

@@ -62,6 +62,8 @@ MAX_GRAIN_SECTORS = 1 << 16
 MAX_GTES_PER_GT = 1 << 16
 #: u32 sector numbers cannot address past 2 TiB of extent file.
 MAX_FILE_SECTORS = 1 << 32
+#: qemu refuses grain directories above 32 Mi entries ("L1 size too big").
+MAX_GD_ENTRIES = 32 << 20
 #: Embedded descriptors above 1 MiB are refused before reading.
 MAX_DESCRIPTOR_SECTORS = 2048
 #: Default memory budget for cached grain tables (bytes).
@@ -333,6 +335,11 @@ class SparseExtent(Extent):
         """
         gt_sectors = _ceil_div(num_gtes_per_gt * 4, SECTOR_SIZE)
         gd_entries = _ceil_div(capacity, num_gtes_per_gt * grain_size)
+        if gd_entries > MAX_GD_ENTRIES:
+            limit = MAX_GD_ENTRIES * num_gtes_per_gt * grain_size * SECTOR_SIZE
+            raise UnsupportedFormatError(
+                f"a sparse extent of this grain size holds at most {limit >> 40} TiB (qemu and "
+                "VMware refuse larger grain directories); use a larger cluster size", filename)
         gd_sectors = _ceil_div(gd_entries * 4, SECTOR_SIZE)
         sector = 1
         desc_offset = desc_size = 0
