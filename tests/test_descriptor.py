@@ -225,7 +225,8 @@ def test_unknown_keys_and_missing_version() -> None:
         (BASIC.replace(b'"disk.vmdk"', b'"disk.vmdk'), 8),
         (BASIC.replace(b'"disk.vmdk"', b""), 8),
         (BASIC.replace(b"RW 20480", b"RW"), 8),
-        (BASIC.replace(b"# Extent", "# Extent \u00e9".encode("latin-1")), 7),
+        (BASIC.replace(b"version=1\n", b'version=1\nencoding="UTF-8"\n')
+         .replace(b"# Extent", "# Extent \u00e9".encode("latin-1")), 8),
     ],
 )
 def test_bad_lines_refused_with_line(data: bytes, line: int) -> None:
@@ -506,11 +507,21 @@ def test_unusable_encoding_refused(name: str) -> None:
     assert info.value.line == 3
 
 
-def test_undecodable_bytes_refused() -> None:
-    data = BASIC.replace(b"# Extent description", b"# Extent \xff\xfe")
+def test_undecodable_bytes_refused_when_utf8_is_declared() -> None:
+    data = BASIC.replace(b"version=1\n", b'version=1\nencoding="UTF-8"\n').replace(
+        b"# Extent description", b"# Extent \xff\xfe")
     with pytest.raises(DescriptorError, match="UTF-8") as info:
         Descriptor.parse(data)
-    assert info.value.line == 7
+    assert info.value.line == 8
+
+
+def test_undeclared_legacy_bytes_read_as_latin1_and_round_trip() -> None:
+    # Old Windows tools wrote their code page without saying so; qemu and VMware open these.
+    data = BASIC.replace(b'ddb.adapterType = "lsilogic"', b'ddb.comment = "caf\xe9"\n'
+                         b'ddb.adapterType = "lsilogic"')
+    desc = Descriptor.parse(data)
+    assert desc.ddb_get("ddb.comment") == "caf\u00e9"
+    assert desc.to_bytes() == data
 
 
 def test_unencodable_value_refused() -> None:

@@ -165,6 +165,10 @@ def _check_sparse(extent: SparseExtent, result: CheckResult) -> None:
         if beyond.size:
             result.add("corruption", f"{beyond.size} grain entries point past the end of the file",
                        name, int(beyond.size))
+        damaged, first = extent.verify_compressed()
+        if damaged:
+            result.add("corruption", f"{damaged} compressed grains cannot be read ({first})",
+                       name, damaged)
         result.image_end_offset = max(result.image_end_offset, extent.file_size)
         return
     grain_end = grains + h.grain_size

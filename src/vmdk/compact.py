@@ -48,18 +48,7 @@ def compact(path: str | os.PathLike[str], *, progress: Progress | None = None) -
 
 
 def _grain_slots(extent: SparseExtent) -> tuple[np.ndarray, np.ndarray]:
-    """(grain numbers, sectors) of every grain stored in the extent."""
-    numbers, sectors = [], []
-    n = extent.header.num_gtes_per_gt
-    first_data = 2 if extent.zeroed_gte else 1
-    for index in np.flatnonzero(extent.gd):
-        table = extent._gt(int(index))
-        slots = np.flatnonzero(table >= first_data)
-        numbers.append(slots + int(index) * n)
-        sectors.append(table[slots].astype(np.int64))
-    if not numbers:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    return np.concatenate(numbers), np.concatenate(sectors)
+    return extent.stored_grains()
 
 
 def drop_zero_grains(extent: SparseExtent, has_parent: bool,

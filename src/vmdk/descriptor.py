@@ -341,7 +341,16 @@ def _check_codec(name: str) -> str:
     return name
 
 
-def _declared_encoding(lines: list[tuple[bytes, bytes]], filename: str | None) -> str:
+def _is_utf8(lines: list[tuple[bytes, bytes]]) -> bool:
+    try:
+        for raw, _eol in lines:
+            raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _declared_encoding(lines: list[tuple[bytes, bytes]], filename: str | None) -> str | None:
     # The encoding is named inside the text it governs; its own line is ASCII,
     # so read it as latin-1 (which never fails) before decoding the rest.
     for number, (raw, _eol) in enumerate(lines, 1):
@@ -351,7 +360,7 @@ def _declared_encoding(lines: list[tuple[bytes, bytes]], filename: str | None) -
             field = _parse_field(raw.decode("latin-1"))
             if field is not None:
                 return _check_codec(field.value.strip(_WS))
-    return DEFAULT_ENCODING
+    return None
 
 
 def _same_codec(a: str, b: str) -> bool:
@@ -407,6 +416,11 @@ class Descriptor:
         """Parse descriptor bytes (text ends at the first NUL); raise DescriptorError."""
         pairs = _split_lines(_cut(data, filename), filename)
         codec = _declared_encoding(pairs, filename)
+        if codec is None:
+            # No encoding named: UTF-8, as VMware writes today; older Windows tools wrote the
+            # local code page, so bytes that are not UTF-8 are read as Latin-1 (which round-
+            # trips every byte) rather than refused, as qemu and VMware accept them.
+            codec = DEFAULT_ENCODING if _is_utf8(pairs) else "latin-1"
         lines = []
         for number, (raw, eol) in enumerate(pairs, 1):
             with _naming(filename, number):

@@ -19,7 +19,7 @@ from typing import Any, Self
 from uuid import UUID
 
 from ._structs import COWD_MAGIC, SESPARSE_CONST_MAGIC, SPARSE_MAGIC, SparseFlags
-from .descriptor import Descriptor, ExtentLine
+from .descriptor import Descriptor, ExtentLine, canonical_create_type
 from .errors import (
     ChainError,
     DescriptorError,
@@ -200,6 +200,9 @@ class Image:
             descriptor = _synthesize_descriptor(path, kind)
         else:
             raise UnsupportedFormatError("not a VMDK image (no descriptor or known header)", path)
+        if canonical_create_type(descriptor.create_type) is None:
+            raise UnsupportedFormatError(
+                f"unknown createType {descriptor.create_type!r}", path)
         extents: list[Extent] = []
         parent: Image | None = None
         locks: list[int] = []
@@ -750,7 +753,8 @@ def _open_extent(path: str, line: ExtentLine, descriptor: Descriptor, read_only:
         return ZeroExtent(line.sectors)
     if line.filename is None:
         raise DescriptorError(f"{line.type} extent has no file name", path)
-    raw_device = descriptor.create_type in RAW_DEVICE_TYPES or line.type in ("VMFSRDM", "VMFSRAW")
+    raw_device = (canonical_create_type(descriptor.create_type) in RAW_DEVICE_TYPES
+                  or line.type in ("VMFSRDM", "VMFSRAW"))
     target = resolve_extent_path(path, line.filename, allow_external=allow_external)
     if raw_device and not allow_external and not os.path.isfile(target):
         raise UnsafePathError(
