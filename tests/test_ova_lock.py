@@ -84,7 +84,7 @@ def test_a_second_writer_is_refused(tmp_path: Path) -> None:
         with vmdk.open(path, force_share=True) as reader:
             assert reader.read(1) == b"\0"
     readers = [vmdk.open(path), vmdk.open(path)]  # readers share
-    with pytest.raises(vmdk.ImageInUseError, match="does not allow writes"):
+    with pytest.raises(vmdk.ImageInUseError, match="do not allow writes"):
         vmdk.open(path, "r+")
     for r in readers:
         r.close()

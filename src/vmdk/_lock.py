@@ -45,11 +45,12 @@ def lock_image_file(fd: int, filename: str, *, write: bool) -> None:
     """
     if _held_by_other(fd, PERM_BASE + WRITE):
         raise ImageInUseError(
-            "image is in use: another process has it open for writing "
-            "(force_share=True / --force-share reads it anyway)", filename)
+            "image is in use: it is open for writing elsewhere (another process, or another "
+            "open in this one); force_share=True / --force-share reads it anyway", filename)
     if write and _held_by_other(fd, SHARED_BASE + WRITE):
         raise ImageInUseError(
-            "image is in use: another process reads it and does not allow writes", filename)
+            "image is in use: it is open for reading elsewhere and readers do not allow "
+            "writes meanwhile", filename)
     try:
         _take(fd, PERM_BASE + READ)
         _take(fd, SHARED_BASE + WRITE)
