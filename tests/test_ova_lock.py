@@ -120,3 +120,17 @@ def test_locks_are_seen_by_qemu(tmp_path: Path, qemu_img: str) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_info_looks_inside_an_ova(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from vmdk.cli import main
+
+    (tmp_path / "src.raw").write_bytes(pattern(2 * MiB, seed=12))
+    export_ova(tmp_path / "src.raw", tmp_path / "vm.ova")
+    assert main(["info", "--output=json", str(tmp_path / "vm.ova")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "ova" and info["members"][0] == "vm.ovf"
+    assert info["disks"] == [{"name": "vm-disk1.vmdk", "file-size": info["disks"][0]["file-size"],
+                              "virtual-size": 2 * MiB}]

@@ -148,6 +148,21 @@ def _open_flags(args: argparse.Namespace) -> dict[str, Any]:
 # ----------------------------------------------------------------------- verbs
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from .ova import is_ova, ova_info
+
+    if is_ova(args.image):
+        package = ova_info(args.image)
+        if args.output == "json":
+            print(json.dumps(package, indent=4))
+            return 0
+        print(f"package: {args.image}\nfile format: ova")
+        for name in package["members"]:  # type: ignore[attr-defined]
+            print(f"    {name}")
+        for disk in package["disks"]:  # type: ignore[attr-defined]
+            size = disk["virtual-size"]
+            shown = f"{_human_size(size)} ({size} bytes)" if size is not None else "not a VMDK"
+            print(f"disk {disk['name']}: virtual size {shown}")
+        return 0
     with Image.open(args.image, "r", **_open_flags(args)) as image:
         infos = [img.info() for img in (image.chain() if args.backing_chain else [image])]
     if args.output == "json":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import struct
 import tarfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -124,6 +125,27 @@ def copy_from_ova(path: str, write_at: Callable[[int, memoryview], None],
                 progress(offset + len(data) - done)
                 done = offset + len(data)
         return int(header.capacity * SECTOR_SIZE)
+
+
+def ova_info(path: str) -> dict[str, object]:
+    """What ``vmdk info`` shows of a package: its members and each disk's virtual size."""
+    with tarfile.open(path, "r:") as tar:
+        members = [m for m in tar.getmembers() if m.isfile()]
+        disks = []
+        for m in members:
+            if not m.name.lower().endswith(".vmdk"):
+                continue
+            f = tar.extractfile(m)
+            assert f is not None
+            try:
+                header = SparseHeader.unpack(f.read(SECTOR_SIZE))
+            except (ValueError, struct.error):
+                disks.append({"name": m.name, "file-size": m.size, "virtual-size": None})
+                continue
+            disks.append({"name": m.name, "file-size": m.size,
+                          "virtual-size": header.capacity * SECTOR_SIZE})
+    return {"filename": path, "format": "ova", "members": [m.name for m in members],
+            "disks": disks}
 
 
 def ova_disk_size(path: str, disk: str | None = None) -> int:
