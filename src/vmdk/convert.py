@@ -16,6 +16,7 @@ import mmap
 import os
 import sys
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import numpy as np
@@ -173,9 +174,8 @@ def copy(source: Source, write_at: Callable[[int, memoryview], None], *,
     are copied by the kernel (``copy_file_range``) without passing through
     Python: stored grains are copied whole, zeros inside them included.
     """
-    # Page-aligned, so reads from the page cache copy straight in (see extents.base.pread_exact).
-    view = memoryview(mmap.mmap(-1, CHUNK))
     written = 0
+    chunks: list[tuple[int, int]] = []  # what goes through Python, in order
     for span in source.spans():
         if not span.data:
             if progress:
@@ -193,15 +193,39 @@ def copy(source: Source, write_at: Callable[[int, memoryview], None], *,
                 if progress:
                     progress(span.length)
                 continue
-        pos, end = span.start, span.start + span.length
-        while pos < end:
-            n = min(CHUNK, end - pos)
-            chunk = view[:n]
-            source.readinto_at(pos, chunk)
+        chunks.extend((pos, min(CHUNK, span.start + span.length - pos))
+                      for pos in range(span.start, span.start + span.length, CHUNK))
+    return written + _copy_chunks(source, chunks, write_at, sparse_size, progress)
+
+
+def _copy_chunks(source: Source, chunks: list[tuple[int, int]],
+                 write_at: Callable[[int, memoryview], None], sparse_size: int,
+                 progress: Progress | None) -> int:
+    """Read chunk N+1 in a worker thread while chunk N is checked for zeros and written.
+
+    The source is only ever touched by the worker, the target only by the caller's thread.
+    Buffers are page-aligned, so reads from the page cache copy straight in.
+    """
+    if not chunks:
+        return 0
+    buffers = [memoryview(mmap.mmap(-1, CHUNK)) for _ in range(2)]
+
+    def read(i: int) -> memoryview:
+        pos, n = chunks[i]
+        view = buffers[i % 2][:n]
+        source.readinto_at(pos, view)
+        return view
+
+    written = 0
+    with ThreadPoolExecutor(1, thread_name_prefix="vmdk-read-ahead") as pool:
+        future = pool.submit(read, 0)
+        for i, (pos, n) in enumerate(chunks):
+            chunk = future.result()
+            if i + 1 < len(chunks):
+                future = pool.submit(read, i + 1)
             for start, length in (nonzero_runs(chunk, sparse_size) if sparse_size else [(0, n)]):
                 write_at(pos + start, chunk[start:start + length])
                 written += length
-            pos += n
             if progress:
                 progress(n)
     return written
