@@ -153,11 +153,7 @@ def _check_sparse(extent: SparseExtent, result: CheckResult) -> None:
     gd = extent.gd
     file_sectors = -(-extent.file_size // SECTOR_SIZE)
     _compare_redundant(extent, result, gt_sectors)
-    tables = [extent._gt(int(i)) if gd[i] else None for i in range(len(gd))]
-    entries = np.concatenate([t for t in tables if t is not None]) if any(
-        t is not None for t in tables) else np.zeros(0, dtype=np.uint32)
-    first_data = 2 if extent.zeroed_gte else 1
-    grains = entries[entries >= first_data].astype(np.int64)
+    _numbers, grains = extent.stored_grains()
     result.total_clusters += -(-h.capacity // h.grain_size)
     result.allocated_clusters += int(grains.size)
     if extent.compressed:

@@ -801,14 +801,7 @@ class SparseExtent(Extent):
             self._gt_dirty.add(index)
 
     def _set_entry(self, grain: int, value: int) -> None:
-        index, slot = divmod(grain, self.header.num_gtes_per_gt)
-        if self.gd[index] == 0:
-            if value == 0:
-                return  # an absent table already reads as unallocated
-            self._allocate_table(index)
-        table = self._gt(index)
-        table[slot] = value
-        self._gt_dirty.add(index)
+        self._set_entries(grain, np.array([value], dtype=np.uint32))
 
     def _allocate_table(self, index: int) -> None:
         """Reserve space for a new grain table (and its redundant copy) at the end of the file."""
