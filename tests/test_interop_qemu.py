@@ -431,6 +431,22 @@ def test_qemu_split_images_across_extent_boundaries(qemu_img: str, qemu_io: str,
     qemu_check(qemu_img, path, subformat)
 
 
+def test_descriptor_with_qemu_leftover_after_nul(qemu_img: str, qemu_io: str,
+                                                  tmp_path: Path) -> None:
+    """qemu rewrites a shorter CID in place and leaves the old text's tail after the NUL."""
+    path = tmp_path / "flat.vmdk"
+    run(qemu_img, "create", "-f", "vmdk", "-o", "subformat=monolithicFlat", path, "1M")
+    text = path.read_bytes().decode()
+    path.write_text("\n".join("CID=0000000000000001" if line.startswith("CID=") else line
+                               for line in text.split("\n")))
+    run(qemu_io, "-f", "vmdk", "-c", "write -P 0x5a 0 512", path)
+    head, _, tail = path.read_bytes().partition(b"\0")
+    assert tail.strip(b"\0"), "qemu left no tail: the case this test guards is gone"
+    with vmdk.open(path) as f:
+        assert f.read_at(0, 512) == b"\x5a" * 512
+        assert f.image.cid == int(head.split(b"CID=")[1].split(b"\n")[0], 16)
+
+
 def test_write_here_into_qemu_child(qemu_img: str, raw: Path, tmp_path: Path) -> None:
     base, child = tmp_path / "base.vmdk", tmp_path / "child.vmdk"
     run(qemu_img, "convert", "-f", "raw", "-O", "vmdk", raw, base)

@@ -126,10 +126,9 @@ def _looks_like_descriptor(path: str) -> bool:
             text = f.read(4096)
     except OSError:
         return False
-    # qemu pads separate descriptor files with NULs to a sector; text after them is not ours.
-    text, _, rest = text.partition(b"\0")
-    if rest.strip(b"\0"):
-        return False
+    # The text ends at the first NUL, as qemu and VMware read it: qemu pads descriptor files
+    # with NULs and, when a rewritten CID is shorter, leaves the old text's tail after the NUL.
+    text = text.partition(b"\0")[0]
     for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith(b"#"):
