@@ -9,6 +9,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# A shared 2-core CI host has slow moments: no per-example deadline, and in CI a fixed
+# seed so that a red run can be replayed exactly.
+settings.register_profile("vmdk", deadline=None, suppress_health_check=[HealthCheck.too_slow],
+                          derandomize=bool(os.environ.get("CI")))
+settings.load_profile("vmdk")
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "samples"
 if not SAMPLES.is_dir():  # CI clones main with shared/ beside it
