@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import struct
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from conftest import pattern
 from vmdk._structs import SECTOR_SIZE, ZEROED_GTE, SparseFlags, SparseHeader
@@ -348,3 +351,24 @@ def test_status_runs(ext: SparseExtent) -> None:
     runs = ext.status(0, 4 * G)
     kinds = [(r.offset, r.length, r.alloc.value) for r in runs]
     assert kinds == [(0, G, "unallocated"), (G, 2 * G, "data"), (3 * G, G, "unallocated")]
+
+
+@given(st.lists(st.one_of(st.just(0), st.integers(1, 8)), min_size=1, max_size=32),
+       st.integers(1, 10**6))
+def test_grain_runs_small_and_numpy_agree(steps: list[int], base: int) -> None:
+    """The plain-Python run splitter for short requests agrees with the numpy one."""
+    extent = SparseExtent.__new__(SparseExtent)
+    extent.header = SimpleNamespace(grain_size=128)  # type: ignore[assignment]
+    extent.compressed = extent.zeroed_gte = False
+    # 0: a hole; 1: the grain after the last one (sector 128 after a hole); 2-8: elsewhere
+    entries, last = [], 0
+    for s in steps:
+        last = 0 if s == 0 else (last + 128 if s == 1 else (base + s * 1000) * 128)
+        entries.append(last)
+    table = np.array(entries, dtype=np.uint32)
+    expected = SparseExtent._runs(extent, np.concatenate([table, np.zeros(40, np.uint32)]))
+    if expected[-1][2] == 0 and table[-1] == 0:  # the padding merges into a trailing hole
+        expected[-1] = (expected[-1][0], expected[-1][1] - 40, 0)
+    else:
+        expected = expected[:-1]
+    assert extent._runs_small(entries) == expected

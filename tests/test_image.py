@@ -375,3 +375,26 @@ def test_second_writer_is_refused(disk: Path) -> None:
             pass
         with pytest.raises(vmdk.ImageInUseError):
             vmdk.open(disk, "r+")
+
+
+@pytest.mark.parametrize("shift", [0, 1, 16, 31, 48, 2048, 4095])
+@pytest.mark.parametrize("file_offset", [0, 16, 4096 + 7])
+def test_pread_exact_at_any_alignment(tmp_path: Path, shift: int, file_offset: int) -> None:
+    """Reads bigger than the bounce buffer land intact wherever the caller's buffer sits."""
+    from vmdk.extents.base import BOUNCE_SIZE, pread_exact
+
+    data = pattern(3 * BOUNCE_SIZE + 12345, seed=5, zero_every=0)
+    path = tmp_path / "data.bin"
+    path.write_bytes(data)
+    length = len(data) - file_offset + 999  # runs past the end: the rest reads as zeros
+    area = bytearray(length + 8192)
+    view = memoryview(area)[shift:shift + length]
+    view[:] = b"\xee" * length
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        got = pread_exact(fd, view, file_offset, str(path))
+    finally:
+        os.close(fd)
+    assert got == len(data) - file_offset
+    assert view[:got] == data[file_offset:]
+    assert view[got:] == bytes(999)

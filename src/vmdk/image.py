@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import secrets
 import stat
 import uuid
 from collections.abc import Iterator
@@ -89,7 +88,7 @@ def io_errors(filename: str | None) -> Iterator[None]:
 def new_cid() -> int:
     """A random content id that is never one of the two reserved values."""
     while True:
-        cid = secrets.randbits(32)
+        cid = int.from_bytes(os.urandom(4), "little")
         if cid not in (0xFFFFFFFF, 0xFFFFFFFE):
             return cid
 

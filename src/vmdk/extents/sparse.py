@@ -491,6 +491,22 @@ class SparseExtent(Extent):
 
     def _runs_small(self, entries: list[int]) -> list[tuple[int, int, int]]:
         """``_runs`` for a few grains: plain Python beats numpy's per-call cost here."""
+        if self.compressed or self.zeroed_gte:
+            return self._runs_small_any(entries)
+        # Plain hosted sparse: only holes (0) and data; a data run breaks where sectors jump.
+        step = self.header.grain_size
+        runs: list[tuple[int, int, int]] = []
+        start, prev = 0, entries[0]
+        for i in range(1, len(entries)):
+            entry = entries[i]
+            if (entry != prev + step or not prev) if entry else prev:
+                runs.append((start, i - start, _DATA if prev else _UNALLOC))
+                start = i
+            prev = entry
+        runs.append((start, len(entries) - start, _DATA if prev else _UNALLOC))
+        return runs
+
+    def _runs_small_any(self, entries: list[int]) -> list[tuple[int, int, int]]:
         step = self.header.grain_size
         runs: list[tuple[int, int, int]] = []
         start, kind = 0, self._kind(entries[0])
