@@ -120,7 +120,7 @@ class GrainMarker:
     SIZE: ClassVar[int] = 12
 
     @classmethod
-    def unpack(cls, data: bytes) -> GrainMarker:
+    def unpack(cls, data: bytes | memoryview) -> GrainMarker:
         return cls(*cls.FORMAT.unpack_from(data))
 
     def pack(self) -> bytes:

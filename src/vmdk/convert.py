@@ -201,29 +201,31 @@ def copy(source: Source, write_at: Callable[[int, memoryview], None], *,
 def _copy_chunks(source: Source, chunks: list[tuple[int, int]],
                  write_at: Callable[[int, memoryview], None], sparse_size: int,
                  progress: Progress | None) -> int:
-    """Read chunk N+1 in a worker thread while chunk N is checked for zeros and written.
+    """Read chunk N+1 in a worker thread while chunk N is written.
 
-    The source is only ever touched by the worker, the target only by the caller's thread.
-    Buffers are page-aligned, so reads from the page cache copy straight in.
+    The worker also finds the chunk's non-zero runs while the bytes it just
+    read are still in its core's cache.  The source is only ever touched by the
+    worker, the target only by the caller's thread.  Buffers are page-aligned,
+    so reads from the page cache copy straight in.
     """
     if not chunks:
         return 0
     buffers = [memoryview(mmap.mmap(-1, CHUNK)) for _ in range(2)]
 
-    def read(i: int) -> memoryview:
+    def read(i: int) -> tuple[memoryview, list[tuple[int, int]]]:
         pos, n = chunks[i]
         view = buffers[i % 2][:n]
         source.readinto_at(pos, view)
-        return view
+        return view, (nonzero_runs(view, sparse_size) if sparse_size else [(0, n)])
 
     written = 0
     with ThreadPoolExecutor(1, thread_name_prefix="vmdk-read-ahead") as pool:
         future = pool.submit(read, 0)
         for i, (pos, n) in enumerate(chunks):
-            chunk = future.result()
+            chunk, runs = future.result()
             if i + 1 < len(chunks):
                 future = pool.submit(read, i + 1)
-            for start, length in (nonzero_runs(chunk, sparse_size) if sparse_size else [(0, n)]):
+            for start, length in runs:
                 write_at(pos + start, chunk[start:start + length])
                 written += length
             if progress:

@@ -583,19 +583,20 @@ class SparseExtent(Extent):
             base = grain * self.grain_bytes
             buf[lo - offset:hi - offset] = memoryview(found[grain])[lo - base:hi - base]
 
-    def _fetch_records(self, grains: list[tuple[int, int]]) -> list[tuple[int, int, bytes]]:
+    def _fetch_records(self, grains: list[tuple[int, int]]) -> list[tuple[int, int, memoryview]]:
         """The compressed payload of each (grain, sector), reading neighbours in one go."""
         g = self.grain_bytes
         head = GrainMarker.SIZE if self.markers else 4
         ordered = sorted(grains, key=lambda x: x[1])
         lo = ordered[0][1] * SECTOR_SIZE
         hi = ordered[-1][1] * SECTOR_SIZE + head + 2 * g  # incompressible data grows a little
-        window = b""
+        window = memoryview(b"")
         if hi - lo <= max(3 * len(ordered) * g, 1 << 20) and hi - lo <= 64 << 20:
-            window = os.pread(self.fd, hi - lo, lo)
+            window = memoryview(os.pread(self.fd, hi - lo, lo))  # sliced, never copied
         return [(grain, sector, self._record(grain, sector, window, lo)) for grain, sector in grains]
 
-    def _record(self, grain: int, sector: int, window: bytes, window_start: int) -> bytes:
+    def _record(self, grain: int, sector: int, window: memoryview,
+                window_start: int) -> memoryview:
         """One compressed grain record's payload, from ``window`` when it holds the record."""
         name, g = self.filename, self.grain_bytes
         head_len = GrainMarker.SIZE if self.markers else 4
@@ -605,7 +606,7 @@ class SparseExtent(Extent):
             raw = window[at:at + head_len + 2 * g]
         else:
             # One read usually covers the whole record: compressed grains are smaller.
-            raw = os.pread(self.fd, head_len + g, host)
+            raw = memoryview(os.pread(self.fd, head_len + g, host))
         if len(raw) < head_len:
             raise CorruptImageError(f"grain {grain} at sector {sector} lies past the end of the file",
                                     name)
@@ -621,12 +622,12 @@ class SparseExtent(Extent):
             raise CorruptImageError(f"grain {grain} at sector {sector}: bad compressed size {size}",
                                     name)
         if head_len + size > len(raw):
-            raw = os.pread(self.fd, head_len + size, host)
+            raw = memoryview(os.pread(self.fd, head_len + size, host))
             if len(raw) < head_len + size:
                 raise CorruptImageError(f"grain {grain} at sector {sector} is truncated", name)
         return raw[head_len:head_len + size]
 
-    def _inflate(self, grain: int, sector: int, payload: bytes) -> bytes:
+    def _inflate(self, grain: int, sector: int, payload: memoryview) -> bytes:
         g = self.grain_bytes
         try:
             data = _deflate.inflate_bounded(payload, g)
