@@ -56,6 +56,17 @@ class VmdkFile(PositionedDisk):
             self._pos += n
         return n
 
+    def read(self, size: int | None = -1) -> bytes:
+        """Up to ``size`` bytes from the current position (all the rest when negative)."""
+        self._checkClosed()
+        rest = max(0, self.image.size - self._pos)
+        n = rest if size is None or size < 0 else min(size, rest)
+        if not n:
+            return b""
+        data = self.image.read_at(self._pos, n)  # skips RawIOBase's buffer and extra copy
+        self._pos += n
+        return data
+
     def readall(self) -> bytes:
         return self.read(max(0, self.image.size - self._pos))
 

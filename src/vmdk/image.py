@@ -10,8 +10,10 @@ import bisect
 import contextlib
 import dataclasses
 import logging
+import mmap
 import os
 import stat
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any, Self
@@ -39,6 +41,10 @@ log = logging.getLogger(__name__)
 MAX_DESCRIPTOR_BYTES = 1 << 20
 #: Deepest snapshot chain followed before assuming a loop or an attack.
 MAX_CHAIN_DEPTH = 64
+#: ``read_at`` reads up to this many bytes through a page-aligned buffer per thread, so
+#: the kernel copies at full speed and one copy makes the result.
+READ_SCRATCH = 4 << 20
+_scratch = threading.local()
 NO_PARENT_CID = 0xFFFFFFFF
 
 #: createType values that name a raw device or partition rather than image files.
@@ -268,9 +274,15 @@ class Image:
             zero_fill(view)
 
     def read_at(self, offset: int, length: int) -> bytes:
-        buf = bytearray(length)
-        self.readinto_at(offset, buf)
-        return bytes(buf)
+        if length < 64 << 10 or length > READ_SCRATCH:
+            buf = bytearray(length)
+            self.readinto_at(offset, buf)
+            return bytes(buf)
+        scratch = getattr(_scratch, "view", None)
+        if scratch is None:
+            scratch = _scratch.view = memoryview(mmap.mmap(-1, READ_SCRATCH))
+        self.readinto_at(offset, scratch[:length])
+        return bytes(scratch[:length])
 
     # ------------------------------------------------------------------ write
 
