@@ -155,3 +155,46 @@ def test_check_reports_and_clears_the_unclean_flag(tmp_path: Path) -> None:
     with open(path, "rb") as f:
         f.seek(72)
         assert f.read(1) == b"\x00"
+
+
+def _set_gte(path: Path, grain: int, sector: int) -> None:
+    """Point grain ``grain``'s entry, in both tables, at ``sector``."""
+    gt, rgt = _first_gt_sector(path)
+    with open(path, "r+b") as f:
+        for table in (gt, rgt):
+            f.seek(table * 512 + grain * 4)
+            f.write(struct.pack("<I", sector))
+
+
+def _gte(path: Path, grain: int) -> int:
+    gt, _rgt = _first_gt_sector(path)
+    with open(path, "rb") as f:
+        f.seek(gt * 512 + grain * 4)
+        return int(struct.unpack("<I", f.read(4))[0])
+
+
+@pytest.mark.parametrize("where", ["shared", "metadata"])
+def test_check_all_gives_tangled_entries_their_own_grain(tmp_path: Path, where: str) -> None:
+    """Two entries on one grain, or one on a grain table: -r all copies, nothing read changes."""
+    path = tmp_path / "t.vmdk"
+    with vmdk.create(path, 8 * MiB) as disk:
+        disk.write(pattern(2 * MiB, seed=8, zero_every=0))
+    gt, _rgt = _first_gt_sector(path)
+    _set_gte(path, 5, _gte(path, 9) if where == "shared" else gt)
+    with vmdk.open(path) as disk:
+        before = disk.read()
+    result = check(path)
+    assert result.exit_code == 2
+    assert ("more than one entry" if where == "shared" else "into metadata") in " ".join(
+        p.message for p in result.problems)
+    fixed = check(path, repair="all")
+    assert fixed.exit_code == 0 and fixed.corruptions_fixed >= 1
+    with vmdk.open(path) as disk:
+        assert disk.read() == before
+    with vmdk.open(path, "r+") as disk:  # writes through either entry stay apart now
+        disk.write_at(5 * 65536, b"\x5a" * 65536)
+    with vmdk.open(path) as disk:
+        after = disk.read()
+    assert after[5 * 65536:6 * 65536] == b"\x5a" * 65536
+    assert after[:5 * 65536] + after[6 * 65536:] == before[:5 * 65536] + before[6 * 65536:]
+    assert check(path).exit_code == 0

@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 
 from ._structs import SparseFlags
-from .errors import VmdkError
-from .extents.base import SECTOR_SIZE
+from .errors import UnsupportedFormatError, VmdkError
+from .extents.base import SECTOR_SIZE, pread_exact, pwrite_all
 from .extents.flat import FlatExtent
-from .extents.sparse import SparseExtent
+from .extents.sparse import MAX_FILE_SECTORS, SparseExtent
 from .image import Image
 
 
@@ -86,8 +86,10 @@ def check(path: str | os.PathLike[str], *, repair: str | None = None,
     """Check an image and report every inconsistency found.
 
     ``repair`` is None (only look), "leaks" (give leaked space back) or "all"
-    (also rebuild redundant metadata from the primary copy, drop entries that
-    point outside the file, and clear the unclean-shutdown flag).  After a
+    (also restore bad entries from the redundant copies, drop entries that point
+    outside the file, give entries that share a grain or point into metadata a
+    copy of their own, rebuild the redundant metadata from the primary copy, and
+    clear the unclean-shutdown flag).  After a
     repair the image is checked again and the result tells what was fixed.
     """
     path = os.fspath(path)
@@ -264,6 +266,7 @@ def _repair(path: str, mode: str, allow_external: bool) -> None:
             if mode == "all":
                 _restore_from_redundant(extent)
                 _drop_bad_entries(extent)
+                _untangle(extent)
                 _rebuild_redundant(extent)
             defragment(extent)
         # Closing the image writes its header with the unclean-shutdown flag cleared.
@@ -310,6 +313,48 @@ def _drop_bad_entries(extent: SparseExtent) -> None:
         for slot in bad:
             extent._set_entry(int(index) * h.num_gtes_per_gt + int(slot), 0)
     extent.flush()
+
+
+def _untangle(extent: SparseExtent) -> int:
+    """Give each entry that shares its grain, or points into metadata, a copy of its own.
+
+    Every entry goes on reading exactly the bytes it reads now, but a write through
+    one of them can no longer change what another reads or overwrite a table.  The
+    copies are written and synced before any entry points at them.  Returns the moves.
+    """
+    from .compact import _used_intervals
+
+    gs = extent.header.grain_size
+    numbers, sectors = extent.stored_grains()
+    if not sectors.size:
+        return 0
+    order = np.argsort(sectors, kind="stable")
+    starts = sectors[order]
+    ends = starts + gs
+    clash = np.zeros(starts.shape, dtype=bool)
+    clash[1:] = starts[1:] < np.maximum.accumulate(ends)[:-1]  # the first holder keeps it
+    for a, b in _used_intervals(extent):
+        clash |= (starts < b) & (ends > a)
+    movers = order[clash]
+    if not movers.size:
+        return 0
+    if extent._end + movers.size * gs > MAX_FILE_SECTORS:
+        raise UnsupportedFormatError("extent file would grow past 2 TiB (u32 sector numbers)",
+                                     extent.filename)
+    extent.flush()
+    buf = memoryview(bytearray(extent.grain_bytes))
+    targets = []
+    for i in movers.tolist():
+        pread_exact(extent.fd, buf, int(sectors[i]) * SECTOR_SIZE, extent.filename)
+        pwrite_all(extent.fd, buf, extent._end * SECTOR_SIZE)
+        targets.append((int(numbers[i]), extent._end))
+        extent._end += gs
+    extent.file_size = max(extent.file_size, extent._end * SECTOR_SIZE)
+    os.fdatasync(extent.fd)
+    for number, sector in targets:
+        extent._set_entry(number, sector)
+    extent.flush()
+    return len(targets)
 
 
 def _rebuild_redundant(extent: SparseExtent) -> None:
