@@ -141,7 +141,8 @@ def test_check_finds_and_repairs_corruption(tmp_path: Path) -> None:
         assert disk.read(MiB) == pattern(2 * MiB, seed=7, zero_every=0)[:MiB]
 
 
-def test_check_reports_and_clears_the_unclean_flag(tmp_path: Path) -> None:
+def test_check_reports_and_clears_the_unclean_flag(tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "u.vmdk"
     with vmdk.create(path, MiB) as disk:
         disk.write(b"x")
@@ -150,8 +151,12 @@ def test_check_reports_and_clears_the_unclean_flag(tmp_path: Path) -> None:
         f.write(b"\x01")
     result = check(path)
     assert any("not closed cleanly" in p.message for p in result.problems)
-    assert result.exit_code == 0
-    check(path, repair="all")
+    assert result.exit_code == 0 and not result.unclean_cleared
+    repaired = check(path, repair="all")
+    assert repaired.unclean_cleared and repaired.to_json()["unclean-flag-cleared"] is True
+    assert not repaired.problems
+    # check says it once in its report; opening for it adds no log lines of its own
+    assert not [r for r in caplog.records if "not closed cleanly" in r.getMessage()]
     with open(path, "rb") as f:
         f.seek(72)
         assert f.read(1) == b"\x00"

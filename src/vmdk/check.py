@@ -6,9 +6,11 @@ Exit codes (``CheckResult.exit_code``): 0 clean, 1 the check could not run,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -18,6 +20,7 @@ from .errors import UnsupportedFormatError, VmdkError
 from .extents.base import SECTOR_SIZE, pread_exact, pwrite_all
 from .extents.flat import FlatExtent
 from .extents.sparse import MAX_FILE_SECTORS, SparseExtent
+from .extents.sparse import log as sparse_log
 from .image import Image
 
 
@@ -40,6 +43,7 @@ class CheckResult:
     image_end_offset: int = 0
     corruptions_fixed: int = 0
     leaks_fixed: int = 0
+    unclean_cleared: bool = False  # a repair cleared the unclean-shutdown flag
 
     def add(self, kind: str, message: str, filename: str | None, count: int = 1) -> None:
         self.problems.append(Problem(kind, message, filename))
@@ -77,6 +81,8 @@ class CheckResult:
             out["corruptions-fixed"] = self.corruptions_fixed
         if self.leaks_fixed:
             out["leaks-fixed"] = self.leaks_fixed
+        if self.unclean_cleared:
+            out["unclean-flag-cleared"] = True
         return out
 
 
@@ -89,10 +95,15 @@ def check(path: str | os.PathLike[str], *, repair: str | None = None,
     (also restore bad entries from the redundant copies, drop entries that point
     outside the file, give entries that share a grain or point into metadata a
     copy of their own, rebuild the redundant metadata from the primary copy, and
-    clear the unclean-shutdown flag).  After a
-    repair the image is checked again and the result tells what was fixed.
+    clear the unclean-shutdown flag).  After a repair the image is checked
+    again and the result tells what was fixed.
     """
-    path = os.fspath(path)
+    with _quiet_unclean():
+        return _check(os.fspath(path), repair, allow_external, force_share, progress)
+
+
+def _check(path: str, repair: str | None, allow_external: bool, force_share: bool,
+           progress: Callable[[int], None] | None) -> CheckResult:
     if repair is not None:
         if repair not in ("leaks", "all"):
             raise ValueError("repair must be None, 'leaks' or 'all'")
@@ -110,8 +121,33 @@ def check(path: str | os.PathLike[str], *, repair: str | None = None,
         after = _inspect(path, allow_external, force_share=False, progress=progress)
         after.corruptions_fixed = max(0, before.corruptions - after.corruptions)
         after.leaks_fixed = max(0, before.leaks - after.leaks)
+        after.unclean_cleared = _unclean(before) and not _unclean(after)
         return after
     return _inspect(path, allow_external, force_share, progress)
+
+
+def _unclean(result: CheckResult) -> bool:
+    return any(p.message.startswith(_UNCLEAN) for p in result.problems)
+
+
+_UNCLEAN = "the image was not closed cleanly"
+
+
+class _NoUncleanWarning(logging.Filter):
+    """Check reports the unclean-shutdown flag itself: no log line from each open too."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "not closed cleanly" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_unclean() -> Iterator[None]:
+    quiet = _NoUncleanWarning()
+    sparse_log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        sparse_log.removeFilter(quiet)
 
 
 def _inspect(path: str, allow_external: bool, force_share: bool,
@@ -150,7 +186,7 @@ def _check_sparse(extent: SparseExtent, result: CheckResult) -> None:
     name = extent.filename
     h = extent.header
     if h.unclean_shutdown:
-        result.add("warning", "the image was not closed cleanly (unclean-shutdown flag set)", name)
+        result.add("warning", f"{_UNCLEAN} (unclean-shutdown flag set)", name)
     gt_sectors = -(-h.num_gtes_per_gt * 4 // SECTOR_SIZE)
     gd = extent.gd
     file_sectors = -(-extent.file_size // SECTOR_SIZE)

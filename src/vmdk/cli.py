@@ -265,6 +265,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"The following inconsistencies were found and repaired:\n\n"
               f"    {result.leaks_fixed} leaked clusters\n    {result.corruptions_fixed} corruptions\n")
         print("Double checking the fixed image now...")
+    if result.unclean_cleared:
+        print("The unclean-shutdown flag was cleared.")
     if result.check_errors:
         print("An error occurred during the check.")
     elif result.corruptions:
