@@ -106,6 +106,8 @@ def create_kwargs(options: dict[str, str]) -> dict[str, Any]:
             kwargs["geometry"] = _geometry(value)
         elif key == "device":
             kwargs["raw_device"] = value
+        elif key == "partitions":  # ':' joins numbers: ',' already separates options
+            kwargs["partitions"] = [_number(key, n) for n in value.replace("+", ":").split(":")]
         elif key == "backing_file":
             kwargs["parent"] = value
         elif key == "backing_fmt":
@@ -515,8 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "lsilogic|legacyESX|pvscsi|lsisas1068, hwversion=N, compat6=on, "
                         "toolsversion=N, geometry=C/H/S, comment=TEXT, zeroed_grain=on, "
                         "cluster_size=SIZE, preallocation=off|metadata|falloc|full, "
-                        "compression_level=0-9, backing_file=PATH, device=PATH (fullDevice; "
-                        "partitionedDevice is made from Python: vmdk.create(partitions=...))")
+                        "compression_level=0-9, backing_file=PATH, device=PATH (the disk "
+                        "of fullDevice and partitionedDevice), partitions=N:N... (the "
+                        "partitions of device that partitionedDevice exposes)")
     p.add_argument("-b", dest="backing", metavar="PARENT",
                    help="create a snapshot (child) of PARENT")
     p.add_argument("-F", dest="backing_format", choices=("vmdk",), default="vmdk")

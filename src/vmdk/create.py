@@ -163,7 +163,7 @@ def create(
     toolsversion: str = DEFAULT_TOOLS_VERSION,
     compression_level: int = 1,
     raw_device: str | None = None,
-    partitions: Sequence[RawRange] | None = None,
+    partitions: Sequence[RawRange] | Sequence[int] | None = None,
     overwrite: bool = False,
     allow_external: bool = False,
 ) -> Any:
@@ -190,7 +190,7 @@ def create(
         if size is None:
             size = parent_image.size
     if size is None:
-        if subformat == "fullDevice" and raw_device is not None:
+        if subformat in ("fullDevice", "partitionedDevice") and raw_device is not None:
             size = _device_size(raw_device)
         else:
             raise ValueError("size is required")
@@ -417,10 +417,19 @@ def _partition_lines(path: str, sectors: int, ranges: Sequence[RawRange]
 
 def _create_partitioned_device(path: str, sectors: int, opts: CreateOptions,
                                parent: Image | None, overwrite: bool, raw_device: str | None,
-                               partitions: Sequence[RawRange] | None) -> None:
+                               partitions: Sequence[RawRange] | Sequence[int] | None) -> None:
     if not partitions:
-        raise ValueError("partitionedDevice needs partitions (a list of RawRange)")
-    lines, table = _partition_lines(path, sectors, partitions)
+        raise ValueError("partitionedDevice needs partitions (partition numbers of raw_device, "
+                         "or a list of RawRange)")
+    ranges = [p for p in partitions if isinstance(p, RawRange)]
+    numbers = [p for p in partitions if isinstance(p, int)]
+    if numbers:
+        from .partitions import partitioned_ranges
+
+        if ranges or not raw_device:
+            raise ValueError("partitions are either partition numbers of raw_device or RawRanges")
+        ranges = partitioned_ranges(raw_device, numbers)
+    lines, table = _partition_lines(path, sectors, ranges)
     pt_full, _ = _sibling(path, "-pt")
     _remove_if([path] + ([pt_full] if table else []), overwrite)
     if table:
