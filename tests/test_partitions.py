@@ -211,3 +211,38 @@ def test_tables_agree_with_sfdisk(tmp_path: Path, label: str) -> None:
         start, size = expected[-1][1:]
         assert f.read_at(start, size) == disk.read_bytes()[start:start + size]
         assert f.read_at(0, 512) == disk.read_bytes()[:512]
+
+
+@pytest.mark.parametrize("make", [make_mbr_disk, make_gpt_disk])
+def test_damaged_tables_give_clear_errors(tmp_path: Path, make: object) -> None:
+    """Random damage to the table sectors: a table or a PartitionTableError, nothing else."""
+    import random
+
+    assert callable(make)
+    disk = tmp_path / "disk.raw"
+    make(disk)
+    areas = read_partition_table(disk).tables
+    whole = disk.read_bytes()
+    saved = [(start, whole[start:start + n]) for start, n in areas]
+    rng = random.Random(7)
+    outcomes: set[str] = set()
+    for _ in range(300):
+        with open(disk, "r+b") as f:
+            for start, data in saved:  # undo the last round's damage
+                f.seek(start)
+                f.write(data)
+            for _ in range(rng.randint(1, 6)):
+                start, n = rng.choice(areas)
+                f.seek(start + rng.randrange(min(n, 1024)))
+                f.write(bytes([rng.randrange(256)]) if rng.random() < 0.7 else
+                        struct.pack("<I", rng.choice((0, 1, 2**31, 2**32 - 1, rng.randrange(2**32)))))
+        try:
+            found = read_partition_table(disk)
+            numbers = [p.number for p in found.partitions if p.type not in ("0x05", "0x0f")]
+            if numbers:
+                partitioned_ranges(os.fspath(disk), numbers, found)
+            outcomes.add("read")
+        except PartitionTableError as exc:
+            assert "disk.raw" in str(exc)
+            outcomes.add("refused")
+    assert outcomes == {"read", "refused"}
