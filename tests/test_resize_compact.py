@@ -203,3 +203,19 @@ def test_check_all_gives_tangled_entries_their_own_grain(tmp_path: Path, where: 
     assert after[5 * 65536:6 * 65536] == b"\x5a" * 65536
     assert after[:5 * 65536] + after[6 * 65536:] == before[:5 * 65536] + before[6 * 65536:]
     assert check(path).exit_code == 0
+
+
+@pytest.mark.parametrize("subformat", ["monolithicSparse", "twoGbMaxExtentSparse", "monolithicFlat",
+                                       "streamOptimized"])
+def test_check_progress_counts_the_whole_disk(tmp_path: Path, subformat: str) -> None:
+    """-p's bar runs in virtual bytes, table by table, and ends exactly at the disk's size."""
+    path = tmp_path / "p.vmdk"
+    size = 3 * 64 * MiB + 4096  # a few grain tables' worth, the last one partial
+    with vmdk.create(path, size, subformat=subformat) as disk:
+        disk.write_at(70 * MiB, b"data")
+    steps: list[int] = []
+    result = check(path, progress=steps.append)
+    assert result.exit_code == 0
+    assert sum(steps) == size and all(n >= 0 for n in steps)
+    if subformat != "monolithicFlat":
+        assert len([n for n in steps if n]) >= 2

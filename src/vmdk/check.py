@@ -162,12 +162,20 @@ def _inspect(path: str, allow_external: bool, force_share: bool,
         return result
     try:
         for extent in image.extents:
+            done = 0
+
+            def tick(n: int) -> None:
+                nonlocal done
+                done += n
+                if progress:
+                    progress(n)
+
             if isinstance(extent, SparseExtent):
-                _check_sparse(extent, result)
+                _check_sparse(extent, result, tick)
             elif isinstance(extent, FlatExtent):
                 _check_flat(extent, result)
             if progress:
-                progress(1)  # extents checked
+                progress(extent.size - done)  # virtual bytes checked
     finally:
         image.close()
     return result
@@ -182,7 +190,8 @@ def _check_flat(extent: FlatExtent, result: CheckResult) -> None:
                    f"needs {need}", extent.filename)
 
 
-def _check_sparse(extent: SparseExtent, result: CheckResult) -> None:
+def _check_sparse(extent: SparseExtent, result: CheckResult,
+                  progress: Callable[[int], None] | None = None) -> None:
     name = extent.filename
     h = extent.header
     if h.unclean_shutdown:
@@ -191,7 +200,7 @@ def _check_sparse(extent: SparseExtent, result: CheckResult) -> None:
     gd = extent.gd
     file_sectors = -(-extent.file_size // SECTOR_SIZE)
     _compare_redundant(extent, result, gt_sectors)
-    _numbers, grains = extent.stored_grains()
+    _numbers, grains = extent.stored_grains(progress)
     result.total_clusters += -(-h.capacity // h.grain_size)
     result.allocated_clusters += int(grains.size)
     if extent.compressed:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -938,12 +939,19 @@ class SparseExtent(Extent):
 
     # -------------------------------------------------------------------- info
 
-    def stored_grains(self) -> tuple[np.ndarray, np.ndarray]:
-        """(grain numbers, sectors) of every grain stored in the extent, table by table."""
+    def stored_grains(self, progress: Callable[[int], None] | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """(grain numbers, sectors) of every grain stored in the extent, table by table.
+
+        ``progress`` hears the virtual bytes covered by each table read.
+        """
         numbers, sectors = [], []
         n = self.header.num_gtes_per_gt
         first_data = 2 if self.zeroed_gte else 1
+        span = n * self.grain_bytes
         for index in np.flatnonzero(self.gd):
+            if progress:
+                progress(min(span, self.size - int(index) * span))
             table = self._gt(int(index))
             slots = np.flatnonzero(table >= first_data)
             numbers.append(slots + int(index) * n)
