@@ -103,3 +103,33 @@ def test_streams_through_pipes(tmp_path: Path) -> None:
     refused = subprocess.run([sys.executable, "-m", "vmdk", "convert", str(tmp_path / "in.raw"),
                               "-"], capture_output=True, env=env, timeout=120)
     assert refused.returncode == 1 and b"streamOptimized" in refused.stderr
+
+
+def test_convert_never_replaces_a_file_the_source_reads(tmp_path: Path) -> None:
+    """A raw output onto the source's own extent (or a VMDK output whose sibling it is)."""
+    src = tmp_path / "fl.vmdk"
+    with vmdk.create(src, MiB, subformat="monolithicFlat") as d:
+        d.write_at(0, b"precious")
+    with pytest.raises(vmdk.VmdkError, match="source reads from"):
+        convert(src, tmp_path / "fl-flat.vmdk", out_format="raw")
+    # a descriptor renamed away from its flat file: a VMDK output of the old name would
+    # write a new b-flat.vmdk over the one the source reads
+    with vmdk.create(tmp_path / "b.vmdk", MiB, subformat="monolithicFlat") as d:
+        d.write_at(0, b"precious")
+    os.rename(tmp_path / "b.vmdk", tmp_path / "a.vmdk")
+    with pytest.raises(vmdk.VmdkError, match="source reads from"):
+        convert(tmp_path / "a.vmdk", tmp_path / "b.vmdk", subformat="monolithicFlat")
+    with vmdk.open(tmp_path / "a.vmdk") as d:
+        assert d.read_at(0, 8) == b"precious"
+    with vmdk.open(src) as d:
+        assert d.read_at(0, 8) == b"precious"
+
+
+def test_convert_raw_output_honours_overwrite(tmp_path: Path) -> None:
+    src = tmp_path / "s.vmdk"
+    vmdk.create(src, MiB).close()
+    keep = tmp_path / "keep.raw"
+    keep.write_bytes(b"KEEP ME" * 100)
+    with pytest.raises(vmdk.VmdkError, match="exists"):
+        convert(src, keep, out_format="raw", overwrite=False)
+    assert keep.read_bytes() == b"KEEP ME" * 100

@@ -377,6 +377,31 @@ def test_second_writer_is_refused(disk: Path) -> None:
             vmdk.open(disk, "r+")
 
 
+@pytest.mark.parametrize("subformat", ["monolithicSparse", "twoGbMaxExtentSparse", "vmfsSparse"])
+def test_refused_writer_changes_nothing(tmp_path: Path, subformat: str,
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    """A second writer that is refused leaves the live writer's files (and unclean flag) alone."""
+    if subformat == "vmfsSparse":
+        vmdk.create(tmp_path / "base.vmdk", 4 << 20, subformat="vmfs").close()
+        vmdk.create(tmp_path / "d.vmdk", subformat="vmfsSparse",
+                    parent=tmp_path / "base.vmdk").close()
+    else:
+        vmdk.create(tmp_path / "d.vmdk", 4 << 20, subformat=subformat).close()
+    files = sorted(p for p in tmp_path.iterdir() if p.name != "base.vmdk")
+    with vmdk.open(tmp_path / "d.vmdk", "r+") as writer:
+        writer.write_at(0, b"live")
+        writer.flush()
+        snapshot = {p: p.read_bytes() for p in files}
+        for _ in range(2):
+            with pytest.raises(vmdk.ImageInUseError):
+                vmdk.open(tmp_path / "d.vmdk", "r+")
+        with vmdk.open(tmp_path / "d.vmdk", force_share=True) as reader:
+            assert reader.read_at(0, 4) == b"live"
+        assert {p: p.read_bytes() for p in files} == snapshot
+    # a writer still at work is "in use", not "not closed cleanly"
+    assert not [r for r in caplog.records if "not closed cleanly" in r.getMessage()]
+
+
 @pytest.mark.parametrize("shift", [0, 1, 16, 31, 48, 2048, 4095])
 @pytest.mark.parametrize("file_offset", [0, 16, 4096 + 7])
 def test_pread_exact_at_any_alignment(tmp_path: Path, shift: int, file_offset: int) -> None:
@@ -398,3 +423,28 @@ def test_pread_exact_at_any_alignment(tmp_path: Path, shift: int, file_offset: i
     assert got == len(data) - file_offset
     assert view[:got] == data[file_offset:]
     assert view[got:] == bytes(999)
+
+
+def test_open_disks_cannot_be_pickled_or_copied(disk: Path) -> None:
+    """A copy would share file descriptors the original closes: refused, as for files."""
+    import copy
+    import pickle
+
+    with vmdk.open(disk) as f:
+        for attempt in (pickle.dumps, copy.copy, copy.deepcopy):
+            with pytest.raises(TypeError, match="cannot pickle"):
+                attempt(f)
+            with pytest.raises(TypeError, match="cannot pickle"):
+                attempt(f.image)
+
+
+def test_closed_disk_behaves_like_a_closed_file(disk: Path) -> None:
+    f = vmdk.open(disk, "r+")
+    with pytest.raises(TypeError):
+        f.seek(1.5)  # type: ignore[arg-type]
+    f.close()
+    for call in (lambda: f.read_at(0, 1), lambda: f.write_at(0, b"x"), f.map, f.info, f.flush,
+                 lambda: f.readinto_at(0, bytearray(1)), lambda: f.write_zeroes_at(0, 512),
+                 lambda: f.discard_at(0, 512)):
+        with pytest.raises(ValueError, match="closed file"):
+            call()

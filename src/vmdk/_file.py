@@ -96,8 +96,8 @@ class VmdkFile(PositionedDisk):
 
     def flush(self) -> None:
         """Write descriptor and metadata, then fsync every file."""
-        if not self.closed:
-            self.image.flush()
+        self._checkClosed()
+        self.image.flush()
 
     def close(self) -> None:
         if not self.closed:
@@ -116,24 +116,31 @@ class VmdkFile(PositionedDisk):
     # positional API (what the NBD server and convert use) ------------------
 
     def read_at(self, offset: int, length: int) -> bytes:
+        self._checkClosed()
         return self.image.read_at(offset, length)
 
     def readinto_at(self, offset: int, buf: Any) -> None:
+        self._checkClosed()
         self.image.readinto_at(offset, buf)
 
     def write_at(self, offset: int, data: Any) -> None:
+        self._checkClosed()
         self.image.write_at(offset, data)
 
     def write_zeroes_at(self, offset: int, length: int) -> None:
+        self._checkClosed()
         self.image.write_zeroes_at(offset, length)
 
     def discard_at(self, offset: int, length: int) -> None:
+        self._checkClosed()
         self.image.discard_at(offset, length)
 
     def map(self, offset: int = 0, length: int | None = None) -> list[MapRun]:
+        self._checkClosed()
         return self.image.map(offset, length)
 
     def info(self) -> dict[str, Any]:
+        self._checkClosed()
         return self.image.info()
 
     def __repr__(self) -> str:

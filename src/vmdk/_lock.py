@@ -37,6 +37,11 @@ def _take(fd: int, byte: int) -> None:
     fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_RDLCK, byte))
 
 
+def writer_elsewhere(fd: int) -> bool:
+    """Whether another open file description holds the file's write permission."""
+    return _held_by_other(fd, PERM_BASE + WRITE)
+
+
 def lock_image_file(fd: int, filename: str, *, write: bool) -> None:
     """Lock one file of an image for reading or writing; raise ImageInUseError on a conflict.
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import operator
 import os
+from typing import NoReturn
 
 
 class PositionedDisk(io.RawIOBase):
@@ -25,6 +27,7 @@ class PositionedDisk(io.RawIOBase):
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         self._checkClosed()
+        offset = operator.index(offset)  # as FileIO: no floats or strings
         if whence == os.SEEK_SET:
             pos = offset
         elif whence == os.SEEK_CUR:
@@ -37,3 +40,7 @@ class PositionedDisk(io.RawIOBase):
             raise ValueError(f"negative seek position {pos}")
         self._pos = pos
         return pos
+
+    def __reduce_ex__(self, protocol: object) -> NoReturn:
+        # A copy would share open file descriptors that the original closes: refuse, as files do.
+        raise TypeError(f"cannot pickle or copy {type(self).__name__!r} object")

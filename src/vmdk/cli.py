@@ -249,10 +249,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     total = 0
     if args.progress:
-        with contextlib.suppress(VmdkError, OSError):  # the check itself reports why
-            with Image.open(args.image, "r", open_parent=False, force_share=True,
-                            allow_external=getattr(args, "allow_external", False)) as image:
-                total = image.size
+        with contextlib.suppress(VmdkError, OSError), Image.open(  # check reports why, if
+                args.image, "r", open_parent=False, force_share=True,
+                allow_external=getattr(args, "allow_external", False)) as image:
+            total = image.size
     with progress_bar(args.progress, total, "check") as bar:
         result = check(args.image, repair=args.repair, progress=bar, **_open_flags(args))
     opening = [p for p in result.problems if p.kind == "error"]

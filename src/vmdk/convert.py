@@ -49,6 +49,7 @@ class Source(Protocol):
 
     def spans(self) -> Iterator[Span]: ...
     def readinto_at(self, offset: int, buf: memoryview) -> None: ...
+    def files(self) -> list[str]: ...
     def close(self) -> None: ...
 
 
@@ -81,6 +82,9 @@ class RawSource:
     def readinto_at(self, offset: int, buf: memoryview) -> None:
         pread_exact(self.fd, buf, offset, self.path)
 
+    def files(self) -> list[str]:
+        return [self.path]
+
     def close(self) -> None:
         os.close(self.fd)
 
@@ -106,6 +110,14 @@ class ImageSource:
 
     def readinto_at(self, offset: int, buf: memoryview) -> None:
         self.image.readinto_at(offset, buf)
+
+    def files(self) -> list[str]:
+        """Every file the image reads: descriptors and extents of the whole chain."""
+        out = []
+        for image in self.image.chain():
+            out.append(image.path)
+            out += [e.filename for e in image.extents if e.filename]
+        return out
 
     def close(self) -> None:
         self.image.close()
@@ -147,11 +159,15 @@ def nonzero_runs(view: memoryview, block: int) -> list[tuple[int, int]]:
 class RawTarget:
     """A raw output file: created at full size as one hole, then data is written into it."""
 
-    def __init__(self, path: str, size: int, durable: bool = True) -> None:
+    def __init__(self, path: str, size: int, durable: bool = True, overwrite: bool = True) -> None:
         self.path = path
         self.durable = durable
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0),
-                          0o644)
+        replace = os.O_TRUNC if overwrite else os.O_EXCL
+        try:
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | replace
+                              | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except FileExistsError:
+            raise VmdkError("the output file exists (overwrite is off)", path) from None
         os.ftruncate(self.fd, size)
 
     def write_at(self, offset: int, data: memoryview) -> None:
@@ -285,6 +301,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
               "ignore_cid": ignore_cid} if src_format != "raw" else {})
     source = open_source(src, src_format, **extra)
     try:
+        _refuse_own_files(source.files(), dst, out_format)
         with _target(dst, source.size, out_format, subformat, sparse_size, overwrite,
                      durable, create_options) as (write_at, block):
             raw_fd = getattr(getattr(write_at, "__self__", None), "fd", None)
@@ -292,6 +309,21 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
                         target_fd=raw_fd if out_format == "raw" else None)
     finally:
         source.close()
+
+
+def _refuse_own_files(files: list[str], dst: str, out_format: str) -> None:
+    """Never let the output replace a file the source is read from (its extents included)."""
+    if dst == "-":
+        return
+    folder, name = os.path.split(os.path.abspath(dst))
+    stem = name[:-5] if name.lower().endswith(".vmdk") else name
+    for path in files:
+        same = os.path.exists(dst) and os.path.exists(path) and os.path.samefile(path, dst)
+        # a VMDK target also writes siblings: name-flat.vmdk, name-s001.vmdk, name-pt.vmdk...
+        sibling = (out_format == "vmdk" and os.path.dirname(os.path.abspath(path)) == folder
+                   and os.path.basename(path).startswith(stem + "-"))
+        if same or sibling:
+            raise VmdkError(f"the output would replace {path}, which the source reads from", dst)
 
 
 def _recover_stream(src: str, dst: str, out_format: str, subformat: str, sparse_size: int,
@@ -361,7 +393,7 @@ def _target(dst: str, size: int, out_format: str, subformat: str, sparse_size: i
         stream.close()
         return
     if out_format == "raw":
-        target = RawTarget(dst, size, durable)
+        target = RawTarget(dst, size, durable, overwrite)
         try:
             yield target.write_at, sparse_size
         except BaseException:

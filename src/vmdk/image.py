@@ -16,7 +16,7 @@ import stat
 import threading
 import uuid
 from collections.abc import Iterator
-from typing import Any, Self
+from typing import Any, NoReturn, Self
 from uuid import UUID
 
 from ._structs import COWD_MAGIC, SESPARSE_CONST_MAGIC, SPARSE_MAGIC, SparseFlags
@@ -195,7 +195,8 @@ class Image:
         kind = sniff(path)
         embedded: SparseExtent | None = None
         if kind == "sparse":
-            embedded = SparseExtent.open(path, read_only=read_only, strict=not repair)
+            embedded = SparseExtent.open(path, read_only=read_only, strict=not repair,
+                                         defer_writes=True)
             descriptor = _embedded_descriptor(embedded, path)
         elif kind == "descriptor":
             with open(path, "rb") as f:
@@ -215,6 +216,11 @@ class Image:
                                     strict=not repair)
             if not force_share:
                 locks = _lock_files(path, extents, write=not read_only)
+            # Only now, holding the lock, may opening change a file or call it unclean.
+            for extent in extents:
+                if not (read_only and force_share and _written_elsewhere(extent)):
+                    _warn_if_unclean(extent)
+                extent.begin_writing()
             if open_parent:
                 parent = _open_parent(path, descriptor, allow_external, ignore_cid,
                                       _depth, _seen | {real}, force_share)
@@ -223,10 +229,11 @@ class Image:
                         "a snapshot whose parent changed (CID mismatch) opens read-only only",
                         path)
         except BaseException:
-            for extent in extents:
-                extent.close()
-            if embedded is not None and embedded not in extents:
-                embedded.close()
+            # The first failure is the one to report; closing must not stop halfway and
+            # keep a lock held.
+            for extent in extents + ([embedded] if embedded and embedded not in extents else []):
+                with contextlib.suppress(Exception):
+                    extent.close()
             for fd in locks:
                 os.close(fd)
             raise
@@ -234,6 +241,10 @@ class Image:
                     parent=parent, allow_external=allow_external)
         image._lock_fds = locks
         return image
+
+    def __reduce_ex__(self, protocol: object) -> NoReturn:
+        # A copy would share open file descriptors that the original closes: refuse, as files do.
+        raise TypeError("cannot pickle or copy an open 'Image'")
 
     # ------------------------------------------------------------- addressing
 
@@ -779,11 +790,12 @@ def _open_extent(path: str, line: ExtentLine, descriptor: Descriptor, read_only:
         raise MissingExtentError(f"extent file {line.filename!r} does not exist", path)
     if kind == "sparse":
         return SparseExtent.open(target, read_only=ro, nominal_sectors=line.sectors,
-                                 strict=strict)
+                                 strict=strict, defer_writes=True)
     if kind == "cowd":
         from .extents.cowd import CowdExtent
 
-        return CowdExtent.open(target, read_only=ro, nominal_sectors=line.sectors)
+        return CowdExtent.open(target, read_only=ro, nominal_sectors=line.sectors,
+                               defer_writes=True)
     if kind == "sesparse":
         from .extents.sesparse import SESparseExtent
 
@@ -791,6 +803,20 @@ def _open_extent(path: str, line: ExtentLine, descriptor: Descriptor, read_only:
             raise UnsupportedFormatError("seSparse extents can only be opened read-only", target)
         return SESparseExtent.open(target, nominal_sectors=line.sectors)
     raise UnsupportedFormatError(f"{line.type} extent {line.filename!r} has no known header", path)
+
+
+def _warn_if_unclean(extent: Extent) -> None:
+    warn = getattr(extent, "warn_if_unclean", None)
+    if warn is not None:
+        warn()
+
+
+def _written_elsewhere(extent: Extent) -> bool:
+    """A writer holds the file (a set unclean flag then means in use, not crashed)."""
+    from ._lock import writer_elsewhere
+
+    fd = getattr(extent, "fd", None)
+    return isinstance(fd, int) and fd >= 0 and writer_elsewhere(fd)
 
 
 def _lock_files(path: str, extents: list[Extent], *, write: bool) -> list[int]:

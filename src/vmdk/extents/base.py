@@ -90,6 +90,13 @@ class Extent(abc.ABC):
     def flush(self) -> None:
         """Push buffered state to the file and fsync it."""
 
+    def begin_writing(self) -> None:
+        """Make the changes opening for writing makes (unclean flag, repairs).
+
+        Extents opened with ``defer_writes=True`` wait for this call, which the
+        image makes once it holds the write lock: a refused opener changes nothing.
+        """
+
     def close(self) -> None:
         """Release the file; a writable extent is flushed first."""
 

@@ -206,12 +206,20 @@ class CowdExtent(GrainMappedExtent):
         self._cache_size = DEFAULT_GT_CACHE
         #: Whether the header said the file was not closed cleanly when opened.
         self.was_unclean = bool(header.unclean_shutdown)
+        self._writing = False  # begin_writing() ran: close() then clears the flag
+
+    def begin_writing(self) -> None:
+        if self.read_only or self._writing:
+            return
+        pwrite_all(self._fd, _U32.pack(1), _UNCLEAN_AT)
+        self._writing = True
 
     # -- opening and creating -------------------------------------------------
 
     @classmethod
     def open(
-        cls, path: str, *, read_only: bool = True, nominal_sectors: int | None = None
+        cls, path: str, *, read_only: bool = True, nominal_sectors: int | None = None,
+        defer_writes: bool = False,
     ) -> CowdExtent:
         path = os.fspath(path)
         fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
@@ -228,8 +236,8 @@ class CowdExtent(GrainMappedExtent):
                 nominal_sectors=nominal_sectors,
                 file_sectors=file_sectors,
             )
-            if not read_only:
-                pwrite_all(fd, _U32.pack(1), _UNCLEAN_AT)
+            if not defer_writes:
+                extent.begin_writing()
         except BaseException:
             os.close(fd)
             raise
@@ -427,7 +435,7 @@ class CowdExtent(GrainMappedExtent):
             return
         fd, self._fd = self._fd, -1
         try:
-            if not self.read_only:
+            if self._writing:
                 os.fsync(fd)
                 pwrite_all(fd, _U32.pack(0), _UNCLEAN_AT)
                 os.fsync(fd)

@@ -104,8 +104,10 @@ class SparseExtent(Extent):
         nominal_sectors: int | None,
         gt_cache_bytes: int = DEFAULT_GT_CACHE_BYTES,
         strict: bool = True,
+        defer_writes: bool = False,
     ) -> None:
         self.filename = filename
+        self._writing = False  # begin_writing() ran: close() then writes the header back
         #: Refuse to write when redundant metadata disagrees (off only while repairing).
         self.strict = strict
         self.fd = fd
@@ -149,17 +151,26 @@ class SparseExtent(Extent):
         self._grain_cache: OrderedDict[int, bytes] = OrderedDict()
         self._data_unsynced = False
         self._end = _ceil_div(self.file_size, SECTOR_SIZE)  # next free sector
-        if self._rgd_mismatch.size and not read_only:
-            self._recover_directories()
-        if header.unclean_shutdown and not self.compressed:
+        if not read_only and self.compressed:
+            raise UnsupportedFormatError(
+                "compressed (streamOptimized) extents are append-only and cannot be "
+                "opened for writing; convert the image first", filename)
+        if not defer_writes:
+            self.warn_if_unclean()
+            self.begin_writing()
+
+    def warn_if_unclean(self) -> None:
+        if self.was_unclean and not self.compressed:
             log.warning("%s: the image was not closed cleanly; 'vmdk check -r all' verifies "
-                        "it and clears the flag", filename)
-        if not read_only:
-            if self.compressed:
-                raise UnsupportedFormatError(
-                    "compressed (streamOptimized) extents are append-only and cannot be "
-                    "opened for writing; convert the image first", filename)
-            self._mark_unclean(True)
+                        "it and clears the flag", self.filename)
+
+    def begin_writing(self) -> None:
+        if self.read_only or self._writing:
+            return
+        if self._rgd_mismatch.size:
+            self._recover_directories()
+        self._mark_unclean(True)
+        self._writing = True
 
     # ----------------------------------------------------------------- opening
 
@@ -172,6 +183,7 @@ class SparseExtent(Extent):
         nominal_sectors: int | None = None,
         gt_cache_bytes: int = DEFAULT_GT_CACHE_BYTES,
         strict: bool = True,
+        defer_writes: bool = False,
     ) -> SparseExtent:
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | getattr(os, "O_CLOEXEC", 0)
         try:
@@ -185,7 +197,7 @@ class SparseExtent(Extent):
             header = SparseHeader.unpack(raw)
             return cls(filename, fd, header, read_only=read_only,
                        nominal_sectors=nominal_sectors, gt_cache_bytes=gt_cache_bytes,
-                       strict=strict)
+                       strict=strict, defer_writes=defer_writes)
         except BaseException:
             os.close(fd)
             raise
@@ -930,7 +942,7 @@ class SparseExtent(Extent):
         if self.fd < 0:
             return
         try:
-            if not self.read_only:
+            if self._writing:
                 self.flush()
                 self._mark_unclean(False)
         finally:
