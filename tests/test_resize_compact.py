@@ -219,3 +219,38 @@ def test_check_progress_counts_the_whole_disk(tmp_path: Path, subformat: str) ->
     assert sum(steps) == size and all(n >= 0 for n in steps)
     if subformat != "monolithicFlat":
         assert len([n for n in steps if n]) >= 2
+
+
+def test_writes_refuse_entries_that_point_outside_the_data(tmp_path: Path) -> None:
+    """Writes through a damaged entry would grow the file or overwrite a table: refused."""
+    path = tmp_path / "w.vmdk"
+    with vmdk.create(path, 8 * MiB) as disk:
+        disk.write(pattern(2 * MiB, seed=9, zero_every=0))
+    gt, _rgt = _first_gt_sector(path)
+    _set_gte(path, 0, 1_000_000)   # past the end of the file
+    _set_gte(path, 5, gt)          # onto the grain table itself
+    size = os.path.getsize(path)
+    with vmdk.open(path, "r+") as disk:
+        with pytest.raises(vmdk.CorruptImageError, match="grain 0 .*past the end"):
+            disk.write_at(0, b"x" * 16)
+        with pytest.raises(vmdk.CorruptImageError, match="grain 5 .*metadata"):
+            disk.write_at(5 * 65536 + 100, b"x" * 16)
+        disk.write_at(7 * 65536, b"fine")  # healthy grains still take writes
+    assert os.path.getsize(path) == size
+    assert _gte(path, 5) == gt and check(path).exit_code == 2
+
+
+def test_tables_inside_the_descriptor_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "d.vmdk"
+    with vmdk.create(path, 8 * MiB) as disk:
+        disk.write(b"data")
+    with vmdk.open(path) as disk:
+        header = disk.image.extents[0].header
+        gd, rgd = header.gd_offset, header.rgd_offset
+    with open(path, "r+b") as f:
+        for directory in (gd, rgd):
+            f.seek(directory * 512)
+            f.write(struct.pack("<I", 1))  # sector 1: the embedded descriptor
+    for mode in ("r", "r+"):
+        with pytest.raises(vmdk.CorruptImageError, match="d.vmdk.*into metadata"):
+            vmdk.open(path, mode)

@@ -418,4 +418,5 @@ def _rebuild_redundant(extent: SparseExtent) -> None:
     extent.file_size = max(extent.file_size, extent._end * SECTOR_SIZE)
     extent._gt_dirty.update(int(i) for i in np.flatnonzero(gd))
     extent._gd_dirty.update(range(len(gd)))
+    extent._meta = None  # the tables moved: recompute what writes must not touch
     extent.flush()

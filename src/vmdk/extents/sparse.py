@@ -14,6 +14,7 @@ the file, never a table that points at garbage.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 from collections import OrderedDict
@@ -108,6 +109,7 @@ class SparseExtent(Extent):
     ) -> None:
         self.filename = filename
         self._writing = False  # begin_writing() ran: close() then writes the header back
+        self._meta: tuple[list[int], list[int]] | None = None  # see _metadata_areas
         #: Refuse to write when redundant metadata disagrees (off only while repairing).
         self.strict = strict
         self.fd = fd
@@ -271,8 +273,20 @@ class SparseExtent(Extent):
         raw = os.pread(self.fd, count * 4, sector * SECTOR_SIZE)
         gd = np.frombuffer(raw, dtype="<u4").astype(np.uint32)
         file_sectors = _ceil_div(self.file_size, SECTOR_SIZE)
-        gt_sectors = _ceil_div(self.header.num_gtes_per_gt * 4, SECTOR_SIZE)
-        bad = np.flatnonzero((gd != 0) & (gd.astype(np.uint64) + gt_sectors > file_sectors))
+        h = self.header
+        gt_sectors = _ceil_div(h.num_gtes_per_gt * 4, SECTOR_SIZE)
+        starts = gd.astype(np.int64)
+        ends = starts + gt_sectors
+        wrong = ends > file_sectors
+        # a table inside the header, the descriptor or a directory would be written over them
+        fixed = [(0, 1), (h.gd_offset, h.gd_offset + gd_sectors)]
+        if h.descriptor_offset:
+            fixed.append((h.descriptor_offset, h.descriptor_offset + h.descriptor_size))
+        if h.has(SparseFlags.REDUNDANT_GT) and h.rgd_offset:
+            fixed.append((h.rgd_offset, h.rgd_offset + gd_sectors))
+        for a, b in fixed:
+            wrong |= (starts < b) & (ends > a)
+        bad = np.flatnonzero((gd != 0) & wrong)
         return gd, bad
 
     def _use_redundant_for(self, gd_bad: np.ndarray, rgd_bad: np.ndarray) -> None:
@@ -282,13 +296,13 @@ class SparseExtent(Extent):
             assert self.rgd is not None
             self.directory_faults.append(
                 f"redundant grain directory entry {int(rgd_bad[0])} points past the end of the "
-                f"file ({rgd_bad.size} entries)")
+                f"file or into metadata ({rgd_bad.size} entries)")
             self.rgd[rgd_bad] = 0  # only a copy: the primary still knows these tables
         if not gd_bad.size:
             return
         first = int(gd_bad[0])
         msg = (f"grain directory entry {first} points at sector {int(self.gd[first])}, past the "
-               f"end of the file ({gd_bad.size} entries)")
+               f"end of the file or into metadata ({gd_bad.size} entries)")
         usable = gd_bad[self.rgd[gd_bad] != 0] if self.rgd is not None else gd_bad[:0]
         if usable.size < gd_bad.size:
             raise CorruptImageError(msg, name)
@@ -313,6 +327,7 @@ class SparseExtent(Extent):
     def _recover_directories(self) -> None:
         """Give every table the primary directory knows a fresh redundant copy (after a crash)."""
         assert self.rgd is not None
+        self._meta = None
         gt_sectors = _ceil_div(self.header.num_gtes_per_gt * 4, SECTOR_SIZE)
         for i in self._rgd_mismatch.tolist():
             if self.gd[i] == 0:
@@ -722,12 +737,57 @@ class SparseExtent(Extent):
             hi = min(offset + len(data), (first + start + count) * g)
             piece = data[lo - offset:hi - offset]
             if kind == _DATA:
+                self._check_data_run(first + start, int(gtes[start]), count)
                 host = int(gtes[start]) * SECTOR_SIZE + (lo - (first + start) * g)
                 pwrite_all(self.fd, piece, host)
                 self._data_unsynced = True
             else:
                 self._allocate_and_write(first + start, count, lo, piece,
                                          backing if kind == _UNALLOC else None)
+
+    def _check_data_run(self, grain: int, sector: int, count: int) -> None:
+        """Refuse to write through entries that point past the file or into metadata.
+
+        Reads of such entries fail or return table bytes; a write would grow the file
+        without bound or overwrite a table, making the damage worse.
+        """
+        end = sector + count * self.header.grain_size
+        fault = None
+        if end > self._end:
+            fault = "past the end of the file"
+        else:
+            starts, ends = self._metadata_areas()
+            i = bisect.bisect_left(starts, end) - 1
+            if i >= 0 and ends[i] > sector:
+                fault = "into the image's metadata"
+        if fault:
+            raise CorruptImageError(f"grain {grain} points at sector {sector}, {fault}; writes "
+                                    "there are refused (run 'vmdk check -r all')", self.filename)
+
+    def _metadata_areas(self) -> tuple[list[int], list[int]]:
+        """Sorted, merged sector ranges of header, descriptor, directories and tables."""
+        if self._meta is None:
+            h = self.header
+            gd_sectors = _ceil_div(len(self.gd) * 4, SECTOR_SIZE)
+            gt_sectors = _ceil_div(h.num_gtes_per_gt * 4, SECTOR_SIZE)
+            areas = [(0, 1), (h.gd_offset, h.gd_offset + gd_sectors)]
+            if h.descriptor_offset:
+                areas.append((h.descriptor_offset, h.descriptor_offset + h.descriptor_size))
+            for table in (self.gd, self.rgd):
+                if table is not None:
+                    areas += [(int(t), int(t) + gt_sectors) for t in table[table != 0]]
+            if self.rgd is not None:
+                areas.append((h.rgd_offset, h.rgd_offset + gd_sectors))
+            starts: list[int] = []
+            ends: list[int] = []
+            for a, b in sorted(areas):
+                if starts and a <= ends[-1]:
+                    ends[-1] = max(ends[-1], b)
+                else:
+                    starts.append(a)
+                    ends.append(b)
+            self._meta = (starts, ends)
+        return self._meta
 
     def _allocate_and_write(self, grain0: int, count: int, lo: int, piece: memoryview,
                             backing: BackingReader | None) -> None:
@@ -835,6 +895,7 @@ class SparseExtent(Extent):
 
     def _allocate_table(self, index: int) -> None:
         """Reserve space for a new grain table (and its redundant copy) at the end of the file."""
+        self._meta = None
         gt_sectors = _ceil_div(self.header.num_gtes_per_gt * 4, SECTOR_SIZE)
         self.gd[index] = self._end
         self._end += gt_sectors
