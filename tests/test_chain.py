@@ -154,3 +154,20 @@ def test_rebase_refuses_to_make_a_loop(tmp_path: Path) -> None:
         rebase(paths[0], paths[-1], safe=False)
     with pytest.raises(vmdk.ChainError, match="loop"):
         rebase(paths[1], paths[1])
+
+
+def test_commit_grows_a_smaller_parent_first(tmp_path: Path) -> None:
+    from vmdk.resize import resize
+
+    base, top = tmp_path / "b.vmdk", tmp_path / "c.vmdk"
+    with vmdk.create(base, MiB) as d:
+        d.write_at(0, b"base")
+    snapshot(base, top)
+    resize(top, 2 * MiB)
+    with vmdk.open(top, "r+") as d:
+        d.write_at(MiB + 100, b"beyond-parent")
+    commit(top)
+    with vmdk.open(base) as b, vmdk.open(top) as c:
+        assert b.size == c.size == 2 * MiB
+        assert b.read() == c.read()
+        assert b.read_at(MiB + 100, 13) == b"beyond-parent" and b.read_at(0, 4) == b"base"

@@ -64,3 +64,27 @@ def test_comment_escapes_as_virtualbox_does() -> None:
     for text in ("plain", "two\nlines\r\n", "back\\slash", "\\n literally", ""):
         assert decode_comment(encode_comment(text)) == text
     assert encode_comment("a\nb\\") == "a\\nb\\\\"
+
+
+def test_setters_refuse_bad_values_and_oversized_descriptors(tmp_path: Path) -> None:
+    path = tmp_path / "m.vmdk"
+    vmdk.create(path, MiB).close()
+    with vmdk.open(path, "r+") as disk:
+        image = disk.image
+        before = image.descriptor.to_bytes()
+        with pytest.raises(ValueError):
+            image.uuid = "not-a-uuid"  # type: ignore[assignment]
+        with pytest.raises(ValueError, match="adapter type"):
+            image.adapter_type = "bogus"
+        with pytest.raises(ValueError, match="out of range"):
+            image.set_geometry(-5, 0, 99)
+        with pytest.raises(ValueError, match="not a number"):
+            image.hardware_version = "x7"
+        # the embedded area holds 10 KiB: refused at once, the descriptor left as it was
+        with pytest.raises(vmdk.DescriptorSpaceError, match="m.vmdk"):
+            image.comment = "x" * 20000
+        assert image.descriptor.to_bytes() == before
+        disk.write_at(0, b"new")  # the CID change still reaches the file on close
+        cid = image.cid
+    with vmdk.open(path) as disk:
+        assert disk.image.cid == cid and disk.image.cid != 0

@@ -15,6 +15,7 @@ import numpy as np
 
 from .create import create
 from .errors import ChainError, UnsupportedFormatError
+from .extents.base import SECTOR_SIZE
 from .image import NO_PARENT_CID, Image, MapRun
 
 CHUNK = 8 << 20
@@ -37,6 +38,12 @@ def commit(child: str | os.PathLike[str], *, progress: Progress | None = None) -
             raise ChainError("image has no parent to commit into", top.path)
         parent_path = top.parent.path
         runs = [r for r in top.map() if r.depth == 0 and r.present]
+        if top.size > top.parent.size:
+            from .resize import resize
+
+            # as qemu-img commit does for formats that can grow: the parent takes the size
+            # first, or the tail would be refused halfway through the copy
+            resize(parent_path, top.size)
         with Image.open(parent_path, "r+") as base:
             _copy_runs(top, base, runs, progress)
             base.flush()
@@ -76,6 +83,8 @@ def rebase(child: str | os.PathLike[str], new_parent: str | os.PathLike[str] | N
     new_path = os.fspath(new_parent) if new_parent else None
     if new_path is not None:
         _refuse_loop(child, new_path)
+        hint = os.path.relpath(os.path.abspath(new_path), os.path.dirname(os.path.abspath(child)))
+        _check_hint_fits(child, hint)  # before any copying, not after it
     if safe:
         with Image.open(child, "r+") as top:
             new = Image.open(new_path, "r") if new_path else None
@@ -152,6 +161,15 @@ def _differing(a: memoryview, b: memoryview, grain: int, base: int) -> list[tupl
             else:
                 out.append((lo, hi - lo))
     return out
+
+
+def _check_hint_fits(child: str, hint: str) -> None:
+    with Image.open(child, "r", open_parent=False, force_share=True) as image:
+        if image.embedded is None:
+            return
+        trial = image.descriptor.copy()
+        trial.parent_file_name_hint = hint
+        trial.to_bytes_padded(image.embedded.header.descriptor_size * SECTOR_SIZE)
 
 
 def _set_parent(child: str, parent_cid: int, hint: str | None) -> None:

@@ -24,6 +24,7 @@ from .descriptor import Descriptor, ExtentLine, canonical_create_type
 from .errors import (
     ChainError,
     DescriptorError,
+    DescriptorSpaceError,
     ImageIOError,
     OutOfRangeError,
     ReadOnlyError,
@@ -433,6 +434,10 @@ class Image:
 
     @adapter_type.setter
     def adapter_type(self, value: str) -> None:
+        from .create import ADAPTER_TYPES
+
+        if value not in ADAPTER_TYPES:
+            raise ValueError(f"adapter type {value!r} is not one of {', '.join(ADAPTER_TYPES)}")
         self.set_metadata("ddb.adapterType", value)
 
     @property
@@ -441,6 +446,8 @@ class Image:
 
     @hardware_version.setter
     def hardware_version(self, value: str) -> None:
+        if not str(value).isdigit():
+            raise ValueError(f"hardware version {value!r} is not a number")
         self.set_metadata("ddb.virtualHWVersion", str(value))
 
     @property
@@ -458,10 +465,13 @@ class Image:
         return compute_geometry(self.size, self.adapter_type or "ide")
 
     def set_geometry(self, cylinders: int, heads: int, sectors: int) -> None:
-        self._check_writable()
-        self.descriptor.ddb_set("ddb.geometry.cylinders", str(cylinders))
-        self.descriptor.ddb_set("ddb.geometry.heads", str(heads))
-        self.descriptor.ddb_set("ddb.geometry.sectors", str(sectors))
+        """Set the physical geometry (cylinders >= 1, heads 1-255, sectors 1-63)."""
+        if not (cylinders >= 1 and 1 <= heads <= 255 and 1 <= sectors <= 63):
+            raise ValueError(f"geometry {cylinders}/{heads}/{sectors} is out of range "
+                             "(cylinders >= 1, heads 1-255, sectors 1-63)")
+        self.set_many_metadata({"ddb.geometry.cylinders": str(cylinders),
+                                "ddb.geometry.heads": str(heads),
+                                "ddb.geometry.sectors": str(sectors)})
 
     @property
     def bios_geometry(self) -> tuple[int, int, int] | None:
@@ -494,7 +504,7 @@ class Image:
 
     @uuid.setter
     def uuid(self, value: UUID) -> None:
-        self.set_metadata("ddb.uuid.image", str(value))
+        self.set_metadata("ddb.uuid.image", str(uuid.UUID(str(value))))  # refuses non-UUIDs
 
     @property
     def modification_uuid(self) -> UUID | None:
@@ -502,7 +512,7 @@ class Image:
 
     @modification_uuid.setter
     def modification_uuid(self, value: UUID) -> None:
-        self.set_metadata("ddb.uuid.modification", str(value))
+        self.set_metadata("ddb.uuid.modification", str(uuid.UUID(str(value))))  # refuses non-UUIDs
 
     @property
     def parent_uuid(self) -> UUID | None:
@@ -510,7 +520,7 @@ class Image:
 
     @parent_uuid.setter
     def parent_uuid(self, value: UUID) -> None:
-        self.set_metadata("ddb.uuid.parent", str(value))
+        self.set_metadata("ddb.uuid.parent", str(uuid.UUID(str(value))))  # refuses non-UUIDs
 
     @property
     def comment(self) -> str | None:
@@ -523,11 +533,25 @@ class Image:
         self.set_metadata("ddb.comment", encode_comment(value))
 
     def set_metadata(self, key: str, value: str) -> None:
-        """Set a disk database key (``ddb.`` is added when missing)."""
+        """Set a disk database key (``ddb.`` is added when missing).
+
+        Raises DescriptorSpaceError at once, changing nothing, when the descriptor
+        would no longer fit the space embedded in the extent.
+        """
+        self.set_many_metadata({key: value})
+
+    def set_many_metadata(self, items: dict[str, str]) -> None:
+        """Set several disk database keys together: all of them, or none."""
         self._check_writable()
-        if not key.startswith("ddb."):
-            key = "ddb." + key
-        self.descriptor.ddb_set(key, value)
+        before = self.descriptor.copy()
+        for key, value in items.items():
+            self.descriptor.ddb_set(key if key.startswith("ddb.") else "ddb." + key, value)
+        if self.embedded is not None:
+            try:
+                self.descriptor.to_bytes_padded(self.embedded.header.descriptor_size * SECTOR_SIZE)
+            except DescriptorSpaceError:
+                self.descriptor = before
+                raise
 
     @property
     def dirty(self) -> bool:
