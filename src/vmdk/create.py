@@ -8,17 +8,18 @@ for writing.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import os
 import uuid
 from collections.abc import Sequence
 from typing import Any, BinaryIO
 
 from .descriptor import Descriptor, ExtentLine
-from .errors import UnsupportedFormatError, VmdkError
+from .errors import ImageExistsError, UnsupportedFormatError, VmdkError
 from .extents.base import SECTOR_SIZE
 from .extents.flat import FlatExtent
 from .extents.sparse import SparseExtent
-from .image import Image, compute_geometry, new_cid
+from .image import Image, compute_geometry, io_errors, new_cid
 
 #: VMware and VirtualBox cut split images into extents of 2047 MiB.
 SPLIT_SECTORS = 2047 * 2048
@@ -116,7 +117,7 @@ def _remove_if(paths: Sequence[str], overwrite: bool) -> None:
     for p in paths:
         if os.path.lexists(p):
             if not overwrite:
-                raise FileExistsError(f"{p}: file exists")
+                raise ImageExistsError("file exists (pass overwrite=True to replace it)", p)
             if not os.path.isfile(p) or os.path.islink(p):
                 raise VmdkError("refusing to overwrite something that is not a plain file", p)
             os.unlink(p)
@@ -194,14 +195,17 @@ def create(
             size = _device_size(raw_device)
         else:
             raise ValueError("size is required")
+    size = operator.index(size)  # a float size is a mistake, not a number of bytes
     _check_options(size, opts)
     sectors = _ceil_div(size, SECTOR_SIZE)
     size = sectors * SECTOR_SIZE
     folder = os.path.dirname(path) or "."
-    before = set(os.listdir(folder))
+    with io_errors(folder):
+        before = set(os.listdir(folder))
     try:
         writer = _WRITERS[subformat]
-        made = writer(path, sectors, opts, parent_image, overwrite, raw_device, partitions)
+        with io_errors(path):
+            made = writer(path, sectors, opts, parent_image, overwrite, raw_device, partitions)
     except BaseException:
         _remove_new_files(folder, before, os.path.basename(path))
         raise

@@ -62,7 +62,11 @@ class OutOfRangeError(VmdkError, ValueError):
 
 
 class MissingExtentError(VmdkError, FileNotFoundError):
-    """An extent or parent file named by a descriptor does not exist."""
+    """A file the image needs does not exist: the image itself, an extent or a parent."""
+
+
+class ImageExistsError(VmdkError, FileExistsError):
+    """Creating would replace an existing file and overwriting was not asked for."""
 
 
 class UnsafePathError(VmdkError, PermissionError):

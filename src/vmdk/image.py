@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import errno
 import logging
 import mmap
 import os
@@ -26,6 +27,7 @@ from .errors import (
     DescriptorError,
     DescriptorSpaceError,
     ImageIOError,
+    MissingExtentError,
     OutOfRangeError,
     ReadOnlyError,
     UnsafePathError,
@@ -88,8 +90,10 @@ def io_errors(filename: str | None) -> Iterator[None]:
     except VmdkError:
         raise
     except OSError as exc:
-        raise ImageIOError(exc.strerror or str(exc), exc.filename or filename,
-                           errno=exc.errno) from exc
+        name = exc.filename or filename
+        if exc.errno == errno.ENOENT:
+            raise MissingExtentError(exc.strerror or "no such file", name) from exc
+        raise ImageIOError(exc.strerror or str(exc), name, errno=exc.errno) from exc
 
 
 def new_cid() -> int:
@@ -286,6 +290,8 @@ class Image:
             zero_fill(view)
 
     def read_at(self, offset: int, length: int) -> bytes:
+        if length < 0:
+            raise OutOfRangeError(f"negative read length {length}", self.path)
         if length < 64 << 10 or length > READ_SCRATCH:
             buf = bytearray(length)
             self.readinto_at(offset, buf)
@@ -809,8 +815,6 @@ def _open_extent(path: str, line: ExtentLine, descriptor: Descriptor, read_only:
         return FlatExtent(target, line.sectors, line.offset or 0, read_only=ro)
     kind = sniff(target) if os.path.exists(target) else "missing"
     if kind == "missing":
-        from .errors import MissingExtentError
-
         raise MissingExtentError(f"extent file {line.filename!r} does not exist", path)
     if kind == "sparse":
         return SparseExtent.open(target, read_only=ro, nominal_sectors=line.sectors,
