@@ -12,7 +12,7 @@ import operator
 import os
 import uuid
 from collections.abc import Sequence
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, overload
 
 from .descriptor import Descriptor, ExtentLine
 from .errors import ImageExistsError, UnsupportedFormatError, VmdkError
@@ -20,6 +20,10 @@ from .extents.base import SECTOR_SIZE
 from .extents.flat import FlatExtent
 from .extents.sparse import SparseExtent
 from .image import Image, compute_geometry, io_errors, new_cid
+
+if TYPE_CHECKING:
+    from ._file import VmdkFile
+    from .stream import StreamFile
 
 #: VMware and VirtualBox cut split images into extents of 2047 MiB.
 SPLIT_SECTORS = 2047 * 2048
@@ -148,6 +152,30 @@ def _split_sizes(sectors: int) -> list[int]:
     return [SPLIT_SECTORS] * full + ([rest] if rest else [])
 
 
+@overload
+def create(  # type: ignore[overload-overlap]  # a stream is written front to back only
+    path: str | os.PathLike[str],
+    size: int | None,
+    subformat: Literal["streamOptimized"],
+    *,
+    parent: str | os.PathLike[str] | None = None,
+    adapter_type: str = "ide",
+    hwversion: str = "4",
+    geometry: tuple[int, int, int] | None = None,
+    comment: str | None = None,
+    preallocate: bool = False,
+    cluster_size: int = 65536,
+    zeroed_grain: bool = False,
+    toolsversion: str = DEFAULT_TOOLS_VERSION,
+    compression_level: int = 1,
+    raw_device: str | None = None,
+    partitions: Sequence[RawRange] | Sequence[int] | None = None,
+    overwrite: bool = False,
+    allow_external: bool = False,
+) -> StreamFile: ...
+
+
+@overload
 def create(
     path: str | os.PathLike[str],
     size: int | None = None,
@@ -167,8 +195,33 @@ def create(
     partitions: Sequence[RawRange] | Sequence[int] | None = None,
     overwrite: bool = False,
     allow_external: bool = False,
-) -> Any:
-    """Create an image and return it opened for writing (a :class:`vmdk.VmdkFile`).
+) -> VmdkFile: ...
+
+
+def create(
+    path: str | os.PathLike[str],
+    size: int | None = None,
+    subformat: str = "monolithicSparse",
+    *,
+    parent: str | os.PathLike[str] | None = None,
+    adapter_type: str = "ide",
+    hwversion: str = "4",
+    geometry: tuple[int, int, int] | None = None,
+    comment: str | None = None,
+    preallocate: bool = False,
+    cluster_size: int = 65536,
+    zeroed_grain: bool = False,
+    toolsversion: str = DEFAULT_TOOLS_VERSION,
+    compression_level: int = 1,
+    raw_device: str | None = None,
+    partitions: Sequence[RawRange] | Sequence[int] | None = None,
+    overwrite: bool = False,
+    allow_external: bool = False,
+) -> VmdkFile | StreamFile:
+    """Create an image and return it opened for writing.
+
+    The result is a :class:`vmdk.VmdkFile`, or for ``streamOptimized`` a write-only
+    :class:`vmdk.stream.StreamFile` filled front to back.
 
     ``size`` is in bytes and rounded up to a whole sector; with ``parent`` it
     defaults to the parent's size and the new image is a snapshot (child) of it.
@@ -213,7 +266,8 @@ def create(
         if parent_image is not None:
             parent_image.close()
     if made is not None:
-        return made
+        stream: StreamFile = made
+        return stream
     try:
         return VmdkFile(Image.open(path, "r+", allow_external=allow_external or subformat in (
             "fullDevice", "partitionedDevice")))

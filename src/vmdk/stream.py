@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import io
 import os
 import stat
 import zlib
@@ -470,12 +471,26 @@ class StreamFile(PositionedDisk):
     def size(self) -> int:
         return self._size
 
+    @property
+    def mode(self) -> str:
+        return "wb"
+
     def readable(self) -> bool:
         return False
 
     def writable(self) -> bool:
         self._checkClosed()
         return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        raise io.UnsupportedOperation("a streamOptimized image being written is write-only")
+
+    def readinto(self, buffer: Any) -> int:
+        raise io.UnsupportedOperation("a streamOptimized image being written is write-only")
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "writing"
+        return f"<vmdk.StreamFile {self.path!r} {state} at byte {self._pos} of {self._size}>"
 
     def write(self, data: Any) -> int:
         self._checkClosed()
