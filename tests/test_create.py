@@ -290,3 +290,36 @@ def test_names_with_spaces_and_unicode(tmp_path: Path) -> None:
             assert f.read_at(0, 2) == b"hi"
     assert (tmp_path / "my disk-flat.vmdk").exists()
     assert (tmp_path / "dïsk✓-s001.vmdk").exists()
+
+
+def test_create_never_replaces_its_parent_chain(tmp_path: Path) -> None:
+    from vmdk.chain import snapshot
+
+    a, c = tmp_path / "A.vmdk", tmp_path / "c.vmdk"
+    with vmdk.create(a, 4 << 20) as d:
+        d.write_at(0, b"keep")
+    with pytest.raises(vmdk.VmdkError, match="reads from"):
+        vmdk.create(a, parent=a, overwrite=True)
+    snapshot(a, c)
+    with pytest.raises(vmdk.VmdkError, match="reads from"):
+        snapshot(c, a, overwrite=True)  # a grandchild named like the base
+    with vmdk.open(c) as d:
+        assert d.read_at(0, 4) == b"keep"
+
+
+def test_create_and_convert_refuse_to_replace_an_image_in_use(tmp_path: Path) -> None:
+    from vmdk.convert import convert
+
+    a, raw = tmp_path / "A.vmdk", tmp_path / "s.raw"
+    raw.write_bytes(b"x" * 4096)
+    vmdk.create(a, 1 << 20).close()
+    with vmdk.open(a, "r+") as busy:
+        busy.write_at(0, b"live")
+        with pytest.raises(vmdk.ImageInUseError, match="A.vmdk"):
+            vmdk.create(a, 1 << 20, overwrite=True)
+        with pytest.raises(vmdk.ImageInUseError, match="A.vmdk"):
+            convert(raw, a)
+        with pytest.raises(vmdk.ImageInUseError, match="A.vmdk"):
+            convert(raw, a, out_format="raw")
+    with vmdk.open(a) as d:
+        assert d.read_at(0, 4) == b"live"

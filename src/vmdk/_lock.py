@@ -37,6 +37,23 @@ def _take(fd: int, byte: int) -> None:
     fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_RDLCK, byte))
 
 
+def refuse_if_in_use(path: str) -> None:
+    """Raise ImageInUseError when another opener (here or in qemu) holds ``path``.
+
+    For replacing a file: deleting an image someone is writing loses what they write.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return  # nothing readable there to protect
+    try:
+        if _held_by_other(fd, PERM_BASE + WRITE) or _held_by_other(fd, PERM_BASE + READ):
+            raise ImageInUseError("image is in use (open elsewhere): it cannot be replaced now",
+                                  path)
+    finally:
+        os.close(fd)
+
+
 def writer_elsewhere(fd: int) -> bool:
     """Whether another open file description holds the file's write permission."""
     return _held_by_other(fd, PERM_BASE + WRITE)

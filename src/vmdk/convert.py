@@ -112,12 +112,9 @@ class ImageSource:
         self.image.readinto_at(offset, buf)
 
     def files(self) -> list[str]:
-        """Every file the image reads: descriptors and extents of the whole chain."""
-        out = []
-        for image in self.image.chain():
-            out.append(image.path)
-            out += [e.filename for e in image.extents if e.filename]
-        return out
+        from .create import image_files
+
+        return image_files(self.image)
 
     def close(self) -> None:
         self.image.close()
@@ -163,6 +160,10 @@ class RawTarget:
         self.path = path
         self.durable = durable
         replace = os.O_TRUNC if overwrite else os.O_EXCL
+        if overwrite and os.path.exists(path):
+            from ._lock import refuse_if_in_use
+
+            refuse_if_in_use(path)
         try:
             self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | replace
                               | getattr(os, "O_CLOEXEC", 0), 0o644)
@@ -313,17 +314,17 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
 
 def _refuse_own_files(files: list[str], dst: str, out_format: str) -> None:
     """Never let the output replace a file the source is read from (its extents included)."""
+    from .create import refuse_replacing
+
     if dst == "-":
         return
-    folder, name = os.path.split(os.path.abspath(dst))
-    stem = name[:-5] if name.lower().endswith(".vmdk") else name
-    for path in files:
-        same = os.path.exists(dst) and os.path.exists(path) and os.path.samefile(path, dst)
-        # a VMDK target also writes siblings: name-flat.vmdk, name-s001.vmdk, name-pt.vmdk...
-        sibling = (out_format == "vmdk" and os.path.dirname(os.path.abspath(path)) == folder
-                   and os.path.basename(path).startswith(stem + "-"))
-        if same or sibling:
-            raise VmdkError(f"the output would replace {path}, which the source reads from", dst)
+    if out_format == "vmdk":
+        refuse_replacing(files, dst)
+    elif os.path.exists(dst):
+        for path in files:
+            if os.path.exists(path) and os.path.samefile(path, dst):
+                raise VmdkError(f"the output would replace {path}, which the source reads from",
+                                dst)
 
 
 def _recover_stream(src: str, dst: str, out_format: str, subformat: str, sparse_size: int,

@@ -118,13 +118,41 @@ def _check_options(size: int, opts: CreateOptions) -> None:
 
 
 def _remove_if(paths: Sequence[str], overwrite: bool) -> None:
-    for p in paths:
-        if os.path.lexists(p):
-            if not overwrite:
-                raise ImageExistsError("file exists (pass overwrite=True to replace it)", p)
-            if not os.path.isfile(p) or os.path.islink(p):
-                raise VmdkError("refusing to overwrite something that is not a plain file", p)
-            os.unlink(p)
+    from ._lock import refuse_if_in_use
+
+    existing = [p for p in paths if os.path.lexists(p)]
+    for p in existing:
+        if not overwrite:
+            raise ImageExistsError("file exists (pass overwrite=True to replace it)", p)
+        if not os.path.isfile(p) or os.path.islink(p):
+            raise VmdkError("refusing to overwrite something that is not a plain file", p)
+        refuse_if_in_use(p)
+    for p in existing:
+        os.unlink(p)
+
+
+def image_files(image: Image) -> list[str]:
+    """Every file an image reads: descriptors and extents of its whole chain."""
+    out = []
+    for layer in image.chain():
+        out.append(layer.path)
+        out += [e.filename for e in layer.extents if e.filename]
+    return out
+
+
+def refuse_replacing(sources: Sequence[str], path: str) -> None:
+    """Refuse to create ``path`` when it, or a sibling extent it would write
+    (``name-flat.vmdk``, ``name-s001.vmdk``...), is one of the files in ``sources``."""
+    folder, name = os.path.split(os.path.abspath(path))
+    stem = name[:-5] if name.lower().endswith(".vmdk") else name
+    for source in sources:
+        same = (os.path.exists(path) and os.path.exists(source)
+                and os.path.samefile(source, path))
+        sibling = (os.path.dirname(os.path.abspath(source)) == folder
+                   and os.path.basename(source).startswith(stem + "-"))
+        if same or sibling:
+            raise VmdkError(f"creating it would replace {source}, which the source or parent "
+                            "reads from", path)
 
 
 def _write_text_descriptor(path: str, descriptor: Descriptor) -> None:
@@ -241,6 +269,11 @@ def create(
             raise UnsupportedFormatError(f"a snapshot cannot be {subformat}; use a sparse subformat",
                                          path)
         parent_image = Image.open(parent, "r", allow_external=allow_external)
+        try:
+            refuse_replacing(image_files(parent_image), path)
+        except BaseException:
+            parent_image.close()
+            raise
         if size is None:
             size = parent_image.size
     if size is None:
