@@ -190,8 +190,11 @@ def child_env() -> dict[str, str]:
 
 
 def run_and_kill(path: Path, seed: int, count: int, windows: list[tuple[int, int]],
-                 delay: float) -> tuple[int, bool]:
-    """Run the writer, SIGKILL it ``delay`` s after it is ready; return (last flushed op, done)."""
+                 delay: float) -> tuple[int, bool, float]:
+    """Run the writer, SIGKILL it ``delay`` s after it is ready (never, when infinite).
+
+    Returns (last flushed op, whether it finished, seconds from ready to its end).
+    """
     arg = ",".join(f"{a}:{b}" for a, b in windows)
     proc = subprocess.Popen(
         [sys.executable, "-c", CHILD, str(path), str(seed), str(count), str(GRAIN), arg],
@@ -200,9 +203,12 @@ def run_and_kill(path: Path, seed: int, count: int, windows: list[tuple[int, int
         assert proc.stdout is not None
         first = proc.stdout.readline()
         assert first.strip() == "READY", f"writer failed to start: {first!r} {proc.stderr.read()}"
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        out, err = proc.communicate(timeout=30)
+        ready = time.monotonic()
+        if delay != float("inf"):
+            time.sleep(delay)
+            proc.send_signal(signal.SIGKILL)
+        out, err = proc.communicate(timeout=60)
+        took = time.monotonic() - ready
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -214,7 +220,7 @@ def run_and_kill(path: Path, seed: int, count: int, windows: list[tuple[int, int
             flushed = int(lines[i + 1])
     if proc.returncode not in (0, -signal.SIGKILL):
         pytest.fail(f"writer failed ({proc.returncode}): {err[-3000:]}")
-    return flushed, "DONE" in lines
+    return flushed, "DONE" in lines, took
 
 
 ROUNDS = {"monolithicSparse": 10, "twoGbMaxExtentSparse": 10, "child": 10}
@@ -227,12 +233,20 @@ def test_sigkill_during_random_writes(tmp_path: Path, scenario: str) -> None:
     baseline = read_windows(path, windows)
     rng = random.Random(f"crash:{scenario}")
     survived = finished = 0
+    count = 250
+    # One uninterrupted run first: kills then land inside the writer's own running time,
+    # however fast or slow this machine is today.
+    seed = rng.randrange(1 << 30)
+    flushed, done, took = run_and_kill(path, seed, count, windows, float("inf"))
+    assert done
+    baseline = verify(path, windows, baseline, seed, operations(seed, windows, count, GRAIN),
+                      flushed, count)
     for round_no in range(ROUNDS[scenario]):
         seed = rng.randrange(1 << 30)
-        count = 250
         ops = operations(seed, windows, count, GRAIN)
-        delay = rng.choice((0.0, 0.002)) if round_no % 4 == 0 else rng.uniform(0.005, 0.2)
-        flushed, done = run_and_kill(path, seed, count, windows, delay)
+        delay = (rng.choice((0.0, 0.002)) if round_no % 4 == 0
+                 else rng.uniform(0.02, 0.6) * took)
+        flushed, done, _took = run_and_kill(path, seed, count, windows, delay)
         baseline = verify(path, windows, baseline, seed, ops, flushed, count)
         survived += 1
         finished += done
