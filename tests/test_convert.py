@@ -133,3 +133,35 @@ def test_convert_raw_output_honours_overwrite(tmp_path: Path) -> None:
     with pytest.raises(vmdk.VmdkError, match="exists"):
         convert(src, keep, out_format="raw", overwrite=False)
     assert keep.read_bytes() == b"KEEP ME" * 100
+
+
+def test_other_formats_are_refused_not_copied_as_raw(tmp_path: Path) -> None:
+    """A qcow2 (or VHDX, VDI...) would otherwise convert as its container's bytes."""
+    qcow2 = tmp_path / "a.qcow2"
+    qcow2.write_bytes(b"QFI\xfb\0\0\0\3" + bytes(4096))
+    with pytest.raises(vmdk.UnsupportedFormatError, match="a.qcow2: a qcow2 image"):
+        convert(qcow2, tmp_path / "a.vmdk")
+    convert(qcow2, tmp_path / "b.vmdk", src_format="raw")  # asked for: its bytes as they are
+    with vmdk.open(tmp_path / "b.vmdk") as d:
+        assert d.read_at(0, 4) == b"QFI\xfb"
+    vdi = tmp_path / "d.vdi"
+    vdi.write_bytes(bytes(0x40) + b"\x7f\x10\xda\xbe" + bytes(4096))
+    with pytest.raises(vmdk.UnsupportedFormatError, match="VDI"):
+        convert(vdi, tmp_path / "d.vmdk")
+
+
+def test_ova_detection_reads_one_header(tmp_path: Path) -> None:
+    import tarfile
+
+    from vmdk.ova import is_ova
+
+    zeros = tmp_path / "zeros.ova"
+    with open(zeros, "wb") as f:
+        f.truncate(64 * MiB)  # all zeros: tarfile.is_tarfile would scan it all and say yes
+    assert not is_ova(str(zeros))
+    real = tmp_path / "pack.ova"
+    (tmp_path / "x.ovf").write_text("<Envelope/>")
+    with tarfile.open(real, "w", format=tarfile.USTAR_FORMAT) as tar:
+        tar.add(tmp_path / "x.ovf", arcname="x.ovf")
+    assert is_ova(str(real))
+    assert not is_ova(str(tmp_path / "pack.raw"))

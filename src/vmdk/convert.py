@@ -23,9 +23,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-from .errors import VmdkError
+from .errors import UnsupportedFormatError, VmdkError
 from .extents.base import pread_exact
-from .image import Image, sniff
+from .image import Image, foreign_format, sniff
 
 #: Bytes moved per read/write system call.
 CHUNK = 8 << 20
@@ -126,7 +126,17 @@ def open_source(path: str, fmt: str | None = None, **open_args: Any) -> Source:
 
     with io_errors(path):
         if fmt is None:
+            from .ova import is_ova
+
+            if is_ova(path):
+                raise UnsupportedFormatError(
+                    "an OVA package is read front to back only: 'vmdk convert' it first", path)
             fmt = "raw" if sniff(path) == "raw" else "vmdk"
+            other = foreign_format(path) if fmt == "raw" else None
+            if other:
+                raise UnsupportedFormatError(
+                    f"a {other} image, not VMDK or raw: convert it with qemu-img first (or "
+                    "say -f raw to take its bytes as they are)", path)
         if fmt == "raw":
             return RawSource(path)
     if fmt == "vmdk":

@@ -119,6 +119,28 @@ def sniff(path: str) -> str:
     return "raw"
 
 
+#: Other disk formats, by their magic: (offset, bytes, name).
+_FOREIGN = ((0, b"QFI\xfb", "qcow2"), (0, b"QED\0", "QED"), (0, b"vhdxfile", "VHDX"),
+            (0, b"conectix", "VHD"), (0x40, b"\x7f\x10\xda\xbe", "VDI"),
+            (0, b"LUKS\xba\xbe", "LUKS"), (0, b"WithoutFreeSpace", "Parallels"),
+            (0, b"WithouFreSpacExt", "Parallels"))
+
+
+def foreign_format(path: str) -> str | None:
+    """The name of another disk image format ``path`` is in, if it is one qemu-img knows."""
+    with open(path, "rb") as f:
+        head = f.read(0x44)
+        size = f.seek(0, os.SEEK_END)
+        tail = b""
+        if size >= 512:
+            f.seek(size - 512)
+            tail = f.read(8)  # a fixed VHD: raw data with a footer
+    for offset, magic, name in _FOREIGN:
+        if head[offset:offset + len(magic)] == magic:
+            return name
+    return "VHD" if tail == b"conectix" else None
+
+
 def _check_openable(path: str) -> None:
     """Refuse what would hang or mislead a reader: pipes, sockets, folders."""
     mode = os.stat(path).st_mode

@@ -31,10 +31,22 @@ MAX_METADATA_SECTORS = 1 << 16
 
 
 def is_ova(path: str) -> bool:
+    """An uncompressed tar named .ova or .tar (the name first: reading is not free)."""
+    if not path.lower().endswith((".ova", ".tar")):
+        return False
     try:
-        return tarfile.is_tarfile(path) and path.lower().endswith((".ova", ".tar"))
+        with open(path, "rb") as f:
+            block = f.read(512)
     except OSError:
         return False
+    # a POSIX/GNU tar header: "ustar" magic and a checksum that adds up
+    if len(block) < 512 or block[257:262] != b"ustar":
+        return False
+    try:
+        stored = int(block[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
+    except ValueError:
+        return False
+    return stored == sum(block[:148]) + 8 * 32 + sum(block[156:])
 
 
 def ova_disks(path: str) -> list[str]:
