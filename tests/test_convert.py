@@ -165,3 +165,31 @@ def test_ova_detection_reads_one_header(tmp_path: Path) -> None:
         tar.add(tmp_path / "x.ovf", arcname="x.ovf")
     assert is_ova(str(real))
     assert not is_ova(str(tmp_path / "pack.raw"))
+
+
+def test_raw_output_fails_on_a_grain_past_the_end_like_every_other_reader(tmp_path: Path) -> None:
+    import struct
+
+    src = tmp_path / "g.vmdk"
+    with vmdk.create(src, 4 * MiB) as d:
+        d.write(pattern(2 * MiB, seed=3, zero_every=0))
+    with vmdk.open(src) as d:
+        ext = d.image.extents[0]
+        gt, rgt = int(ext.gd[0]), int(ext.rgd[0])
+    with open(src, "r+b") as f:
+        for table in (gt, rgt):
+            f.seek(table * 512 + 10 * 4)
+            f.write(struct.pack("<I", os.path.getsize(src) // 512 - 64))  # half past the end
+    with pytest.raises(vmdk.CorruptImageError, match="past the end"):
+        convert(src, tmp_path / "g.raw", out_format="raw")
+    assert not (tmp_path / "g.raw").exists()
+
+
+def test_raw_output_of_a_short_flat_file_reads_zeros_past_its_end(tmp_path: Path) -> None:
+    src = tmp_path / "f.vmdk"
+    with vmdk.create(src, 4 * MiB, subformat="monolithicFlat") as d:
+        d.write(b"\x77" * MiB)
+    os.truncate(tmp_path / "f-flat.vmdk", MiB + 1000)  # shorter than the descriptor says
+    convert(src, tmp_path / "f.raw", out_format="raw")
+    out = (tmp_path / "f.raw").read_bytes()
+    assert out[:MiB] == b"\x77" * MiB and out[MiB:] == bytes(3 * MiB)

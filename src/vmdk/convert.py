@@ -210,16 +210,21 @@ def copy(source: Source, write_at: Callable[[int, memoryview], None], *,
             continue
         if target_fd is not None and span.host_fd is not None and span.host_offset is not None:
             try:
-                _kernel_copy(span.host_fd, span.host_offset, target_fd, span.start, span.length)
+                done = _kernel_copy(span.host_fd, span.host_offset, target_fd, span.start,
+                                    span.length)
             except OSError as exc:
                 if exc.errno not in _NO_KERNEL_COPY:
                     raise
                 target_fd = None  # this filesystem cannot: copy through Python from here on
             else:
-                written += span.length
+                written += done
                 if progress:
-                    progress(span.length)
-                continue
+                    progress(done)
+                if done == span.length:
+                    continue
+                # The file ends early: the image decides what that means (zeros past a
+                # short flat file, an error for a grain past a sparse file's end).
+                span = Span(span.start + done, span.length - done, True)
         chunks.extend((pos, min(CHUNK, span.start + span.length - pos))
                       for pos in range(span.start, span.start + span.length, CHUNK))
     return written + _copy_chunks(source, chunks, write_at, sparse_size, progress)
@@ -263,13 +268,15 @@ def _copy_chunks(source: Source, chunks: list[tuple[int, int]],
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
 
 
-def _kernel_copy(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, length: int) -> None:
+def _kernel_copy(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, length: int) -> int:
+    """Copy in the kernel; returns the bytes copied, short where the source file ends."""
     done = 0
     while done < length:
         n = os.copy_file_range(src_fd, dst_fd, length - done, src_offset + done, dst_offset + done)
-        if n == 0:  # the source file ends early: what is missing reads as zeros
-            return
+        if n == 0:
+            break
         done += n
+    return done
 
 
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
