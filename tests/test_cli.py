@@ -405,3 +405,47 @@ def test_create_geometry_comment_and_full_device(tmp_path: Path) -> None:
                  f"subformat=fullDevice,device={tmp_path / 'dev.bin'}", os.fspath(dev)]) == 0
     with vmdk.open(dev, allow_external=True) as disk:
         assert disk.read() == pattern(MiB, seed=9)
+
+
+# -- refusals found by review ---------------------------------------------------------------
+
+
+def test_resize_takes_relative_sizes_as_qemu_img(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    image = tmp_path / "r.vmdk"
+    with vmdk.create(image, SIZE) as d:
+        d.write(b"data")
+    assert main(["resize", "-q", "--shrink", str(image), "-1M"]) == 0
+    with vmdk.open(image) as d:
+        assert d.size == SIZE - MiB
+    assert main(["resize", "-q", str(image), "+3M"]) == 0
+    with vmdk.open(image) as d:
+        assert d.size == SIZE + 2 * MiB
+    capsys.readouterr()
+    assert_one_line_error(main(["resize", "--shrink", str(image), "-100M"]), out_err(capsys)[1])
+    assert_one_line_error(main(["resize", str(image), "20E"]), out_err(capsys)[1])
+
+
+@pytest.mark.parametrize("argv", [
+    ["create", "-o", "compat6=on,hwversion=10", "{d}/x.vmdk", "1M"],
+    ["create", "-o", "preallocation=full", "{d}/x.vmdk", "1M"],
+    ["create", "-o", "subformat=fullDevice,device={d}/dev.img", "{d}/fd.vmdk", "5M"],
+    ["export-ova", "--name", 'my "vm"', "{d}/disk.vmdk", "{d}/x.ova"],
+    ["export-ova", "--name", "a/b", "{d}/disk.vmdk", "{d}/x.ova"],
+    ["export-ova", "--cpus", "0", "{d}/disk.vmdk", "{d}/x.ova"],
+])
+def test_nonsense_options_are_one_line_errors(image: Path, capsys: pytest.CaptureFixture[str],
+                                              argv: list[str]) -> None:
+    (image.parent / "dev.img").write_bytes(bytes(2 * MiB))
+    code = main([a.format(d=image.parent) for a in argv])
+    assert_one_line_error(code, out_err(capsys)[1])
+    assert not (image.parent / "x.vmdk").exists() and not (image.parent / "fd.vmdk").exists()
+    assert not (image.parent / "x.ova").exists()
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "http"])
+def test_serve_checks_its_port(image: Path, capsys: pytest.CaptureFixture[str], port: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--port", port, str(image)])
+    assert exit_info.value.code == 2
+    assert "not a port number" in out_err(capsys)[1]

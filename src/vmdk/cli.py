@@ -90,6 +90,8 @@ def create_kwargs(options: dict[str, str]) -> dict[str, Any]:
             kwargs[key] = value
         elif key == "compat6":
             if _flag(key, value):
+                if "hwversion" in options:  # as qemu-img: the two say different things
+                    raise VmdkError("option compat6 cannot be used with hwversion")
                 kwargs["hwversion"] = "6"
         elif key == "zeroed_grain":
             kwargs["zeroed_grain"] = _flag(key, value)
@@ -460,6 +462,16 @@ def cmd_export_ova(args: argparse.Namespace) -> int:
     return 0
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)")
+    return port
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -475,11 +487,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
+    where = args.socket or f"{args.bind}:{args.port}"
     with open_image(args.image, mode, allow_external=args.allow_external) as disk:
-        serve(disk, host=args.bind, port=args.port, unix_socket=args.socket,
-              export_name=args.export_name, read_only=args.read_only,
-              ready=lambda uri: print(f"serving {args.image} at {uri}", flush=True),
-              stop_event=stop)
+        try:
+            serve(disk, host=args.bind, port=args.port, unix_socket=args.socket,
+                  export_name=args.export_name, read_only=args.read_only,
+                  ready=lambda uri: print(f"serving {args.image} at {uri}", flush=True),
+                  stop_event=stop)
+        except OSError as exc:
+            raise VmdkError(f"cannot listen on {where}: {exc.strerror or exc}") from exc
     return 0
 
 
@@ -626,16 +642,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("serve", cmd_serve, "export the image over NBD until SIGINT or SIGTERM")
     p.add_argument("--read-only", "-r", action="store_true", help="refuse writes")
     p.add_argument("--bind", default="127.0.0.1", help="address to listen on (default loopback)")
-    p.add_argument("--port", type=int, default=10809)
+    p.add_argument("--port", type=_port, default=10809)
     p.add_argument("--socket", default=None, help="listen on this Unix socket instead of TCP")
     p.add_argument("--export-name", default="", help="export name (default empty)")
     p.add_argument("image")
     return parser
 
 
+def _relative_sizes(argv: list[str]) -> list[str]:
+    """Let "resize IMAGE -1M" through: argparse would take -1M for an option."""
+    if "resize" not in argv or "--" in argv:
+        return argv
+    for i, word in enumerate(argv):
+        if re.fullmatch(r"-\d+(\.\d+)?[A-Za-z]*", word):
+            return argv[:i] + ["--"] + argv[i:]
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_relative_sizes(list(sys.argv[1:] if argv is None else argv)))
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="vmdk: %(message)s")
     else:
@@ -649,7 +675,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
-    except (VmdkError, OSError, ValueError) as exc:
+    except (VmdkError, OSError, ValueError, OverflowError, MemoryError) as exc:
         if args.debug:
             raise
         print(f"vmdk: error: {exc}", file=sys.stderr)

@@ -100,9 +100,15 @@ def _ddb(size: int, opts: CreateOptions, parent: Image | None = None) -> dict[st
     return ddb
 
 
+#: The largest disk any file or descriptor here can describe (Linux's file size limit).
+MAX_DISK_BYTES = (1 << 63) - 1
+
+
 def _check_options(size: int, opts: CreateOptions) -> None:
     if size < 0:
         raise ValueError("size must not be negative")
+    if size > MAX_DISK_BYTES:
+        raise ValueError(f"{size} bytes is more than any file system holds")
     if opts.adapter_type not in ADAPTER_TYPES:
         raise ValueError(f"unknown adapter type {opts.adapter_type!r} "
                          f"(one of {', '.join(ADAPTER_TYPES)})")
@@ -283,6 +289,10 @@ def create(
             raise ValueError("size is required")
     size = operator.index(size)  # a float size is a mistake, not a number of bytes
     _check_options(size, opts)
+    if preallocate and subformat not in ("monolithicFlat", "twoGbMaxExtentFlat", "vmfs"):
+        raise UnsupportedFormatError(
+            f"preallocation applies to flat subformats (monolithicFlat, twoGbMaxExtentFlat, "
+            f"vmfs); {subformat} grows as it is written", path)
     sectors = _ceil_div(size, SECTOR_SIZE)
     size = sectors * SECTOR_SIZE
     folder = os.path.dirname(path) or "."
@@ -469,7 +479,12 @@ def _device_size(device: str) -> int:
 def _create_full_device(path: str, sectors: int, opts: CreateOptions, parent: Image | None,
                         overwrite: bool, raw_device: str | None, *_: Any) -> None:
     if not raw_device:
-        raise ValueError("fullDevice needs raw_device (the disk or file to expose)")
+        raise VmdkError("fullDevice needs raw_device (the disk or file to expose)", path)
+    if os.path.exists(raw_device):
+        have = _device_size(raw_device)
+        if sectors * SECTOR_SIZE > have:
+            raise VmdkError(f"the device holds {have} bytes, less than the "
+                            f"{sectors * SECTOR_SIZE} asked for", raw_device)
     _remove_if([path], overwrite)
     descriptor = Descriptor.new("fullDevice", [ExtentLine("RW", sectors, "FLAT", raw_device, 0)],
                                 cid=new_cid(), ddb=_ddb(sectors * SECTOR_SIZE, opts))

@@ -280,6 +280,12 @@ def export_ova(src: str | os.PathLike[str], ova: str | os.PathLike[str], *,
 
     src, ova = os.fspath(src), os.fspath(ova)
     stem = name or os.path.splitext(os.path.basename(ova))[0]
+    if not stem or any(c in stem for c in '/\\"') or not stem.isprintable():
+        raise VmdkError(f"the VM name {stem!r} cannot name files (no slashes, quotes or control "
+                        "characters)", ova)
+    if cpus < 1 or memory_mb < 1:
+        raise VmdkError(f"a VM needs at least one CPU and 1 MB of memory ({cpus} CPUs, "
+                        f"{memory_mb} MB asked for)", ova)
     disk_name = f"{stem}-disk1.vmdk"
     tmp_disk = os.path.join(os.path.dirname(os.path.abspath(ova)),
                             f".{uuid.uuid4().hex}-{disk_name}")

@@ -9,17 +9,18 @@ byte past the new end is stored, so no data is ever dropped.
 
 from __future__ import annotations
 
+import operator
 import os
 
 import numpy as np
 
-from .create import SPLIT_SECTORS, _sibling
+from .create import MAX_DISK_BYTES, MAX_SPLIT_EXTENTS, SPLIT_SECTORS, _sibling
 from .descriptor import ExtentLine
 from .errors import UnsupportedFormatError, VmdkError
 from .extents.base import SECTOR_SIZE, pwrite_all
 from .extents.flat import FlatExtent
-from .extents.sparse import SparseExtent
-from .image import Image, MapRun, compute_geometry
+from .extents.sparse import MAX_GD_ENTRIES, SparseExtent
+from .image import Image, MapRun, compute_geometry, io_errors
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -29,9 +30,13 @@ def _ceil_div(a: int, b: int) -> int:
 def resize(path: str | os.PathLike[str], size: int, *, shrink: bool = False) -> None:
     """Set the virtual size of ``path`` to ``size`` bytes (rounded up to a sector)."""
     path = os.fspath(path)
-    sectors = _ceil_div(size, SECTOR_SIZE)
+    sectors = _ceil_div(operator.index(size), SECTOR_SIZE)
+    if sectors < 1:
+        raise VmdkError(f"a disk needs at least one sector; {size} bytes asked for", path)
+    if sectors * SECTOR_SIZE > MAX_DISK_BYTES:
+        raise UnsupportedFormatError(f"{size} bytes is more than any file system holds", path)
     dropped: list[str] = []
-    with Image.open(path, "r+") as image:
+    with io_errors(path), Image.open(path, "r+") as image:
         old = image.size // SECTOR_SIZE
         if sectors == old:
             return
@@ -113,6 +118,10 @@ def _grow(image: Image, sectors: int) -> None:
     split = create_type.startswith(("twoGb", "2Gb"))
     room = (SPLIT_SECTORS - last.sectors) if split else extra
     room = max(0, min(room, extra))
+    if split and len(lines) + _ceil_div(extra - room, SPLIT_SECTORS) > MAX_SPLIT_EXTENTS:
+        raise UnsupportedFormatError(
+            f"growing by {extra * SECTOR_SIZE >> 40} TiB would need more than "
+            f"{MAX_SPLIT_EXTENTS} extent files", image.path)
     if room:
         if isinstance(extent, SparseExtent):
             _grow_sparse(extent, last.sectors + room)
@@ -158,8 +167,13 @@ def _grow_flat(extent: FlatExtent, sectors: int) -> None:
 def _grow_sparse(extent: SparseExtent, sectors: int) -> None:
     """Raise a sparse extent's capacity, moving its grain directory if it must grow."""
     h = extent.header
-    extent.flush()
     entries = _ceil_div(sectors, extent.gt_coverage)
+    if entries > MAX_GD_ENTRIES:  # checked before any table is allocated
+        limit = MAX_GD_ENTRIES * extent.gt_coverage * SECTOR_SIZE
+        raise UnsupportedFormatError(
+            f"a sparse extent of this grain size holds at most {limit >> 40} TiB (qemu and "
+            "VMware refuse larger grain directories)", extent.filename)
+    extent.flush()
     if entries > len(extent.gd) and _ceil_div(entries * 4, SECTOR_SIZE) > _ceil_div(
             len(extent.gd) * 4, SECTOR_SIZE):
         _relocate_directories(extent, entries)
