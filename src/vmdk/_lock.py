@@ -66,9 +66,11 @@ def lock_image_file(fd: int, filename: str, *, write: bool) -> None:
     writers.  Any number of readers share.
     """
     if _held_by_other(fd, PERM_BASE + WRITE):
+        hint = ("wait for it to close" if write else
+                "force_share=True / -U reads it anyway, without consistency")
         raise ImageInUseError(
             "image is in use: it is open for writing elsewhere (another process, or another "
-            "open in this one); force_share=True / --force-share reads it anyway", filename)
+            f"open in this one); {hint}", filename)
     if write and _held_by_other(fd, SHARED_BASE + WRITE):
         raise ImageInUseError(
             "image is in use: it is open for reading elsewhere and readers do not allow "

@@ -21,7 +21,7 @@ from . import __version__
 from .check import check
 from .convert import DEFAULT_SPARSE_SIZE, convert, open_source
 from .create import SUBFORMATS, create
-from .errors import VmdkError
+from .errors import UnsupportedFormatError, VmdkError
 from .image import Image
 
 log = logging.getLogger("vmdk")
@@ -488,7 +488,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     where = args.socket or f"{args.bind}:{args.port}"
-    with open_image(args.image, mode, allow_external=args.allow_external) as disk:
+    try:
+        disk = open_image(args.image, mode, allow_external=args.allow_external)
+    except UnsupportedFormatError as exc:
+        if mode == "r" or "streamOptimized" not in str(exc):
+            raise
+        raise UnsupportedFormatError(f"{exc.reason}; or serve it as it is with --read-only",
+                                     exc.filename) from exc
+    with disk:
         try:
             serve(disk, host=args.bind, port=args.port, unix_socket=args.socket,
                   export_name=args.export_name, read_only=args.read_only,
@@ -649,6 +656,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _message(exc: BaseException) -> str:
+    """"FILE: fault", also for the system's own errors ("[Errno 30] ...: 'x'" otherwise)."""
+    if isinstance(exc, OSError) and not isinstance(exc, VmdkError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc)
+
+
 def _relative_sizes(argv: list[str]) -> list[str]:
     """Let "resize IMAGE -1M" through: argparse would take -1M for an option."""
     if "resize" not in argv or "--" in argv:
@@ -678,7 +692,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (VmdkError, OSError, ValueError, OverflowError, MemoryError) as exc:
         if args.debug:
             raise
-        print(f"vmdk: error: {exc}", file=sys.stderr)
+        print(f"vmdk: error: {_message(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("vmdk: interrupted", file=sys.stderr)

@@ -128,7 +128,9 @@ def _grow(image: Image, sectors: int) -> None:
         elif isinstance(extent, FlatExtent):
             _grow_flat(extent, last.sectors + room)
         else:
-            raise UnsupportedFormatError(f"{type(extent).__name__} extents cannot grow",
+            kind = getattr(extent, "kind", None) or last.type
+            raise UnsupportedFormatError(f"{kind} extents (vmfsSparse snapshots, seSparse) "
+                                         "cannot grow here; convert the image first",
                                          image.path)
         lines[-1] = _with_sectors(last, last.sectors + room)
         extra -= room
