@@ -254,3 +254,18 @@ def test_tables_inside_the_descriptor_are_refused(tmp_path: Path) -> None:
     for mode in ("r", "r+"):
         with pytest.raises(vmdk.CorruptImageError, match="d.vmdk.*into metadata"):
             vmdk.open(path, mode)
+
+
+@pytest.mark.parametrize("subformat", ["monolithicFlat", "twoGbMaxExtentFlat"])
+def test_shrinking_a_flat_image_gives_the_space_back(tmp_path: Path, subformat: str) -> None:
+    from vmdk.resize import resize
+
+    path = tmp_path / "f.vmdk"
+    with vmdk.create(path, 6 * MiB, subformat=subformat, preallocate=True) as disk:
+        disk.write(b"head")
+    flat = next(p for p in tmp_path.iterdir() if p.name != "f.vmdk")
+    resize(path, 2 * MiB, shrink=True)
+    assert flat.stat().st_size == 2 * MiB
+    with vmdk.open(path) as disk:
+        assert disk.size == 2 * MiB and disk.read_at(0, 4) == b"head"
+    assert check(path).exit_code == 0

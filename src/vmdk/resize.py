@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import operator
 import os
+import stat
 
 import numpy as np
 
@@ -78,10 +79,17 @@ def _shrink(image: Image, sectors: int, allowed: bool) -> None:
         kept.append(_with_sectors(line, n))
         pos += line.sectors
     _apply(image, kept)
+    owns_flat_files = image.create_type in ("monolithicFlat", "twoGbMaxExtentFlat", "vmfs")
     for line, extent in zip(kept, image.extents):
         if isinstance(extent, SparseExtent) and image.embedded is extent:
             extent.header.capacity = line.sectors
             pwrite_all(extent.fd, extent.header_bytes(), 0)
+        elif isinstance(extent, FlatExtent) and owns_flat_files and extent.base == 0:
+            # give the space back, as the flat file was made for this disk; raw devices
+            # and files behind raw-disk descriptors are never cut
+            end = line.sectors * SECTOR_SIZE
+            if stat.S_ISREG(os.fstat(extent.fd).st_mode) and os.fstat(extent.fd).st_size > end:
+                os.ftruncate(extent.fd, end)
 
 
 def _first_nonzero(image: Image, runs: list[MapRun]) -> int | None:
