@@ -193,3 +193,15 @@ def test_raw_output_of_a_short_flat_file_reads_zeros_past_its_end(tmp_path: Path
     convert(src, tmp_path / "f.raw", out_format="raw")
     out = (tmp_path / "f.raw").read_bytes()
     assert out[:MiB] == b"\x77" * MiB and out[MiB:] == bytes(3 * MiB)
+
+
+def test_sparse_size_zero_allocates_raw_output_fully(tmp_path: Path) -> None:
+    """qemu-img's -S 0: no zero detection, and every block of a raw output allocated."""
+    src = tmp_path / "s.vmdk"
+    with vmdk.create(src, 4 * MiB) as d:
+        d.write_at(MiB, b"x")
+    convert(src, tmp_path / "full.raw", out_format="raw", sparse_size=0)
+    convert(src, tmp_path / "holes.raw", out_format="raw")
+    full, holes = (tmp_path / "full.raw").stat(), (tmp_path / "holes.raw").stat()
+    assert full.st_blocks * 512 >= 4 * MiB > holes.st_blocks * 512
+    assert (tmp_path / "full.raw").read_bytes() == (tmp_path / "holes.raw").read_bytes()

@@ -22,6 +22,7 @@ from .check import check
 from .convert import DEFAULT_SPARSE_SIZE, convert, open_source
 from .create import SUBFORMATS, create
 from .errors import UnsupportedFormatError, VmdkError
+from .extents.base import SECTOR_SIZE
 from .image import Image
 
 log = logging.getLogger("vmdk")
@@ -225,6 +226,14 @@ def cmd_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sparse_size(text: str) -> int:
+    size = parse_size(text)
+    if size % SECTOR_SIZE:
+        raise VmdkError(f"-S {text}: the sparse size must be a multiple of 512 bytes "
+                        "(0: no zero detection, the output fully allocated)")
+    return size
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from .ova import is_ova, ova_disk_size
 
@@ -241,7 +250,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         source.close()
     with progress_bar(args.progress, size, "convert") as bar:
         convert(args.source, args.target, src_format=args.source_format,
-                out_format=args.output_format, sparse_size=parse_size(args.sparse_size),
+                out_format=args.output_format, sparse_size=_sparse_size(args.sparse_size),
                 progress=bar,
                 allow_external=args.allow_external, force_share=args.force_share,
                 ignore_cid=args.ignore_cid, disk=args.disk, durable=args.cache != "unsafe", recover=args.recover, **kwargs)
@@ -570,7 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                    help="create options of the target, as for 'create'")
     p.add_argument("-S", dest="sparse_size", default=str(DEFAULT_SPARSE_SIZE),
-                   help="runs of zeros of at least this size are not written (default 4k)")
+                   help="runs of zeros of at least this size are not written (default 4k, a "
+                        "multiple of 512); 0 writes everything and allocates raw output fully")
     p.add_argument("-t", dest="cache", choices=("writeback", "unsafe"), default="writeback",
                    help="writeback (default) syncs the target before returning; unsafe "
                         "skips the sync, as qemu-img convert does by default")

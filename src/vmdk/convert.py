@@ -163,6 +163,32 @@ def nonzero_runs(view: memoryview, block: int) -> list[tuple[int, int]]:
     return runs
 
 
+def _allocate_all(fd: int, size: int) -> None:
+    """Give every hole of a raw output its blocks (they read as zeros, as before)."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        pos = 0  # no fallocate here: write the zeros of each hole instead
+        zeros = bytes(CHUNK)
+        while pos < size:
+            try:
+                hole = os.lseek(fd, pos, os.SEEK_HOLE)
+            except OSError:
+                return
+            if hole >= size:
+                return
+            try:
+                data = min(os.lseek(fd, hole, os.SEEK_DATA), size)
+            except OSError:
+                data = size
+            while hole < data:
+                n = min(CHUNK, data - hole)
+                hole += os.pwrite(fd, zeros[:n], hole)
+            pos = data
+
+
 class RawTarget:
     """A raw output file: created at full size as one hole, then data is written into it."""
 
@@ -414,6 +440,8 @@ def _target(dst: str, size: int, out_format: str, subformat: str, sparse_size: i
         target = RawTarget(dst, size, durable, overwrite)
         try:
             yield target.write_at, sparse_size
+            if sparse_size == 0:  # qemu-img's -S 0: the output is fully allocated
+                _allocate_all(target.fd, size)
         except BaseException:
             target.close()
             os.unlink(dst)  # a half-copied disk looks whole: leave nothing behind
