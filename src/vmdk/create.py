@@ -284,7 +284,7 @@ def create(
             size = parent_image.size
     if size is None:
         if subformat in ("fullDevice", "partitionedDevice") and raw_device is not None:
-            size = _device_size(raw_device)
+            size = device_size(raw_device)
         else:
             raise ValueError("size is required")
     size = operator.index(size)  # a float size is a mistake, not a number of bytes
@@ -468,7 +468,8 @@ def _create_vmfs_sparse(path: str, sectors: int, opts: CreateOptions, parent: Im
     _write_text_descriptor(path, descriptor)
 
 
-def _device_size(device: str) -> int:
+def device_size(device: str) -> int:
+    """Bytes in a disk or disk file (a block device's size is where seeking to its end goes)."""
     fd = os.open(device, os.O_RDONLY)
     try:
         return os.lseek(fd, 0, os.SEEK_END)
@@ -481,7 +482,7 @@ def _create_full_device(path: str, sectors: int, opts: CreateOptions, parent: Im
     if not raw_device:
         raise VmdkError("fullDevice needs raw_device (the disk or file to expose)", path)
     if os.path.exists(raw_device):
-        have = _device_size(raw_device)
+        have = device_size(raw_device)
         if sectors * SECTOR_SIZE > have:
             raise VmdkError(f"the device holds {have} bytes, less than the "
                             f"{sectors * SECTOR_SIZE} asked for", raw_device)

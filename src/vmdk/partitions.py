@@ -20,7 +20,7 @@ import zlib
 from collections.abc import Sequence
 from typing import BinaryIO, ClassVar
 
-from .create import RawRange
+from .create import RawRange, device_size
 from .errors import VmdkError
 
 SECTOR = 512
@@ -113,20 +113,12 @@ class PartitionTable:
                                   f"(partitions: {have})", path)
 
 
-def disk_size(path: str) -> int:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
-
-
 def read_partition_table(path: str | os.PathLike[str]) -> PartitionTable:
     """The partitions of the disk or disk file ``path``, from its GPT or MBR."""
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
-            size = disk_size(path)
+            size = device_size(path)
             mbr = _read(f, 0, SECTOR, path)
             if mbr[510:512] != b"\x55\xaa":
                 raise PartitionTableError("no partition table (no MBR signature)", path)
