@@ -11,6 +11,7 @@ import io
 import os
 import struct
 import tarfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import IO
@@ -310,7 +311,7 @@ def export_ova(src: str | os.PathLike[str], ova: str | os.PathLike[str], *,
         with tarfile.open(tmp_ova, "w", format=tarfile.USTAR_FORMAT) as tar:
             # The OVF must come first: importers read the archive as a stream.
             _add_bytes(tar, f"{stem}.ovf", ovf)
-            tar.add(tmp_disk, arcname=disk_name)
+            tar.add(tmp_disk, arcname=disk_name, filter=_plain_member)
             _add_bytes(tar, f"{stem}.mf", manifest)
         os.replace(tmp_ova, ova)
     finally:
@@ -319,10 +320,18 @@ def export_ova(src: str | os.PathLike[str], ova: str | os.PathLike[str], *,
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
+    info = _plain_member(tarfile.TarInfo(name))
     info.size = len(data)
-    info.mode = 0o644
     tar.addfile(info, io.BytesIO(data))
+
+
+def _plain_member(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    """Every member alike: written now, mode 644, no owner of this machine's."""
+    info.mtime = int(time.time())
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
 
 
 def _sha256_file(path: str) -> str:
