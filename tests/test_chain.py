@@ -171,3 +171,15 @@ def test_commit_grows_a_smaller_parent_first(tmp_path: Path) -> None:
         assert b.size == c.size == 2 * MiB
         assert b.read() == c.read()
         assert b.read_at(MiB + 100, 13) == b"beyond-parent" and b.read_at(0, 4) == b"base"
+
+
+def test_refused_cid_mismatch_open_changes_nothing(tmp_path: Path) -> None:
+    base, top = tmp_path / "b.vmdk", tmp_path / "c.vmdk"
+    vmdk.create(base, MiB).close()
+    snapshot(base, top)
+    with vmdk.open(base, "r+") as d:
+        d.write_at(0, b"new")  # the parent's CID changes under its child
+    before = top.read_bytes()
+    with pytest.raises(vmdk.ChainError, match="CID"):
+        vmdk.open(top, "r+")
+    assert top.read_bytes() == before

@@ -449,3 +449,11 @@ def test_serve_checks_its_port(image: Path, capsys: pytest.CaptureFixture[str], 
         main(["serve", "--port", port, str(image)])
     assert exit_info.value.code == 2
     assert "not a port number" in out_err(capsys)[1]
+
+
+def test_options_may_follow_a_negative_size(tmp_path: Path) -> None:
+    image = tmp_path / "r.vmdk"
+    vmdk.create(image, SIZE).close()
+    assert main(["resize", str(image), "-1M", "--shrink", "-q"]) == 0
+    with vmdk.open(image) as d:
+        assert d.size == SIZE - MiB

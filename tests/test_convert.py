@@ -205,3 +205,23 @@ def test_sparse_size_zero_allocates_raw_output_fully(tmp_path: Path) -> None:
     full, holes = (tmp_path / "full.raw").stat(), (tmp_path / "holes.raw").stat()
     assert full.st_blocks * 512 >= 4 * MiB > holes.st_blocks * 512
     assert (tmp_path / "full.raw").read_bytes() == (tmp_path / "holes.raw").read_bytes()
+
+
+def test_recover_never_writes_over_its_source(tmp_path: Path) -> None:
+    src = tmp_path / "st.vmdk"
+    with vmdk.create(src, 4 * MiB, "streamOptimized") as s:
+        s.write(b"Q" * MiB)
+    before = src.read_bytes()
+    for fmt in ("raw", "vmdk"):
+        with pytest.raises(vmdk.VmdkError, match="same file"):
+            convert(src, src, out_format=fmt, recover=True)
+    assert src.read_bytes() == before
+
+
+def test_ovf_style_names_are_not_taken_for_extents(tmp_path: Path) -> None:
+    """ubuntu-disk1.vmdk is not an extent a monolithicSparse ubuntu.vmdk would write."""
+    src = tmp_path / "ubuntu-disk1.vmdk"
+    with vmdk.create(src, MiB) as d:
+        d.write(b"data")
+    convert(src, tmp_path / "ubuntu.vmdk")
+    vmdk.create(tmp_path / "ubuntu2.vmdk", parent=src).close()

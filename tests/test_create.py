@@ -125,10 +125,12 @@ def test_two_gb_split_at_2047_mib(tmp_path: Path, subformat: str, kind: str, let
 
 
 def test_full_device_over_a_file(tmp_path: Path) -> None:
-    device = tmp_path / "device.raw"
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "img").mkdir()
+    device = tmp_path / "dev" / "device.raw"  # outside the image's folder: named absolutely
     content = pattern(2 * MiB, seed=5)
     device.write_bytes(content)
-    path = tmp_path / "full.vmdk"
+    path = tmp_path / "img" / "full.vmdk"
     with vmdk.create(path, subformat="fullDevice", raw_device=os.fspath(device),
                      allow_external=True) as f:
         assert f.size == 2 * MiB
@@ -142,6 +144,24 @@ def test_full_device_over_a_file(tmp_path: Path) -> None:
         vmdk.open(path)
     with vmdk.open(path, allow_external=True) as f:
         assert f.read() == content
+
+
+def test_raw_device_names_resolve_from_the_callers_folder(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relative device means the file the caller sees, written so the descriptor finds it."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "disk.img").write_bytes(b"\x11" * MiB)
+    (tmp_path / "out" / "disk.img").write_bytes(b"\x22" * MiB)  # a decoy next to the image
+    monkeypatch.chdir(tmp_path)
+    with vmdk.create("out/full.vmdk", subformat="fullDevice", raw_device="disk.img",
+                     allow_external=True) as f:
+        assert f.read_at(0, 4) == b"\x11" * 4
+    with vmdk.open(tmp_path / "out" / "full.vmdk", allow_external=True) as f:
+        assert f.read_at(0, 4) == b"\x11" * 4
+    vmdk.create("beside.vmdk", subformat="fullDevice", raw_device="disk.img").close()
+    assert '"disk.img"' in (tmp_path / "beside.vmdk").read_text()  # in its folder: relative
+    with vmdk.open(tmp_path / "beside.vmdk") as f:  # and so no allow_external needed
+        assert f.read_at(0, 4) == b"\x11" * 4
 
 
 def test_full_device_needs_a_device(tmp_path: Path) -> None:

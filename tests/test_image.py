@@ -448,3 +448,15 @@ def test_closed_disk_behaves_like_a_closed_file(disk: Path) -> None:
                  lambda: f.discard_at(0, 512)):
         with pytest.raises(ValueError, match="closed file"):
             call()
+
+
+def test_failed_opens_leave_no_file_descriptors(tmp_path: Path) -> None:
+    path = tmp_path / "u.vmdk"
+    vmdk.create(path, 1 << 20).close()
+    data = path.read_bytes().replace(b'createType="monolithicSparse"', b'createType="monolithicSpars2"')
+    path.write_bytes(data)
+    before = len(os.listdir("/proc/self/fd"))
+    for mode in ("r", "r+") * 3:
+        with pytest.raises(vmdk.UnsupportedFormatError, match="createType"):
+            vmdk.open(path, mode)
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -88,3 +88,12 @@ def test_setters_refuse_bad_values_and_oversized_descriptors(tmp_path: Path) -> 
         cid = image.cid
     with vmdk.open(path) as disk:
         assert disk.image.cid == cid and disk.image.cid != 0
+
+
+def test_set_many_metadata_is_all_or_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "m.vmdk"
+    vmdk.create(path, MiB).close()
+    with vmdk.open(path, "r+") as disk:
+        with pytest.raises(vmdk.VmdkError):
+            disk.image.set_many_metadata({"ddb.comment": "changed", "ddb.bad": "x\ny"})
+        assert disk.image.comment is None

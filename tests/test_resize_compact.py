@@ -269,3 +269,31 @@ def test_shrinking_a_flat_image_gives_the_space_back(tmp_path: Path, subformat: 
     with vmdk.open(path) as disk:
         assert disk.size == 2 * MiB and disk.read_at(0, 4) == b"head"
     assert check(path).exit_code == 0
+
+
+def test_zeroing_refuses_entries_that_point_into_metadata(tmp_path: Path) -> None:
+    path = tmp_path / "z.vmdk"
+    with vmdk.create(path, 8 * MiB) as disk:
+        disk.write(b"A" * 65536 + b"B" * 65536)
+    gt, _rgt = _first_gt_sector(path)
+    _set_gte(path, 1, gt)
+    with vmdk.open(path, "r+") as disk:
+        with pytest.raises(vmdk.CorruptImageError, match="grain 1 .*metadata"):
+            disk.write_zeroes_at(65536, 65536)
+        with pytest.raises(vmdk.CorruptImageError, match="grain 1 .*metadata"):
+            disk.discard_at(65536, 65536)
+    with vmdk.open(path) as disk:
+        assert disk.read_at(0, 65536) == b"A" * 65536  # grain 0's table entry survived
+
+
+def test_shrink_keeps_a_flat_file_other_lines_still_use(tmp_path: Path) -> None:
+    path = tmp_path / "sh.vmdk"
+    vmdk.create(path, 2 * MiB, subformat="monolithicFlat", preallocate=True).close()
+    text = path.read_text().replace('RW 4096 FLAT "sh-flat.vmdk" 0',
+                                    'RW 2048 FLAT "sh-flat.vmdk" 0\nRW 2048 FLAT "sh-flat.vmdk" 2048')
+    path.write_text(text)
+    with vmdk.open(path, "r+") as disk:
+        disk.write_at(MiB, b"S" * 512)
+    resize(path, 3 * MiB // 2, shrink=True)
+    with vmdk.open(path) as disk:
+        assert disk.read_at(MiB, 512) == b"S" * 512

@@ -679,7 +679,7 @@ def _relative_sizes(argv: list[str]) -> list[str]:
         return argv
     for i, word in enumerate(argv):
         if re.fullmatch(r"-\d+(\.\d+)?[A-Za-z]*", word):
-            return argv[:i] + ["--"] + argv[i:]
+            return argv[:i] + argv[i + 1:] + ["--", word]  # options after it stay options
     return argv
 
 

@@ -331,11 +331,12 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
                             "streamOptimized VMDK, or name a file", "<stdin>")
         return _convert_from_pipe(dst, out_format, subformat, sparse_size, overwrite, durable,
                                   create_options, progress, recover)
+    if dst != "-" and os.path.exists(dst) and os.path.samefile(src, dst):
+        raise VmdkError("source and destination are the same file", dst)
+    _refuse_own_files([src], dst, out_format, subformat)
     if recover:
         return _recover_stream(src, dst, out_format, subformat, sparse_size, overwrite, durable,
                                create_options, progress)
-    if dst != "-" and os.path.exists(dst) and os.path.samefile(src, dst):
-        raise VmdkError("source and destination are the same file", dst)
     if src_format == "ova" or (src_format is None and is_ova(src)):
         with _target(dst, ova_disk_size(src, disk), out_format, subformat, sparse_size,
                      overwrite, durable, create_options) as (write_at, _block):
@@ -345,7 +346,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
               "ignore_cid": ignore_cid} if src_format != "raw" else {})
     source = open_source(src, src_format, **extra)
     try:
-        _refuse_own_files(source.files(), dst, out_format)
+        _refuse_own_files(source.files(), dst, out_format, subformat)
         with _target(dst, source.size, out_format, subformat, sparse_size, overwrite,
                      durable, create_options) as (write_at, block):
             raw_fd = getattr(getattr(write_at, "__self__", None), "fd", None)
@@ -355,14 +356,15 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
         source.close()
 
 
-def _refuse_own_files(files: list[str], dst: str, out_format: str) -> None:
+def _refuse_own_files(files: list[str], dst: str, out_format: str,
+                      subformat: str = "monolithicSparse") -> None:
     """Never let the output replace a file the source is read from (its extents included)."""
     from .create import refuse_replacing
 
     if dst == "-":
         return
     if out_format == "vmdk":
-        refuse_replacing(files, dst)
+        refuse_replacing(files, dst, subformat)
     elif os.path.exists(dst):
         for path in files:
             if os.path.exists(path) and os.path.samefile(path, dst):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 import os
+import re
 import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal, overload
@@ -146,19 +147,27 @@ def image_files(image: Image) -> list[str]:
     return out
 
 
-def refuse_replacing(sources: Sequence[str], path: str) -> None:
-    """Refuse to create ``path`` when it, or a sibling extent it would write
-    (``name-flat.vmdk``, ``name-s001.vmdk``...), is one of the files in ``sources``."""
+def refuse_replacing(sources: Sequence[str], path: str, subformat: str) -> None:
+    """Refuse to create ``path`` when it, or an extent file that ``subformat`` writes
+    next to it (``name-flat.vmdk``, ``name-s001.vmdk``...), is one of ``sources``."""
     folder, name = os.path.split(os.path.abspath(path))
     stem = name[:-5] if name.lower().endswith(".vmdk") else name
+    pattern = re.compile(re.escape(stem) + _SIBLINGS.get(ALIASES.get(subformat, subformat), "(?!)")
+                         + r"\.vmdk", re.IGNORECASE)
     for source in sources:
         same = (os.path.exists(path) and os.path.exists(source)
                 and os.path.samefile(source, path))
         sibling = (os.path.dirname(os.path.abspath(source)) == folder
-                   and os.path.basename(source).startswith(stem + "-"))
+                   and pattern.fullmatch(os.path.basename(source)) is not None)
         if same or sibling:
             raise VmdkError(f"creating it would replace {source}, which the source or parent "
                             "reads from", path)
+
+
+#: The extent files each subformat writes beside its descriptor, as name suffixes.
+_SIBLINGS = {"monolithicFlat": "-flat", "vmfs": "-flat", "vmfsSparse": "-delta",
+             "twoGbMaxExtentSparse": r"-s\d{3,}", "twoGbMaxExtentFlat": r"-f\d{3,}",
+             "partitionedDevice": "-pt"}
 
 
 def _write_text_descriptor(path: str, descriptor: Descriptor) -> None:
@@ -263,6 +272,8 @@ def create(
     from ._file import VmdkFile
 
     path = os.fspath(path)
+    if raw_device is not None:  # like open(): relative to the current folder, not the image's
+        raw_device = os.path.abspath(raw_device)
     subformat = ALIASES.get(subformat, subformat)
     if subformat not in SUBFORMATS:
         raise UnsupportedFormatError(
@@ -276,7 +287,7 @@ def create(
                                          path)
         parent_image = Image.open(parent, "r", allow_external=allow_external)
         try:
-            refuse_replacing(image_files(parent_image), path)
+            refuse_replacing(image_files(parent_image), path, subformat)
         except BaseException:
             parent_image.close()
             raise
@@ -468,6 +479,14 @@ def _create_vmfs_sparse(path: str, sectors: int, opts: CreateOptions, parent: Im
     _write_text_descriptor(path, descriptor)
 
 
+def _extent_name(image: str, target: str) -> str:
+    """How a descriptor names ``target``: relative when it sits in the image's folder (or
+    below), absolute otherwise; either way the file meant, wherever the caller stood."""
+    target = os.path.abspath(target)
+    rel = os.path.relpath(target, os.path.dirname(os.path.abspath(image)))
+    return target if rel.startswith("..") else rel
+
+
 def device_size(device: str) -> int:
     """Bytes in a disk or disk file (a block device's size is where seeking to its end goes)."""
     fd = os.open(device, os.O_RDONLY)
@@ -487,7 +506,8 @@ def _create_full_device(path: str, sectors: int, opts: CreateOptions, parent: Im
             raise VmdkError(f"the device holds {have} bytes, less than the "
                             f"{sectors * SECTOR_SIZE} asked for", raw_device)
     _remove_if([path], overwrite)
-    descriptor = Descriptor.new("fullDevice", [ExtentLine("RW", sectors, "FLAT", raw_device, 0)],
+    descriptor = Descriptor.new("fullDevice", [ExtentLine("RW", sectors, "FLAT",
+                                                          _extent_name(path, raw_device), 0)],
                                 cid=new_cid(), ddb=_ddb(sectors * SECTOR_SIZE, opts))
     _write_text_descriptor(path, descriptor)
 
@@ -511,7 +531,8 @@ def _partition_lines(path: str, sectors: int, ranges: Sequence[RawRange]
             lines.append(ExtentLine("RW", n, "FLAT", pt_base, len(table) // SECTOR_SIZE))
             table += bytes(r.data[:r.size]).ljust(r.size, b"\0")
         elif r.device is not None:
-            lines.append(ExtentLine("RW", n, "FLAT", r.device, r.device_offset // SECTOR_SIZE))
+            lines.append(ExtentLine("RW", n, "FLAT", _extent_name(path, r.device),
+                                    r.device_offset // SECTOR_SIZE))
         else:
             lines.append(ExtentLine("RW", n, "ZERO", None, None))
         pos = r.start + r.size

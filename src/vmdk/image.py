@@ -25,7 +25,6 @@ from .descriptor import Descriptor, ExtentLine, canonical_create_type
 from .errors import (
     ChainError,
     DescriptorError,
-    DescriptorSpaceError,
     ImageIOError,
     MissingExtentError,
     OutOfRangeError,
@@ -221,33 +220,29 @@ class Image:
         _check_openable(path)
         kind = sniff(path)
         embedded: SparseExtent | None = None
-        if kind == "sparse":
-            embedded = SparseExtent.open(path, read_only=read_only, strict=not repair,
-                                         defer_writes=True)
-            descriptor = _embedded_descriptor(embedded, path)
-        elif kind == "descriptor":
-            with open(path, "rb") as f:
-                descriptor = Descriptor.parse(f.read(MAX_DESCRIPTOR_BYTES), filename=path)
-        elif kind in ("cowd", "sesparse"):
-            descriptor = _synthesize_descriptor(path, kind)
-        else:
-            raise UnsupportedFormatError("not a VMDK image (no descriptor or known header)", path)
-        if canonical_create_type(descriptor.create_type) is None:
-            raise UnsupportedFormatError(
-                f"unknown createType {descriptor.create_type!r}", path)
         extents: list[Extent] = []
         parent: Image | None = None
         locks: list[int] = []
         try:
+            if kind == "sparse":
+                embedded = SparseExtent.open(path, read_only=read_only, strict=not repair,
+                                             defer_writes=True)
+                descriptor = _embedded_descriptor(embedded, path)
+            elif kind == "descriptor":
+                with open(path, "rb") as f:
+                    descriptor = Descriptor.parse(f.read(MAX_DESCRIPTOR_BYTES), filename=path)
+            elif kind in ("cowd", "sesparse"):
+                descriptor = _synthesize_descriptor(path, kind)
+            else:
+                raise UnsupportedFormatError("not a VMDK image (no descriptor or known header)",
+                                             path)
+            if canonical_create_type(descriptor.create_type) is None:
+                raise UnsupportedFormatError(
+                    f"unknown createType {descriptor.create_type!r}", path)
             extents = _open_extents(path, descriptor, embedded, read_only, allow_external,
                                     strict=not repair)
             if not force_share:
                 locks = _lock_files(path, extents, write=not read_only)
-            # Only now, holding the lock, may opening change a file or call it unclean.
-            for extent in extents:
-                if not (read_only and force_share and _written_elsewhere(extent)):
-                    _warn_if_unclean(extent)
-                extent.begin_writing()
             if open_parent:
                 parent = _open_parent(path, descriptor, allow_external, ignore_cid,
                                       _depth, _seen | {real}, force_share)
@@ -255,6 +250,12 @@ class Image:
                     raise ChainError(
                         "a snapshot whose parent changed (CID mismatch) opens read-only only",
                         path)
+            # Only now, holding the lock and with nothing left to refuse, may opening change
+            # a file or call it unclean.
+            for extent in extents:
+                if not (read_only and force_share and _written_elsewhere(extent)):
+                    _warn_if_unclean(extent)
+                extent.begin_writing()
         except BaseException:
             # The first failure is the one to report; closing must not stop halfway and
             # keep a lock held.
@@ -263,6 +264,9 @@ class Image:
                     extent.close()
             for fd in locks:
                 os.close(fd)
+            if parent is not None:
+                with contextlib.suppress(Exception):
+                    parent.close()
             raise
         image = cls(path, descriptor, extents, read_only=read_only, embedded=embedded,
                     parent=parent, allow_external=allow_external)
@@ -572,14 +576,14 @@ class Image:
         """Set several disk database keys together: all of them, or none."""
         self._check_writable()
         before = self.descriptor.copy()
-        for key, value in items.items():
-            self.descriptor.ddb_set(key if key.startswith("ddb.") else "ddb." + key, value)
-        if self.embedded is not None:
-            try:
+        try:
+            for key, value in items.items():
+                self.descriptor.ddb_set(key if key.startswith("ddb.") else "ddb." + key, value)
+            if self.embedded is not None:
                 self.descriptor.to_bytes_padded(self.embedded.header.descriptor_size * SECTOR_SIZE)
-            except DescriptorSpaceError:
-                self.descriptor = before
-                raise
+        except BaseException:
+            self.descriptor = before
+            raise
 
     @property
     def dirty(self) -> bool:

@@ -80,16 +80,20 @@ def _shrink(image: Image, sectors: int, allowed: bool) -> None:
         pos += line.sectors
     _apply(image, kept)
     owns_flat_files = image.create_type in ("monolithicFlat", "twoGbMaxExtentFlat", "vmfs")
+    flat_ends: dict[str, tuple[int, FlatExtent]] = {}  # the end the kept lines need, per file
     for line, extent in zip(kept, image.extents):
         if isinstance(extent, SparseExtent) and image.embedded is extent:
             extent.header.capacity = line.sectors
             pwrite_all(extent.fd, extent.header_bytes(), 0)
-        elif isinstance(extent, FlatExtent) and owns_flat_files and extent.base == 0:
-            # give the space back, as the flat file was made for this disk; raw devices
-            # and files behind raw-disk descriptors are never cut
-            end = line.sectors * SECTOR_SIZE
-            if stat.S_ISREG(os.fstat(extent.fd).st_mode) and os.fstat(extent.fd).st_size > end:
-                os.ftruncate(extent.fd, end)
+        elif isinstance(extent, FlatExtent) and extent.filename:
+            end = extent.base + line.sectors * SECTOR_SIZE
+            flat_ends[extent.filename] = (max(end, flat_ends.get(extent.filename, (0,))[0]),
+                                          extent)
+    # Give the space back, as these flat files were made for this disk; raw devices and the
+    # files behind raw-disk descriptors are never cut.
+    for end, extent in flat_ends.values() if owns_flat_files else ():
+        if stat.S_ISREG(os.fstat(extent.fd).st_mode) and os.fstat(extent.fd).st_size > end:
+            os.ftruncate(extent.fd, end)
 
 
 def _first_nonzero(image: Image, runs: list[MapRun]) -> int | None:

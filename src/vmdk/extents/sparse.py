@@ -926,6 +926,7 @@ class SparseExtent(Extent):
             lo = max(offset, (first + start) * g)
             hi = min(offset + length, (first + start + count) * g)
             if kind == _DATA:
+                self._check_data_run(first + start, int(gtes[start]), count)
                 host = int(gtes[start]) * SECTOR_SIZE + (lo - (first + start) * g)
                 self._pwrite_zeros(host, hi - lo)
             elif kind == _UNALLOC and backing is not None:
