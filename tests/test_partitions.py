@@ -246,3 +246,16 @@ def test_damaged_tables_give_clear_errors(tmp_path: Path, make: object) -> None:
             assert "disk.raw" in str(exc)
             outcomes.add("refused")
     assert outcomes == {"read", "refused"}
+
+
+def test_gpt_of_a_grown_disk_copies_the_backup_where_it_is(tmp_path: Path) -> None:
+    """A disk grown after partitioning keeps its backup GPT at the old end."""
+    disk = tmp_path / "gpt.raw"
+    make_gpt_disk(disk)
+    with open(disk, "r+b") as f:
+        f.truncate(96 * MiB)
+    ranges = partitioned_ranges(os.fspath(disk), [1])
+    copies = [(r.start, r.size) for r in ranges if r.data is not None]
+    old_end = 64 * MiB
+    assert (old_end - 33 * 512, 33 * 512) in copies
+    assert all(start + size <= old_end for start, size in copies)

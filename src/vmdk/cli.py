@@ -504,13 +504,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise
         raise UnsupportedFormatError(f"{exc.reason}; or serve it as it is with --read-only",
                                      exc.filename) from exc
+    listening = []
+
+    def ready(uri: str) -> None:
+        listening.append(uri)
+        print(f"serving {args.image} at {uri}", flush=True)
+
     with disk:
         try:
             serve(disk, host=args.bind, port=args.port, unix_socket=args.socket,
-                  export_name=args.export_name, read_only=args.read_only,
-                  ready=lambda uri: print(f"serving {args.image} at {uri}", flush=True),
+                  export_name=args.export_name, read_only=args.read_only, ready=ready,
                   stop_event=stop)
         except OSError as exc:
+            if listening:
+                raise
             raise VmdkError(f"cannot listen on {where}: {exc.strerror or exc}") from exc
     return 0
 

@@ -240,11 +240,18 @@ def _gpt_table(header: GptHeader, entries: list[GptEntry], path: str, size: int,
         parts.append(Partition(number, start, end - start, str(uuid.UUID(bytes_le=e.type_guid)),
                                name))
     entries_bytes = _ceil(header.num_entries * header.entry_size, sector_size)
-    last = size // sector_size - 1
-    tables = [(0, sector_size)]  # the protective MBR
-    for header_lba, entries_lba in ((1, 2), (last, last - entries_bytes // sector_size)):
-        tables.append((header_lba * sector_size, sector_size))
-        tables.append((entries_lba * sector_size, entries_bytes))
+    tables = [(0, sector_size),  # the protective MBR, then the header read and its entries
+              (header.current_lba * sector_size, sector_size),
+              (header.entries_lba * sector_size, entries_bytes)]
+    # The other copy, where this header says it is (a disk grown since may have it inside);
+    # primary entries follow their header, backup entries precede theirs.
+    other = header.backup_lba
+    if 0 < other and (other + 1) * sector_size <= size:
+        other_entries = (other + 1 if other < header.current_lba
+                         else other - entries_bytes // sector_size)
+        tables += [(other * sector_size, sector_size),
+                   (other_entries * sector_size, entries_bytes)]
+    tables = [(a, n) for a, n in tables if a >= 0 and a + n <= size]
     return PartitionTable("gpt", parts, tables, size, sector_size)
 
 

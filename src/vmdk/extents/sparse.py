@@ -1025,7 +1025,7 @@ class SparseExtent(Extent):
         span = n * self.grain_bytes
         for index in np.flatnonzero(self.gd):
             if progress:
-                progress(min(span, self.size - int(index) * span))
+                progress(max(0, min(span, self.size - int(index) * span)))
             table = self._gt(int(index))
             slots = np.flatnonzero(table >= first_data)
             numbers.append(slots + int(index) * n)
