@@ -98,7 +98,7 @@ def check(path: str | os.PathLike[str], *, repair: str | None = None,
     clear the unclean-shutdown flag).  After a repair the image is checked
     again and the result tells what was fixed.
     """
-    with _quiet_unclean():
+    with _quiet_extent_warnings():
         return _check(os.fspath(path), repair, allow_external, force_share, progress)
 
 
@@ -133,7 +133,7 @@ def _unclean(result: CheckResult) -> bool:
 _UNCLEAN = "the image was not closed cleanly"
 
 
-class _NoUncleanWarning(logging.Filter):
+class _NoExtentWarnings(logging.Filter):
     """Check reports every fault itself (the unclean flag, tables that differ from their
     copies...): no log line from each of its opens too."""
 
@@ -142,8 +142,8 @@ class _NoUncleanWarning(logging.Filter):
 
 
 @contextlib.contextmanager
-def _quiet_unclean() -> Iterator[None]:
-    quiet = _NoUncleanWarning()
+def _quiet_extent_warnings() -> Iterator[None]:
+    quiet = _NoExtentWarnings()
     sparse_log.addFilter(quiet)
     try:
         yield
@@ -198,7 +198,6 @@ def _check_sparse(extent: SparseExtent, result: CheckResult,
     if h.unclean_shutdown:
         result.add("warning", f"{_UNCLEAN} (unclean-shutdown flag set)", name)
     gt_sectors = -(-h.num_gtes_per_gt * 4 // SECTOR_SIZE)
-    gd = extent.gd
     file_sectors = -(-extent.file_size // SECTOR_SIZE)
     _compare_redundant(extent, result, gt_sectors)
     _numbers, grains = extent.stored_grains(progress)
@@ -221,17 +220,7 @@ def _check_sparse(extent: SparseExtent, result: CheckResult,
         result.add("corruption", f"{beyond.size} grain entries point past the end of the file "
                    f"(first at sector {int(beyond[0])})", name, int(beyond.size))
     # Every used area of the file, as sector intervals: metadata first, then grains.
-    meta = [(0, 1)]
-    if h.descriptor_offset:
-        meta.append((h.descriptor_offset, h.descriptor_offset + h.descriptor_size))
-    gd_sectors = -(-len(gd) * 4 // SECTOR_SIZE)
-    meta.append((h.gd_offset, h.gd_offset + gd_sectors))
-    if extent.rgd is not None:
-        meta.append((h.rgd_offset, h.rgd_offset + gd_sectors))
-    for table in (gd, extent.rgd):
-        if table is not None:
-            meta += [(int(s), int(s) + gt_sectors) for s in table[table != 0]]
-    meta_arr = np.array(meta, dtype=np.int64)
+    meta_arr = np.array(extent.metadata_areas(), dtype=np.int64)
     into_meta = _overlaps(grains, grain_end, meta_arr)
     if into_meta:
         result.add("corruption", f"{into_meta} grain entries point into metadata", name, into_meta)
@@ -368,8 +357,6 @@ def _untangle(extent: SparseExtent) -> int:
     one of them can no longer change what another reads or overwrite a table.  The
     copies are written and synced before any entry points at them.  Returns the moves.
     """
-    from .compact import _used_intervals
-
     gs = extent.header.grain_size
     numbers, sectors = extent.stored_grains()
     if not sectors.size:
@@ -379,7 +366,7 @@ def _untangle(extent: SparseExtent) -> int:
     ends = starts + gs
     clash = np.zeros(starts.shape, dtype=bool)
     clash[1:] = starts[1:] < np.maximum.accumulate(ends)[:-1]  # the first holder keeps it
-    for a, b in _used_intervals(extent):
+    for a, b in extent.metadata_areas():  # what check calls "into metadata"
         clash |= (starts < b) & (ends > a)
     movers = order[clash]
     if not movers.size:

@@ -78,20 +78,8 @@ def drop_zero_grains(extent: SparseExtent, has_parent: bool,
 
 
 def _used_intervals(extent: SparseExtent) -> list[tuple[int, int]]:
-    """Sector ranges held by metadata: header, descriptor, directories and tables."""
-    h = extent.header
-    gt_sectors = -(-h.num_gtes_per_gt * 4 // SECTOR_SIZE)
-    gd_sectors = -(-len(extent.gd) * 4 // SECTOR_SIZE)
-    used = [(0, max(1, h.overhead))]
-    if h.descriptor_offset:
-        used.append((h.descriptor_offset, h.descriptor_offset + h.descriptor_size))
-    used.append((h.gd_offset, h.gd_offset + gd_sectors))
-    if extent.rgd is not None:
-        used.append((h.rgd_offset, h.rgd_offset + gd_sectors))
-    for table in (extent.gd, extent.rgd):
-        if table is not None:
-            used += [(int(s), int(s) + gt_sectors) for s in table[table != 0]]
-    return used
+    """Sector ranges grains must not move into: the metadata, and all before the data area."""
+    return [(0, max(1, extent.header.overhead)), *extent.metadata_areas()]
 
 
 def _free_slots(used: list[tuple[int, int]], size: int, limit: int) -> list[int]:

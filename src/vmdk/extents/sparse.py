@@ -764,23 +764,27 @@ class SparseExtent(Extent):
             raise CorruptImageError(f"grain {grain} points at sector {sector}, {fault}; writes "
                                     "there are refused (run 'vmdk check -r all')", self.filename)
 
+    def metadata_areas(self) -> list[tuple[int, int]]:
+        """Sector ranges of the header, descriptor, both directories and every table."""
+        h = self.header
+        gd_sectors = _ceil_div(len(self.gd) * 4, SECTOR_SIZE)
+        gt_sectors = _ceil_div(h.num_gtes_per_gt * 4, SECTOR_SIZE)
+        areas = [(0, 1), (h.gd_offset, h.gd_offset + gd_sectors)]
+        if h.descriptor_offset:
+            areas.append((h.descriptor_offset, h.descriptor_offset + h.descriptor_size))
+        if self.rgd is not None:
+            areas.append((h.rgd_offset, h.rgd_offset + gd_sectors))
+        for table in (self.gd, self.rgd):
+            if table is not None:
+                areas += [(int(t), int(t) + gt_sectors) for t in table[table != 0]]
+        return areas
+
     def _metadata_areas(self) -> tuple[list[int], list[int]]:
-        """Sorted, merged sector ranges of header, descriptor, directories and tables."""
+        """``metadata_areas`` sorted and merged, kept until a table is allocated."""
         if self._meta is None:
-            h = self.header
-            gd_sectors = _ceil_div(len(self.gd) * 4, SECTOR_SIZE)
-            gt_sectors = _ceil_div(h.num_gtes_per_gt * 4, SECTOR_SIZE)
-            areas = [(0, 1), (h.gd_offset, h.gd_offset + gd_sectors)]
-            if h.descriptor_offset:
-                areas.append((h.descriptor_offset, h.descriptor_offset + h.descriptor_size))
-            for table in (self.gd, self.rgd):
-                if table is not None:
-                    areas += [(int(t), int(t) + gt_sectors) for t in table[table != 0]]
-            if self.rgd is not None:
-                areas.append((h.rgd_offset, h.rgd_offset + gd_sectors))
             starts: list[int] = []
             ends: list[int] = []
-            for a, b in sorted(areas):
+            for a, b in sorted(self.metadata_areas()):
                 if starts and a <= ends[-1]:
                     ends[-1] = max(ends[-1], b)
                 else:
