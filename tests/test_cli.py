@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import struct
@@ -457,3 +458,28 @@ def test_options_may_follow_a_negative_size(tmp_path: Path) -> None:
     assert main(["resize", str(image), "-1M", "--shrink", "-q"]) == 0
     with vmdk.open(image) as d:
         assert d.size == SIZE - MiB
+
+
+def test_one_verb_parsers_match_the_whole_parser() -> None:
+    """main() builds only the named verb's parser: each must parse as the full one does."""
+    from vmdk import cli
+
+    full = cli.build_parser()
+    subparsers = next(a for a in full._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subparsers.choices) == cli._VERB_NAMES
+    for name in cli._VERB_NAMES:
+        one = cli.build_parser(name)
+        assert one.format_usage() == full.format_usage().replace(
+            "{" + ",".join(subparsers.choices) + "}", "{" + name + "}")
+        assert (subparsers.choices[name].format_help()
+                == next(a for a in one._actions if isinstance(a, argparse._SubParsersAction)
+                        ).choices[name].format_help())
+
+
+@pytest.mark.parametrize("argv, verb", [
+    (["-v", "convert", "a", "b"], "convert"), (["--debug", "info", "x"], "info"),
+    (["--help"], None), (["nonsense", "x"], None), ([], None), (["map"], "map")])
+def test_verb_of(argv: list[str], verb: str | None) -> None:
+    from vmdk import cli
+
+    assert cli._verb_of(argv) == verb

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+from array import array
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -353,22 +354,79 @@ def test_status_runs(ext: SparseExtent) -> None:
     assert kinds == [(0, G, "unallocated"), (G, 2 * G, "data"), (3 * G, G, "unallocated")]
 
 
-@given(st.lists(st.one_of(st.just(0), st.integers(1, 8)), min_size=1, max_size=32),
-       st.integers(1, 10**6))
-def test_grain_runs_small_and_numpy_agree(steps: list[int], base: int) -> None:
-    """The plain-Python run splitter for short requests agrees with the numpy one."""
+def _model_runs(entries: list[int], compressed: bool, zeroed: bool,
+                step: int) -> list[tuple[int, int, int]]:
+    """Grain runs, one grain at a time: what SparseExtent._runs must return."""
+    def kind(e: int) -> int:
+        if e == 0:
+            return 0
+        if zeroed and e == ZEROED_GTE:
+            return 1
+        return 3 if compressed else 2
+    runs: list[tuple[int, int, int]] = []
+    for i, e in enumerate(entries):
+        k = kind(e)
+        if runs and runs[-1][2] == k and k != 3 and (k != 2 or e == entries[i - 1] + step):
+            first, count, _ = runs[-1]
+            runs[-1] = (first, count + 1, k)
+        else:
+            runs.append((i, 1, k))
+    return runs
+
+
+@given(st.lists(st.tuples(st.sampled_from(["hole", "zero", "next", "jump"]),
+                          st.integers(1, 80)), min_size=1, max_size=12),
+       st.integers(2, 10**6), st.booleans(), st.booleans())
+def test_grain_runs_match_a_grain_by_grain_model(pieces: list[tuple[str, int]], base: int,
+                                                 compressed: bool, zeroed: bool) -> None:
+    """The run splitter (with its whole-table shortcuts) agrees with a per-grain model."""
     extent = SparseExtent.__new__(SparseExtent)
     extent.header = SimpleNamespace(grain_size=128)  # type: ignore[assignment]
-    extent.compressed = extent.zeroed_gte = False
-    # 0: a hole; 1: the grain after the last one (sector 128 after a hole); 2-8: elsewhere
-    entries, last = [], 0
-    for s in steps:
-        last = 0 if s == 0 else (last + 128 if s == 1 else (base + s * 1000) * 128)
-        entries.append(last)
-    table = np.array(entries, dtype=np.uint32)
-    expected = SparseExtent._runs(extent, np.concatenate([table, np.zeros(40, np.uint32)]))
-    if expected[-1][2] == 0 and table[-1] == 0:  # the padding merges into a trailing hole
-        expected[-1] = (expected[-1][0], expected[-1][1] - 40, 0)
-    else:
-        expected = expected[:-1]
-    assert extent._runs_small(entries) == expected
+    extent.compressed, extent.zeroed_gte = compressed, zeroed
+    entries: list[int] = []
+    last = base * 128
+    for what, count in pieces:
+        for _ in range(count):
+            if what == "hole":
+                entries.append(0)
+            elif what == "zero":
+                entries.append(ZEROED_GTE)
+            else:
+                last = last + 128 if what == "next" else last + 128 * 1000
+                entries.append(last)
+    expected = _model_runs(entries, compressed, zeroed, 128)
+    assert extent._runs(array("I", entries)) == expected
+
+
+@given(st.lists(st.integers(0, 400), min_size=1, max_size=60), st.integers(0, 500),
+       st.lists(st.tuples(st.integers(0, 300), st.integers(1, 40)), max_size=4),
+       st.integers(1, 8))
+def test_misplaced_directory_entries_agree_with_numpy(
+        entries: list[int], limit: int, areas: list[tuple[int, int]], span: int) -> None:
+    """Directory validation finds the same bad entries in plain Python and with numpy
+    (used for huge directories), and both match the definition."""
+    from vmdk.extents import sparse
+
+    table = array("I", entries)
+    ranges = [(a, a + n) for a, n in areas]
+    expected = [i for i, v in enumerate(entries)
+                if v and (v + span > limit or any(v < b and v + span > a for a, b in ranges))]
+    assert sparse._misplaced(table, limit, ranges, span) == expected
+    bulk = sparse._BULK_ENTRIES
+    sparse._BULK_ENTRIES = 0
+    try:
+        assert sparse._misplaced(table, limit, ranges, span) == expected
+    finally:
+        sparse._BULK_ENTRIES = bulk
+
+
+@given(st.lists(st.tuples(st.sampled_from([0, 1, 0x100, 0x1000000, 0x10000, 0xFFFFFFFF, 0x1000100]),
+                          st.sampled_from([0, 7, 0x1000000, 0x100])), max_size=40))
+def test_directory_mismatch_matches_definition(pairs: list[tuple[int, int]]) -> None:
+    """Entries where one directory has a table and the other none, whatever zero bytes the
+    sector numbers hold (the byte-level shortcut must never hide one)."""
+    from vmdk.extents import sparse
+
+    gd, rgd = array("I", [a for a, _ in pairs]), array("I", [b for _, b in pairs])
+    expected = [i for i, (a, b) in enumerate(pairs) if (a == 0) != (b == 0)]
+    assert sparse._mismatched(gd, rgd) == expected

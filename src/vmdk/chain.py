@@ -10,8 +10,12 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    from ._numpy import np
 
 from .create import create
 from .errors import ChainError, UnsupportedFormatError

@@ -11,15 +11,18 @@ import dataclasses
 import logging
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    from ._numpy import np
 
 from ._structs import SparseFlags
 from .errors import UnsupportedFormatError, VmdkError
 from .extents.base import SECTOR_SIZE, pread_exact, pwrite_all
 from .extents.flat import FlatExtent
-from .extents.sparse import MAX_FILE_SECTORS, SparseExtent
+from .extents.sparse import MAX_FILE_SECTORS, SparseExtent, u32_view
 from .extents.sparse import log as sparse_log
 from .image import Image
 
@@ -266,7 +269,7 @@ def _compare_redundant(extent: SparseExtent, result: CheckResult, gt_sectors: in
         result.add("corruption", fault, name)
     if extent.rgd is None or not extent.header.has(SparseFlags.REDUNDANT_GT):
         return
-    gd, rgd = extent.gd, extent.rgd
+    gd, rgd = u32_view(extent.gd), u32_view(extent.rgd)
     shared = np.flatnonzero((gd != 0) & (gd == rgd))
     if shared.size and not extent.directory_faults:
         result.add("corruption", f"{shared.size} grain tables have no separate redundant copy "
@@ -283,7 +286,7 @@ def _compare_redundant(extent: SparseExtent, result: CheckResult, gt_sectors: in
     for i in np.flatnonzero((gd != 0) & (rgd != 0)):
         raw = os.pread(extent.fd, n * 4, int(rgd[i]) * SECTOR_SIZE)
         backup = np.frombuffer(raw.ljust(n * 4, b"\0"), dtype="<u4")
-        if not np.array_equal(backup, extent._gt(int(i))):
+        if not np.array_equal(backup, u32_view(extent._gt(int(i)))):
             differing += 1
     if differing:
         result.add(kind, f"{differing} grain tables differ from their redundant copies",
@@ -325,10 +328,11 @@ def _restore_from_redundant(extent: SparseExtent) -> None:
     if extent.rgd is None:
         return
     n = extent.header.num_gtes_per_gt
-    for index in np.flatnonzero((extent.gd != 0) & (extent.rgd != 0) & (extent.gd != extent.rgd)):
-        raw = os.pread(extent.fd, n * 4, int(extent.rgd[index]) * SECTOR_SIZE)
+    gd, rgd = u32_view(extent.gd), u32_view(extent.rgd)
+    for index in np.flatnonzero((gd != 0) & (rgd != 0) & (gd != rgd)):
+        raw = os.pread(extent.fd, n * 4, int(rgd[index]) * SECTOR_SIZE)
         backup = np.frombuffer(raw.ljust(n * 4, b"\0"), dtype="<u4").astype(np.uint32)
-        table = extent._gt(int(index))
+        table = u32_view(extent._gt(int(index)))  # fixed in place, through the view
         fix = ~_valid_entries(extent, table) & _valid_entries(extent, backup)
         if fix.any():
             table[fix] = backup[fix]
@@ -341,8 +345,8 @@ def _drop_bad_entries(extent: SparseExtent) -> None:
     h = extent.header
     file_sectors = -(-extent.file_size // SECTOR_SIZE)
     first_data = 2 if extent.zeroed_gte else 1
-    for index in np.flatnonzero(extent.gd):
-        table = extent._gt(int(index))
+    for index in np.flatnonzero(u32_view(extent.gd)):
+        table = u32_view(extent._gt(int(index)))
         bad = np.flatnonzero((table >= first_data)
                              & (table.astype(np.int64) + h.grain_size > file_sectors))
         for slot in bad:
@@ -394,7 +398,7 @@ def _rebuild_redundant(extent: SparseExtent) -> None:
     """Make the redundant directory and tables an exact copy of the primary ones."""
     if extent.rgd is None:
         return
-    gd, rgd = extent.gd, extent.rgd
+    gd, rgd = u32_view(extent.gd), u32_view(extent.rgd)  # changed in place, through the views
     # A table known only to the redundant directory is better than none.
     only_backup = np.flatnonzero((gd == 0) & (rgd != 0))
     gd[only_backup] = rgd[only_backup]

@@ -524,7 +524,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- parser
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line, or with ``only`` one verb (argparse costs ~1 ms a verb)."""
     parser = argparse.ArgumentParser(
         prog="vmdk",
         description="Inspect, create, convert, check and serve VMware VMDK virtual disks.",
@@ -549,127 +550,141 @@ def build_parser() -> argparse.ArgumentParser:
                            help="read a snapshot whose parent changed since (CID mismatch)")
         return p
 
-    p = verb("info", cmd_info, "show an image's size, kind, metadata and extents")
-    p.add_argument("--output", choices=("human", "json"), default="human")
-    p.add_argument("--backing-chain", action="store_true", help="also show every parent")
-    p.add_argument("-f", dest="format", choices=("vmdk",), default="vmdk")
-    p.add_argument("image")
+    if only in (None, "info"):
+        p = verb("info", cmd_info, "show an image's size, kind, metadata and extents")
+        p.add_argument("--output", choices=("human", "json"), default="human")
+        p.add_argument("--backing-chain", action="store_true", help="also show every parent")
+        p.add_argument("-f", dest="format", choices=("vmdk",), default="vmdk")
+        p.add_argument("image")
 
-    p = verb("create", cmd_create, "create a new image")
-    p.add_argument("-f", dest="format", choices=("vmdk",), default="vmdk")
-    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
-                   help=f"subformat={{{','.join(SUBFORMATS)}}}, adapter_type=ide|buslogic|"
-                        "lsilogic|legacyESX|pvscsi|lsisas1068, hwversion=N, compat6=on, "
-                        "toolsversion=N, geometry=C/H/S, comment=TEXT, zeroed_grain=on, "
-                        "cluster_size=SIZE, preallocation=off|metadata|falloc|full, "
-                        "compression_level=0-9, backing_file=PATH, device=PATH (the disk "
-                        "of fullDevice and partitionedDevice), partitions=N:N... (the "
-                        "partitions of device that partitionedDevice exposes)")
-    p.add_argument("-b", dest="backing", metavar="PARENT",
-                   help="create a snapshot (child) of PARENT")
-    p.add_argument("-F", dest="backing_format", choices=("vmdk",), default="vmdk")
-    p.add_argument("-q", dest="quiet", action="store_true")
-    p.add_argument("image")
-    p.add_argument("size", nargs="?", help="bytes, or with a suffix: 10G, 512M")
+    if only in (None, "create"):
+        p = verb("create", cmd_create, "create a new image")
+        p.add_argument("-f", dest="format", choices=("vmdk",), default="vmdk")
+        p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                       help=f"subformat={{{','.join(SUBFORMATS)}}}, adapter_type=ide|buslogic|"
+                            "lsilogic|legacyESX|pvscsi|lsisas1068, hwversion=N, compat6=on, "
+                            "toolsversion=N, geometry=C/H/S, comment=TEXT, zeroed_grain=on, "
+                            "cluster_size=SIZE, preallocation=off|metadata|falloc|full, "
+                            "compression_level=0-9, backing_file=PATH, device=PATH (the disk "
+                            "of fullDevice and partitionedDevice), partitions=N:N... (the "
+                            "partitions of device that partitionedDevice exposes)")
+        p.add_argument("-b", dest="backing", metavar="PARENT",
+                       help="create a snapshot (child) of PARENT")
+        p.add_argument("-F", dest="backing_format", choices=("vmdk",), default="vmdk")
+        p.add_argument("-q", dest="quiet", action="store_true")
+        p.add_argument("image")
+        p.add_argument("size", nargs="?", help="bytes, or with a suffix: 10G, 512M")
 
-    p = verb("convert", cmd_convert, "copy a disk into a new image or raw file")
-    p.add_argument("-f", dest="source_format", choices=("raw", "vmdk", "ova"), default=None,
-                   help="source format (detected when omitted)")
-    p.add_argument("--disk", default=None, help="which disk of an OVA (default: the first)")
-    p.add_argument("--recover", action="store_true",
-                   help="salvage a truncated or damaged streamOptimized source: keep every "
-                        "grain before the damage")
-    p.add_argument("--target-is-zero", action="store_true",
-                   help="accepted for qemu-img compatibility: zeros are never written anyway")
-    p.add_argument("-O", dest="output_format", choices=("raw", "vmdk"), default="vmdk",
-                   help="target format (default vmdk)")
-    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
-                   help="create options of the target, as for 'create'")
-    p.add_argument("-S", dest="sparse_size", default=str(DEFAULT_SPARSE_SIZE),
-                   help="runs of zeros of at least this size are not written (default 4k, a "
-                        "multiple of 512); 0 writes everything and allocates raw output fully")
-    p.add_argument("-t", dest="cache", choices=("writeback", "unsafe"), default="writeback",
-                   help="writeback (default) syncs the target before returning; unsafe "
-                        "skips the sync, as qemu-img convert does by default")
-    p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
-    p.add_argument("source", help="raw file, VMDK (any kind; a snapshot is flattened) or OVA")
-    p.add_argument("target", help="the file to create (replaced if it exists)")
+    if only in (None, "convert"):
+        p = verb("convert", cmd_convert, "copy a disk into a new image or raw file")
+        p.add_argument("-f", dest="source_format", choices=("raw", "vmdk", "ova"), default=None,
+                       help="source format (detected when omitted)")
+        p.add_argument("--disk", default=None, help="which disk of an OVA (default: the first)")
+        p.add_argument("--recover", action="store_true",
+                       help="salvage a truncated or damaged streamOptimized source: keep every "
+                            "grain before the damage")
+        p.add_argument("--target-is-zero", action="store_true",
+                       help="accepted for qemu-img compatibility: zeros are never written anyway")
+        p.add_argument("-O", dest="output_format", choices=("raw", "vmdk"), default="vmdk",
+                       help="target format (default vmdk)")
+        p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                       help="create options of the target, as for 'create'")
+        p.add_argument("-S", dest="sparse_size", default=str(DEFAULT_SPARSE_SIZE),
+                       help="runs of zeros of at least this size are not written (default 4k, a "
+                            "multiple of 512); 0 writes everything and allocates raw output fully")
+        p.add_argument("-t", dest="cache", choices=("writeback", "unsafe"), default="writeback",
+                       help="writeback (default) syncs the target before returning; unsafe "
+                            "skips the sync, as qemu-img convert does by default")
+        p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
+        p.add_argument("source", help="raw file, VMDK (any kind; a snapshot is flattened) or OVA")
+        p.add_argument("target", help="the file to create (replaced if it exists)")
 
-    p = verb("check", cmd_check, "check an image for inconsistencies (and repair them)")
-    p.add_argument("--output", choices=("human", "json"), default="human")
-    p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
-    p.add_argument("-r", dest="repair", choices=("leaks", "all"), default=None,
-                   help="repair leaked space, or everything that can be repaired without "
-                        "losing data")
-    p.add_argument("-f", dest="format", choices=("vmdk",), default="vmdk")
-    p.add_argument("image")
+    if only in (None, "check"):
+        p = verb("check", cmd_check, "check an image for inconsistencies (and repair them)")
+        p.add_argument("--output", choices=("human", "json"), default="human")
+        p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
+        p.add_argument("-r", dest="repair", choices=("leaks", "all"), default=None,
+                       help="repair leaked space, or everything that can be repaired without "
+                            "losing data")
+        p.add_argument("-f", dest="format", choices=("vmdk",), default="vmdk")
+        p.add_argument("image")
 
-    p = verb("map", cmd_map, "show where the image's data is stored")
-    p.add_argument("--output", choices=("human", "json"), default="human")
-    p.add_argument("-f", dest="format", choices=("vmdk",), default="vmdk")
-    p.add_argument("image")
+    if only in (None, "map"):
+        p = verb("map", cmd_map, "show where the image's data is stored")
+        p.add_argument("--output", choices=("human", "json"), default="human")
+        p.add_argument("-f", dest="format", choices=("vmdk",), default="vmdk")
+        p.add_argument("image")
 
-    p = verb("compare", cmd_compare, "compare the contents of two disks (raw or vmdk); exit 0 "
-             "same, 1 different, 2 could not open, 4 read error")
-    p.add_argument("-f", dest="first_format", choices=("raw", "vmdk"), default=None)
-    p.add_argument("-F", dest="second_format", choices=("raw", "vmdk"), default=None)
-    p.add_argument("-s", dest="strict", action="store_true", help="sizes must match too")
-    p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
-    p.add_argument("-q", dest="quiet", action="store_true")
-    p.add_argument("first")
-    p.add_argument("second")
+    if only in (None, "compare"):
+        p = verb("compare", cmd_compare, "compare the contents of two disks (raw or vmdk); exit 0 "
+                 "same, 1 different, 2 could not open, 4 read error")
+        p.add_argument("-f", dest="first_format", choices=("raw", "vmdk"), default=None)
+        p.add_argument("-F", dest="second_format", choices=("raw", "vmdk"), default=None)
+        p.add_argument("-s", dest="strict", action="store_true", help="sizes must match too")
+        p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
+        p.add_argument("-q", dest="quiet", action="store_true")
+        p.add_argument("first")
+        p.add_argument("second")
 
-    p = verb("cat", cmd_cat, "write the disk's contents to standard output")
-    p.add_argument("-f", dest="format", choices=("raw", "vmdk"), default=None)
-    p.add_argument("image")
+    if only in (None, "cat"):
+        p = verb("cat", cmd_cat, "write the disk's contents to standard output")
+        p.add_argument("-f", dest="format", choices=("raw", "vmdk"), default=None)
+        p.add_argument("image")
 
-    p = verb("snapshot", cmd_snapshot, "create CHILD as a new snapshot on top of PARENT")
-    p.add_argument("parent")
-    p.add_argument("child")
+    if only in (None, "snapshot"):
+        p = verb("snapshot", cmd_snapshot, "create CHILD as a new snapshot on top of PARENT")
+        p.add_argument("parent")
+        p.add_argument("child")
 
-    p = verb("commit", cmd_commit, "write a snapshot's changes into its parent")
-    p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
-    p.add_argument("-q", dest="quiet", action="store_true")
-    p.add_argument("image")
+    if only in (None, "commit"):
+        p = verb("commit", cmd_commit, "write a snapshot's changes into its parent")
+        p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
+        p.add_argument("-q", dest="quiet", action="store_true")
+        p.add_argument("image")
 
-    p = verb("rebase", cmd_rebase, "change the parent of a snapshot (-b '' makes it standalone)")
-    p.add_argument("-b", dest="backing", required=True, metavar="PARENT",
-                   help="the new parent; an empty string makes the image standalone")
-    p.add_argument("-F", dest="backing_format", choices=("vmdk",), default="vmdk")
-    p.add_argument("-u", dest="unsafe", action="store_true",
-                   help="only rewrite the parent's name and CID, copy nothing")
-    p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
-    p.add_argument("image")
+    if only in (None, "rebase"):
+        p = verb("rebase", cmd_rebase, "change the parent of a snapshot (-b '' makes it standalone)")
+        p.add_argument("-b", dest="backing", required=True, metavar="PARENT",
+                       help="the new parent; an empty string makes the image standalone")
+        p.add_argument("-F", dest="backing_format", choices=("vmdk",), default="vmdk")
+        p.add_argument("-u", dest="unsafe", action="store_true",
+                       help="only rewrite the parent's name and CID, copy nothing")
+        p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
+        p.add_argument("image")
 
-    p = verb("resize", cmd_resize, "change the virtual size (grow; shrink only with --shrink)")
-    p.add_argument("--shrink", action="store_true",
-                   help="allow shrinking (refused anyway if data would be lost)")
-    p.add_argument("-q", dest="quiet", action="store_true")
-    p.add_argument("image")
-    p.add_argument("size", help="new size (10G), or a change (+1G, -512M)")
+    if only in (None, "resize"):
+        p = verb("resize", cmd_resize, "change the virtual size (grow; shrink only with --shrink)")
+        p.add_argument("--shrink", action="store_true",
+                       help="allow shrinking (refused anyway if data would be lost)")
+        p.add_argument("-q", dest="quiet", action="store_true")
+        p.add_argument("image")
+        p.add_argument("size", help="new size (10G), or a change (+1G, -512M)")
 
-    p = verb("compact", cmd_compact, "drop all-zero grains and give the space back")
-    p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
-    p.add_argument("-q", dest="quiet", action="store_true")
-    p.add_argument("image")
+    if only in (None, "compact"):
+        p = verb("compact", cmd_compact, "drop all-zero grains and give the space back")
+        p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
+        p.add_argument("-q", dest="quiet", action="store_true")
+        p.add_argument("image")
 
-    p = verb("export-ova", cmd_export_ova,
-             "package a disk as an OVA (OVF 1.0, streamOptimized disk, SHA-256 manifest)")
-    p.add_argument("-f", dest="source_format", choices=("raw", "vmdk"), default=None)
-    p.add_argument("--name", default=None, help="the VM's name (default: the OVA's file name)")
-    p.add_argument("--cpus", type=int, default=1)
-    p.add_argument("--memory", type=int, default=1024, help="memory in MiB")
-    p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
-    p.add_argument("source")
-    p.add_argument("ova")
+    if only in (None, "export-ova"):
+        p = verb("export-ova", cmd_export_ova,
+                 "package a disk as an OVA (OVF 1.0, streamOptimized disk, SHA-256 manifest)")
+        p.add_argument("-f", dest="source_format", choices=("raw", "vmdk"), default=None)
+        p.add_argument("--name", default=None, help="the VM's name (default: the OVA's file name)")
+        p.add_argument("--cpus", type=int, default=1)
+        p.add_argument("--memory", type=int, default=1024, help="memory in MiB")
+        p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
+        p.add_argument("source")
+        p.add_argument("ova")
 
-    p = verb("serve", cmd_serve, "export the image over NBD until SIGINT or SIGTERM")
-    p.add_argument("--read-only", "-r", action="store_true", help="refuse writes")
-    p.add_argument("--bind", default="127.0.0.1", help="address to listen on (default loopback)")
-    p.add_argument("--port", type=_port, default=10809)
-    p.add_argument("--socket", default=None, help="listen on this Unix socket instead of TCP")
-    p.add_argument("--export-name", default="", help="export name (default empty)")
-    p.add_argument("image")
+    if only in (None, "serve"):
+        p = verb("serve", cmd_serve, "export the image over NBD until SIGINT or SIGTERM")
+        p.add_argument("--read-only", "-r", action="store_true", help="refuse writes")
+        p.add_argument("--bind", default="127.0.0.1", help="address to listen on (default loopback)")
+        p.add_argument("--port", type=_port, default=10809)
+        p.add_argument("--socket", default=None, help="listen on this Unix socket instead of TCP")
+        p.add_argument("--export-name", default="", help="export name (default empty)")
+        p.add_argument("image")
     return parser
 
 
@@ -690,9 +705,20 @@ def _relative_sizes(argv: list[str]) -> list[str]:
     return argv
 
 
+#: Every verb build_parser knows (a test keeps the two in step).
+_VERB_NAMES = frozenset({"info", "create", "convert", "check", "map", "compare", "cat", "snapshot",
+                         "commit", "rebase", "resize", "compact", "export-ova", "serve"})
+
+
+def _verb_of(argv: list[str]) -> str | None:
+    """The verb, when the command line names a known one (global options take no value)."""
+    word = next((w for w in argv if not w.startswith("-")), None)
+    return word if word in _VERB_NAMES else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(_relative_sizes(list(sys.argv[1:] if argv is None else argv)))
+    words = _relative_sizes(list(sys.argv[1:] if argv is None else argv))
+    args = build_parser(_verb_of(words)).parse_args(words)
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="vmdk: %(message)s")
     else:

@@ -9,8 +9,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    from ._numpy import np
 
 from ._structs import ZEROED_GTE
 from .errors import UnsupportedFormatError

@@ -17,11 +17,14 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Protocol
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    from ._numpy import np
 
 from .errors import UnsupportedFormatError, VmdkError
 from .extents.base import pread_exact

@@ -12,15 +12,20 @@ from __future__ import annotations
 import operator
 import os
 import stat
+from array import array
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    from ._numpy import np
 
 from .create import MAX_DISK_BYTES, MAX_SPLIT_EXTENTS, SPLIT_SECTORS, _sibling
 from .descriptor import ExtentLine
 from .errors import UnsupportedFormatError, VmdkError
 from .extents.base import SECTOR_SIZE, pwrite_all
 from .extents.flat import FlatExtent
-from .extents.sparse import MAX_GD_ENTRIES, SparseExtent
+from .extents.sparse import MAX_GD_ENTRIES, SparseExtent, u32_bytes
 from .image import Image, MapRun, compute_geometry, io_errors
 
 
@@ -200,31 +205,31 @@ def _grow_sparse(extent: SparseExtent, sectors: int) -> None:
     os.fsync(extent.fd)
 
 
-def _new_tables(extent: SparseExtent, count: int) -> np.ndarray:
+def _new_tables(extent: SparseExtent, count: int) -> array[int]:
     """Reserve ``count`` zeroed grain tables at the end of the file; their sectors."""
     gt_sectors = _ceil_div(extent.header.num_gtes_per_gt * 4, SECTOR_SIZE)
     first = extent._end
     extent._end += count * gt_sectors
-    return (first + np.arange(count, dtype=np.int64) * gt_sectors).astype(np.uint32)
+    return array("I", range(first, first + count * gt_sectors, gt_sectors))
 
 
 def _extend_in_place(extent: SparseExtent, entries: int) -> None:
     """The directory's last sector has room: append entries for new, preallocated tables."""
     added = entries - len(extent.gd)
-    gd = np.concatenate((extent.gd, _new_tables(extent, added)))
+    gd = extent.gd + _new_tables(extent, added)
     rgd = None
     if extent.rgd is not None:
-        rgd = np.concatenate((extent.rgd, _new_tables(extent, added)))
+        rgd = extent.rgd + _new_tables(extent, added)
     _finish_tables(extent, gd, rgd, extent.header.gd_offset, extent.header.rgd_offset)
 
 
 def _relocate_directories(extent: SparseExtent, entries: int) -> None:
     added = entries - len(extent.gd)
     gd_sectors = _ceil_div(entries * 4, SECTOR_SIZE)
-    gd = np.concatenate((extent.gd, _new_tables(extent, added)))
+    gd = extent.gd + _new_tables(extent, added)
     rgd = None
     if extent.rgd is not None:
-        rgd = np.concatenate((extent.rgd, _new_tables(extent, added)))
+        rgd = extent.rgd + _new_tables(extent, added)
     gd_at = extent._end
     extent._end += gd_sectors
     rgd_at = 0
@@ -234,14 +239,14 @@ def _relocate_directories(extent: SparseExtent, entries: int) -> None:
     _finish_tables(extent, gd, rgd, gd_at, rgd_at)
 
 
-def _finish_tables(extent: SparseExtent, gd: np.ndarray, rgd: np.ndarray | None,
+def _finish_tables(extent: SparseExtent, gd: array[int], rgd: array[int] | None,
                    gd_at: int, rgd_at: int) -> None:
     """Write the directories, sync, and only then let the header point at them."""
     os.ftruncate(extent.fd, max(extent.file_size, extent._end * SECTOR_SIZE))
     extent.file_size = max(extent.file_size, extent._end * SECTOR_SIZE)
-    pwrite_all(extent.fd, gd.astype("<u4").tobytes(), gd_at * SECTOR_SIZE)
+    pwrite_all(extent.fd, u32_bytes(gd), gd_at * SECTOR_SIZE)
     if rgd is not None:
-        pwrite_all(extent.fd, rgd.astype("<u4").tobytes(), rgd_at * SECTOR_SIZE)
+        pwrite_all(extent.fd, u32_bytes(rgd), rgd_at * SECTOR_SIZE)
     os.fsync(extent.fd)
     extent.gd, extent.rgd = gd, rgd
     extent.header.gd_offset, extent.header.rgd_offset = gd_at, rgd_at

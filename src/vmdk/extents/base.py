@@ -17,8 +17,6 @@ import os
 import threading
 from collections.abc import Callable
 
-import numpy as np
-
 from ..errors import OutOfRangeError, ReadOnlyError
 
 SECTOR_SIZE = 512
@@ -210,7 +208,7 @@ def zero_fill(view: memoryview) -> None:
     if len(view) <= 4096:
         view[:] = bytes(len(view))
     else:
-        np.frombuffer(view, dtype=np.uint8)[:] = 0
+        ctypes.memset(_address(view), 0, len(view))
 
 
 def pwritev_all(fd: int, buffers: list[memoryview | bytearray], offset: int) -> None:

@@ -23,8 +23,12 @@ import os
 import struct
 from collections import OrderedDict
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    from .._numpy import np
 
 from .._structs import COWD_MAGIC, CowdHeader
 from ..errors import (

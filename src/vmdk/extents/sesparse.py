@@ -18,8 +18,12 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    from .._numpy import np
 
 from .._structs import (
     SESPARSE_CONST_MAGIC,

@@ -2,8 +2,11 @@
 
 Lookup is two-level: the grain directory (GD) points at grain tables (GT),
 whose entries (GTE) give the sector of each grain.  Requests are mapped to
-runs of grains whose host sectors are contiguous, with the tables as numpy
-arrays, so a large read or write costs one system call per run.
+runs of grains whose host sectors are contiguous, so a large read or write
+costs one system call per run.  The directory and tables are stdlib arrays of
+u32: reading and mapping need no numpy (which costs more to import than most
+images take to open); bulk work on them goes through numpy views of the same
+memory.
 
 Crash safety: grain data is written first; changed grain tables are kept in
 the cache, marked dirty, and reach the file only after the data was synced
@@ -17,11 +20,18 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+import struct
+import sys
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+else:
+    from .._numpy import np
 
 from .. import _deflate
 from .._structs import (
@@ -77,8 +87,74 @@ GRAIN_CACHE_ENTRIES = 16
 _UNALLOC, _ZERO, _DATA, _COMPRESSED = 0, 1, 2, 3
 
 
+#: Directories longer than this are validated with numpy (only tiny grains get there).
+_BULK_ENTRIES = 1 << 20
+
+if array("I").itemsize != 4:  # pragma: no cover - every platform Python runs on today
+    raise ImportError("vmdk needs a 4-byte C unsigned int for its grain tables")
+
+
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def u32_array(raw: bytes) -> array[int]:
+    """Little-endian u32 entries (as a directory or table holds them) as an array."""
+    table = array("I")
+    table.frombytes(raw)
+    if sys.byteorder == "big":
+        table.byteswap()
+    return table
+
+
+def u32_bytes(table: array[int]) -> bytes:
+    """The entries as they are stored: little-endian u32."""
+    if sys.byteorder == "big":
+        table = array("I", table)
+        table.byteswap()
+    return table.tobytes()
+
+
+def u32_view(table: array[int]) -> np.ndarray:
+    """A numpy view of a directory or table, for bulk work (writes go through to it)."""
+    return np.frombuffer(table, dtype=np.uint32)
+
+
+def _misplaced(entries: array[int], limit: int, areas: list[tuple[int, int]],
+               span: int) -> list[int]:
+    """Indexes of the non-zero entries whose ``span`` sectors pass ``limit`` or overlap
+    one of ``areas`` (half-open sector ranges)."""
+    if len(entries) > _BULK_ENTRIES:
+        v = u32_view(entries).astype(np.int64)
+        wrong = v + span > limit
+        for a, b in areas:
+            wrong |= (v < b) & (v + span > a)
+        found: list[int] = np.flatnonzero(wrong & (v != 0)).tolist()
+        return found
+    values = sorted(entries)  # one pass in C for the usual ascending directory
+    nonzero = bisect.bisect_right(values, 0)
+    bad = set(values[max(nonzero, bisect.bisect_right(values, limit - span)):])
+    for a, b in areas:
+        bad.update(values[max(nonzero, bisect.bisect_right(values, a - span)):
+                          bisect.bisect_left(values, b)])
+    return [i for i, v in enumerate(entries) if v in bad] if bad else []
+
+
+def _mismatched(gd: array[int], rgd: array[int]) -> list[int]:
+    """Indexes where one directory has a table and the other has none."""
+    if not _has_zero(gd) and not _has_zero(rgd):
+        return []
+    return [i for i, (a, b) in enumerate(zip(gd, rgd)) if (a == 0) != (b == 0)]
+
+
+def _has_zero(table: array[int]) -> bool:
+    # Four zero bytes in a row are rare in sector numbers: memchr-speed ruling out first.
+    return b"\0\0\0\0" in table.tobytes() and 0 in table
+
+
+def _sequence(first: int, count: int, step: int) -> array[int]:
+    """``first, first + step, ...`` (``count`` u32 entries): contiguous grains or tables."""
+    return array("I", range(first, first + count * step, step))
 
 
 _pool: ThreadPoolExecutor | None = None
@@ -119,7 +195,7 @@ class SparseExtent(Extent):
         #: A writer died with the file open: disagreeing redundant copies are then the
         #: expected trace of an interrupted update, repaired from the primary, not an error.
         self.was_unclean = bool(header.unclean_shutdown)
-        self._rgd_mismatch = np.zeros(0, dtype=np.int64)
+        self._rgd_mismatch: list[int] = []
         self._validate_header()
         self.grain_bytes = header.grain_size * SECTOR_SIZE
         self.gt_coverage = header.num_gtes_per_gt * header.grain_size  # sectors per GT
@@ -138,15 +214,15 @@ class SparseExtent(Extent):
         #: ``vmdk check`` reports them as corruptions and ``check -r all`` rewrites them.
         self.directory_faults: list[str] = []
         self.gd, gd_bad = self._read_directory(self.header.gd_offset, "grain directory")
-        self.rgd: np.ndarray | None = None
-        rgd_bad = np.zeros(0, dtype=np.int64)
+        self.rgd: array[int] | None = None
+        rgd_bad: list[int] = []
         if header.has(SparseFlags.REDUNDANT_GT) and header.rgd_offset and not self.compressed:
             self.rgd, rgd_bad = self._read_directory(header.rgd_offset,
                                                      "redundant grain directory")
         self._use_redundant_for(gd_bad, rgd_bad)
         if self.rgd is not None:
             self._compare_directories()
-        self._gt_cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._gt_cache: OrderedDict[int, array[int]] = OrderedDict()
         self._gt_dirty: set[int] = set()
         self._gd_dirty: set[int] = set()
         self._max_gts = max(4, gt_cache_bytes // (header.num_gtes_per_gt * 4))
@@ -169,7 +245,7 @@ class SparseExtent(Extent):
     def begin_writing(self) -> None:
         if self.read_only or self._writing:
             return
-        if self._rgd_mismatch.size:
+        if self._rgd_mismatch:
             self._recover_directories()
         self._mark_unclean(True)
         self._writing = True
@@ -263,51 +339,48 @@ class SparseExtent(Extent):
         self.header.gd_offset = footer.gd_offset
         self.header.rgd_offset = footer.rgd_offset
 
-    def _read_directory(self, sector: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-        """The directory at ``sector`` and the indexes of its entries past the file's end."""
+    def _read_directory(self, sector: int, what: str) -> tuple[array[int], list[int]]:
+        """The directory at ``sector`` and the indexes of its entries past the file's end
+        or inside the header, the descriptor or a directory (a table there would be
+        written over them)."""
         count = self.gd_entries
         gd_sectors = _ceil_div(count * 4, SECTOR_SIZE)
         if count == 0:
-            return np.zeros(0, dtype=np.uint32), np.zeros(0, dtype=np.int64)
+            return array("I"), []
         self._check_area(sector, gd_sectors, what)
         raw = os.pread(self.fd, count * 4, sector * SECTOR_SIZE)
-        gd = np.frombuffer(raw, dtype="<u4").astype(np.uint32)
-        file_sectors = _ceil_div(self.file_size, SECTOR_SIZE)
+        if len(raw) != count * 4:
+            raise CorruptImageError(f"{what} is truncated", self.filename)
+        gd = u32_array(raw)
         h = self.header
-        gt_sectors = _ceil_div(h.num_gtes_per_gt * 4, SECTOR_SIZE)
-        starts = gd.astype(np.int64)
-        ends = starts + gt_sectors
-        wrong = ends > file_sectors
-        # a table inside the header, the descriptor or a directory would be written over them
         fixed = [(0, 1), (h.gd_offset, h.gd_offset + gd_sectors)]
         if h.descriptor_offset:
             fixed.append((h.descriptor_offset, h.descriptor_offset + h.descriptor_size))
         if h.has(SparseFlags.REDUNDANT_GT) and h.rgd_offset:
             fixed.append((h.rgd_offset, h.rgd_offset + gd_sectors))
-        for a, b in fixed:
-            wrong |= (starts < b) & (ends > a)
-        bad = np.flatnonzero((gd != 0) & wrong)
-        return gd, bad
+        gt_sectors = _ceil_div(h.num_gtes_per_gt * 4, SECTOR_SIZE)
+        return gd, _misplaced(gd, _ceil_div(self.file_size, SECTOR_SIZE), fixed, gt_sectors)
 
-    def _use_redundant_for(self, gd_bad: np.ndarray, rgd_bad: np.ndarray) -> None:
+    def _use_redundant_for(self, gd_bad: list[int], rgd_bad: list[int]) -> None:
         """Directory entries pointing past the end: fall back on the other copy where it can."""
         name = self.filename
-        if rgd_bad.size:
+        if rgd_bad:
             assert self.rgd is not None
             self.directory_faults.append(
-                f"redundant grain directory entry {int(rgd_bad[0])} points past the end of the "
-                f"file or into metadata ({rgd_bad.size} entries)")
-            self.rgd[rgd_bad] = 0  # only a copy: the primary still knows these tables
-        if not gd_bad.size:
+                f"redundant grain directory entry {rgd_bad[0]} points past the end of the "
+                f"file or into metadata ({len(rgd_bad)} entries)")
+            for i in rgd_bad:
+                self.rgd[i] = 0  # only a copy: the primary still knows these tables
+        if not gd_bad:
             return
-        first = int(gd_bad[0])
+        first = gd_bad[0]
         msg = (f"grain directory entry {first} points at sector {int(self.gd[first])}, past the "
-               f"end of the file or into metadata ({gd_bad.size} entries)")
-        usable = gd_bad[self.rgd[gd_bad] != 0] if self.rgd is not None else gd_bad[:0]
-        if usable.size < gd_bad.size:
+               f"end of the file or into metadata ({len(gd_bad)} entries)")
+        rgd = self.rgd
+        if rgd is None or not all(rgd[i] for i in gd_bad):
             raise CorruptImageError(msg, name)
-        assert self.rgd is not None
-        self.gd[usable] = self.rgd[usable]
+        for i in gd_bad:
+            self.gd[i] = rgd[i]
         self.directory_faults.append(msg + "; the redundant copy is used instead")
         if not self.read_only and self.strict:
             raise CorruptImageError(msg + "; run 'vmdk check -r all'", name)
@@ -315,10 +388,10 @@ class SparseExtent(Extent):
 
     def _compare_directories(self) -> None:
         assert self.rgd is not None
-        mismatch = np.flatnonzero((self.gd == 0) != (self.rgd == 0))
-        if mismatch.size:
-            msg = (f"grain directory and its redundant copy disagree at entry {int(mismatch[0])} "
-                   f"({mismatch.size} entries); run 'vmdk check -r all'")
+        mismatch = _mismatched(self.gd, self.rgd)
+        if mismatch:
+            msg = (f"grain directory and its redundant copy disagree at entry {mismatch[0]} "
+                   f"({len(mismatch)} entries); run 'vmdk check -r all'")
             if not self.read_only and self.strict and not self.was_unclean:
                 raise CorruptImageError(msg, self.filename)
             log.warning("%s: %s", self.filename, msg)
@@ -329,7 +402,7 @@ class SparseExtent(Extent):
         assert self.rgd is not None
         self._meta = None
         gt_sectors = _ceil_div(self.header.num_gtes_per_gt * 4, SECTOR_SIZE)
-        for i in self._rgd_mismatch.tolist():
+        for i in self._rgd_mismatch:
             if self.gd[i] == 0:
                 self.gd[i] = self.rgd[i]  # only the copy survived: it becomes the primary
             self.rgd[i] = self._end
@@ -339,7 +412,7 @@ class SparseExtent(Extent):
             self._gd_dirty.add(i)
         os.ftruncate(self.fd, max(self.file_size, self._end * SECTOR_SIZE))
         self.file_size = max(self.file_size, self._end * SECTOR_SIZE)
-        self._rgd_mismatch = np.zeros(0, dtype=np.int64)
+        self._rgd_mismatch = []
 
     @classmethod
     def create(
@@ -397,10 +470,11 @@ class SparseExtent(Extent):
             os.ftruncate(fd, overhead * SECTOR_SIZE)
             if descriptor is not None:
                 pwrite_all(fd, descriptor.ljust(desc_size * SECTOR_SIZE, b"\0"), SECTOR_SIZE)
-            steps = np.arange(gd_entries, dtype=np.uint32) * gt_sectors
             if redundant:
-                pwrite_all(fd, (steps + rgts).astype("<u4").tobytes(), rgd_offset * SECTOR_SIZE)
-            pwrite_all(fd, (steps + gts).astype("<u4").tobytes(), gd_offset * SECTOR_SIZE)
+                pwrite_all(fd, u32_bytes(_sequence(rgts, gd_entries, gt_sectors)),
+                           rgd_offset * SECTOR_SIZE)
+            pwrite_all(fd, u32_bytes(_sequence(gts, gd_entries, gt_sectors)),
+                       gd_offset * SECTOR_SIZE)
             pwrite_all(fd, header.pack(), 0)
             os.fsync(fd)
         finally:
@@ -426,7 +500,7 @@ class SparseExtent(Extent):
 
     # ----------------------------------------------------------- grain tables
 
-    def _gt(self, index: int) -> np.ndarray:
+    def _gt(self, index: int) -> array[int]:
         """The grain table of GD slot ``index`` (all zeros when the slot is empty)."""
         table = self._gt_cache.get(index)
         if table is not None:
@@ -441,7 +515,7 @@ class SparseExtent(Extent):
             if len(raw) != n * 4:
                 raise CorruptImageError(f"grain table {index} at sector {sector} is truncated",
                                         self.filename)
-            table = np.frombuffer(raw, dtype="<u4").astype(np.uint32)
+            table = u32_array(raw)
             self._compare_redundant_table(index, raw)
         self._gt_cache[index] = table
         self._evict_tables()
@@ -461,12 +535,11 @@ class SparseExtent(Extent):
             if not self.read_only:
                 self._gt_dirty.add(index)  # the next flush rewrites the copy from the primary
 
-    def _absent_table(self) -> np.ndarray:
-        table = getattr(self, "_absent", None)
+    def _absent_table(self) -> array[int]:
+        # Shared and never written: _set_entries allocates a real table first.
+        table: array[int] | None = getattr(self, "_absent", None)
         if table is None:
-            table = np.zeros(self.header.num_gtes_per_gt, dtype=np.uint32)
-            table.flags.writeable = False
-            self._absent = table
+            table = self._absent = array("I", bytes(4 * self.header.num_gtes_per_gt))
         return table
 
     def _evict_tables(self) -> None:
@@ -476,39 +549,30 @@ class SparseExtent(Extent):
                 self._write_back_tables()
             self._gt_cache.popitem(last=False)
 
-    def _entries(self, first: int, last: int) -> np.ndarray:
-        """Grain table entries for grains ``first .. last`` inclusive, as one array."""
+    def _entries(self, first: int, last: int) -> array[int]:
+        """Grain table entries for grains ``first .. last`` inclusive, as a new array."""
         n = self.header.num_gtes_per_gt
-        parts = []
-        g = first
-        while g <= last:
-            index, slot = divmod(g, n)
-            stop = min(last + 1, (index + 1) * n)
-            parts.append(self._gt(index)[slot:slot + (stop - g)])
-            g = stop
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        index, slot = divmod(first, n)
+        out = self._gt(index)[slot:slot + (last + 1 - first)]  # slicing copies
+        while len(out) < last + 1 - first:
+            index += 1
+            out.extend(self._gt(index)[:last + 1 - first - len(out)])
+        return out
 
-    def _classify(self, gtes: np.ndarray) -> np.ndarray:
-        kinds = np.full(gtes.shape, _COMPRESSED if self.compressed else _DATA, dtype=np.int8)
-        kinds[gtes == 0] = _UNALLOC
-        if self.zeroed_gte:
-            kinds[gtes == ZEROED_GTE] = _ZERO
-        return kinds
-
-    def _runs(self, gtes: np.ndarray) -> list[tuple[int, int, int]]:
+    def _runs(self, gtes: array[int]) -> list[tuple[int, int, int]]:
         """Split grains into (first, count, kind) runs; data runs have contiguous sectors."""
-        if gtes.size == 0:
+        n = len(gtes)
+        if n == 0:
             return []
-        if gtes.size <= 32:
-            return self._runs_small(gtes.tolist())
-        kinds = self._classify(gtes)
-        step = self.header.grain_size
-        brk = kinds[1:] != kinds[:-1]
-        brk |= (kinds[1:] == _DATA) & (gtes[1:].astype(np.int64) != gtes[:-1].astype(np.int64) + step)
-        brk |= kinds[1:] == _COMPRESSED  # every compressed grain stands alone
-        starts = np.concatenate(([0], np.flatnonzero(brk) + 1))
-        ends = np.concatenate((starts[1:], [gtes.size]))
-        return [(int(s), int(e - s), int(kinds[s])) for s, e in zip(starts, ends)]
+        first = gtes[0]
+        if n > 32:  # whole tables are often one run: recognise that in C before looping
+            if not first and not any(gtes):
+                return [(0, n, _UNALLOC)]
+            step = self.header.grain_size
+            if (self._kind(first) == _DATA and first + (n - 1) * step < MAX_FILE_SECTORS
+                    and gtes == _sequence(first, n, step)):
+                return [(0, n, _DATA)]
+        return self._runs_listed(gtes.tolist())
 
     def _kind(self, entry: int) -> int:
         if entry == 0:
@@ -517,10 +581,9 @@ class SparseExtent(Extent):
             return _ZERO
         return _COMPRESSED if self.compressed else _DATA
 
-    def _runs_small(self, entries: list[int]) -> list[tuple[int, int, int]]:
-        """``_runs`` for a few grains: plain Python beats numpy's per-call cost here."""
+    def _runs_listed(self, entries: list[int]) -> list[tuple[int, int, int]]:
         if self.compressed or self.zeroed_gte:
-            return self._runs_small_any(entries)
+            return self._runs_listed_any(entries)
         # Plain hosted sparse: only holes (0) and data; a data run breaks where sectors jump.
         step = self.header.grain_size
         runs: list[tuple[int, int, int]] = []
@@ -534,7 +597,7 @@ class SparseExtent(Extent):
         runs.append((start, len(entries) - start, _DATA if prev else _UNALLOC))
         return runs
 
-    def _runs_small_any(self, entries: list[int]) -> list[tuple[int, int, int]]:
+    def _runs_listed_any(self, entries: list[int]) -> list[tuple[int, int, int]]:
         step = self.header.grain_size
         runs: list[tuple[int, int, int]] = []
         start, kind = 0, self._kind(entries[0])
@@ -582,7 +645,7 @@ class SparseExtent(Extent):
                 self.filename)
 
     def _read_compressed(self, grains: list[tuple[int, int, int]], buf: memoryview, offset: int,
-                         gtes: np.ndarray, first: int) -> None:
+                         gtes: array[int], first: int) -> None:
         found: dict[int, bytes] = {}
         missing: list[tuple[int, int]] = []
         for grain, _lo, _hi in grains:
@@ -731,7 +794,7 @@ class SparseExtent(Extent):
             return
         g = self.grain_bytes
         first, last = offset // g, (offset + len(data) - 1) // g
-        gtes = self._entries(first, last).copy()
+        gtes = self._entries(first, last)  # a copy: writes below change the tables
         for start, count, kind in self._runs(gtes):
             lo = max(offset, (first + start) * g)
             hi = min(offset + len(data), (first + start + count) * g)
@@ -776,7 +839,7 @@ class SparseExtent(Extent):
             areas.append((h.rgd_offset, h.rgd_offset + gd_sectors))
         for table in (self.gd, self.rgd):
             if table is not None:
-                areas += [(int(t), int(t) + gt_sectors) for t in table[table != 0]]
+                areas += [(t, t + gt_sectors) for t in table if t]
         return areas
 
     def _metadata_areas(self) -> tuple[list[int], list[int]]:
@@ -823,7 +886,7 @@ class SparseExtent(Extent):
         zero = words.reshape(full_last - full_first, g // 8).max(axis=1) == 0
         skip[full_first:full_last] = zero
         if backing is not None:  # a parent exists: mark the grains as zero instead of storing
-            marks = np.where(zero, ZEROED_GTE, 0).astype(np.uint32)
+            marks = array("I", (ZEROED_GTE if z else 0 for z in zero.tolist()))
             self._set_entries(grain0 + full_first, marks)
         return skip
 
@@ -842,8 +905,7 @@ class SparseExtent(Extent):
         sector = self._end
         self._end += count * self.header.grain_size
         step = self.header.grain_size
-        self._set_entries(grain0, (sector + np.arange(count, dtype=np.int64) * step)
-                          .astype(np.uint32))
+        self._set_entries(grain0, _sequence(sector, count, step))
 
     def _grain_buffers(self, span_lo: int, span_hi: int, plo: int, src: memoryview,
                        backing: BackingReader | None) -> list[memoryview | bytearray]:
@@ -878,7 +940,7 @@ class SparseExtent(Extent):
         block[at - grain_lo:at - grain_lo + len(data)] = data
         return block
 
-    def _set_entries(self, grain0: int, values: np.ndarray) -> None:
+    def _set_entries(self, grain0: int, values: array[int]) -> None:
         """Set the entries of grains ``grain0 ..`` from an array, one table slice at a time."""
         n = self.header.num_gtes_per_gt
         pos = 0
@@ -888,14 +950,14 @@ class SparseExtent(Extent):
             chunk = values[pos:pos + take]
             pos += take
             if self.gd[index] == 0:
-                if not chunk.any():
+                if not any(chunk):
                     continue  # an absent table already reads as unallocated
                 self._allocate_table(index)
             self._gt(index)[slot:slot + take] = chunk
             self._gt_dirty.add(index)
 
     def _set_entry(self, grain: int, value: int) -> None:
-        self._set_entries(grain, np.array([value], dtype=np.uint32))
+        self._set_entries(grain, array("I", [value]))
 
     def _allocate_table(self, index: int) -> None:
         """Reserve space for a new grain table (and its redundant copy) at the end of the file."""
@@ -925,7 +987,7 @@ class SparseExtent(Extent):
             return
         g = self.grain_bytes
         first, last = offset // g, (offset + length - 1) // g
-        gtes = self._entries(first, last).copy()
+        gtes = self._entries(first, last)
         for start, count, kind in self._runs(gtes):
             lo = max(offset, (first + start) * g)
             hi = min(offset + length, (first + start + count) * g)
@@ -953,7 +1015,7 @@ class SparseExtent(Extent):
             return
         if lo < full_lo * g:
             super().write_zeroes(lo, full_lo * g - lo, backing)
-        self._set_entries(full_lo, np.full(full_hi - full_lo, ZEROED_GTE, dtype=np.uint32))
+        self._set_entries(full_lo, array("I", [ZEROED_GTE]) * (full_hi - full_lo))
         if hi > full_hi * g:
             super().write_zeroes(full_hi * g, hi - full_hi * g, backing)
 
@@ -967,7 +1029,7 @@ class SparseExtent(Extent):
             os.fdatasync(self.fd)
             self._data_unsynced = False
         for index in sorted(self._gt_dirty):
-            raw = self._gt_cache[index].astype("<u4").tobytes()
+            raw = u32_bytes(self._gt_cache[index])
             pwrite_all(self.fd, raw, int(self.gd[index]) * SECTOR_SIZE)
             if self.rgd is not None and self.rgd[index]:
                 pwrite_all(self.fd, raw, int(self.rgd[index]) * SECTOR_SIZE)
@@ -981,7 +1043,7 @@ class SparseExtent(Extent):
         for index in sorted(self._gd_dirty):
             for table, sector in ((self.gd, self.header.gd_offset), (self.rgd, self.header.rgd_offset)):
                 if table is not None:
-                    pwrite_all(self.fd, table[index:index + 1].astype("<u4").tobytes(),
+                    pwrite_all(self.fd, struct.pack("<I", table[index]),
                                sector * SECTOR_SIZE + index * 4)
         self._gd_dirty.clear()
 
@@ -1027,12 +1089,12 @@ class SparseExtent(Extent):
         n = self.header.num_gtes_per_gt
         first_data = 2 if self.zeroed_gte else 1
         span = n * self.grain_bytes
-        for index in np.flatnonzero(self.gd):
+        for index in np.flatnonzero(u32_view(self.gd)).tolist():
             if progress:
-                progress(max(0, min(span, self.size - int(index) * span)))
-            table = self._gt(int(index))
+                progress(max(0, min(span, self.size - index * span)))
+            table = u32_view(self._gt(index))
             slots = np.flatnonzero(table >= first_data)
-            numbers.append(slots + int(index) * n)
+            numbers.append(slots + index * n)
             sectors.append(table[slots].astype(np.int64))
         if not numbers:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
@@ -1055,8 +1117,10 @@ class SparseExtent(Extent):
     @property
     def allocated_grains(self) -> int:
         total = 0
-        for index in np.flatnonzero(self.gd):
-            total += int(np.count_nonzero(self._gt(int(index)) > (1 if self.zeroed_gte else 0)))
+        for index, sector in enumerate(self.gd):
+            if sector:
+                table = self._gt(index)
+                total += len(table) - table.count(0) - (table.count(1) if self.zeroed_gte else 0)
         return total
 
     def info(self) -> dict[str, object]:
