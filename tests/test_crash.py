@@ -62,6 +62,7 @@ def payload(seed, index, length):
 
 CHILD = WORKLOAD + r'''
 import os, sys, vmdk
+import numpy  # writes load it on first use: load it before READY, so kills time writing only
 path, seed, count, grain = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 windows = [tuple(map(int, w.split(":"))) for w in sys.argv[5].split(",")]
 disk = vmdk.open(path, "r+")
