@@ -1,8 +1,7 @@
-"""convert: zero detection, raw holes, the kernel-copy path and its fallback."""
+"""convert: zero detection, raw holes, stored ranges read straight from extent files."""
 
 from __future__ import annotations
 
-import errno
 import os
 from pathlib import Path
 

@@ -1,32 +1,36 @@
 """Deflate for compressed grains: ISA-L when installed (many times faster), zlib otherwise.
 
 Both produce and accept zlib-wrapped streams (RFC 1950), which is what every
-VMDK implementation writes despite the spec naming raw deflate.
+VMDK implementation writes despite the spec naming raw deflate.  The engine is
+loaded on first use: most images have no compressed grain.
 """
 
 from __future__ import annotations
 
+import functools
 import zlib
 from types import ModuleType
+from typing import cast
 
-_engine: ModuleType
-_errors: tuple[type[Exception], ...] = (zlib.error,)
-try:
-    from isal import isal_zlib as _engine
-
-    _errors = (zlib.error, _engine.error)
-except ImportError:  # pragma: no cover - depends on the platform
-    _engine = zlib
-
-ENGINE_NAME = "isal" if _engine is not zlib else "zlib"
 #: ISA-L knows levels 0-3; higher levels are clamped to its best.
 ISAL_MAX_LEVEL = 3
 
 
+@functools.cache
+def engine() -> tuple[ModuleType, tuple[type[Exception], ...]]:
+    """The deflate module in use, and the exceptions it raises for damaged streams."""
+    try:
+        from isal import isal_zlib
+    except ImportError:  # pragma: no cover - depends on the platform
+        return zlib, (zlib.error,)
+    return isal_zlib, (zlib.error, cast("type[Exception]", isal_zlib.error))
+
+
 def compress(data: bytes | memoryview, level: int = 1) -> bytes:
-    if _engine is not zlib:
+    module, _errors = engine()
+    if module is not zlib:
         level = min(level, ISAL_MAX_LEVEL)
-    out: bytes = _engine.compress(data, level)
+    out: bytes = module.compress(data, level)
     return out
 
 
@@ -36,10 +40,11 @@ def inflate_bounded(data: bytes | memoryview, limit: int) -> bytes:
     Raises ``ValueError`` when the stream is damaged or too large; callers turn
     it into a ``CorruptImageError`` naming the grain.
     """
-    obj = _engine.decompressobj()
+    module, errors = engine()
+    obj = module.decompressobj()
     try:
         out = obj.decompress(data, limit + 1)
-    except _errors as exc:
+    except errors as exc:
         raise ValueError(f"damaged deflate stream: {exc}") from exc
     if len(out) > limit:
         raise ValueError(f"inflates to more than {limit} bytes")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import re
@@ -18,7 +17,6 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from . import __version__
-from .check import check
 from .convert import DEFAULT_SPARSE_SIZE, convert, open_source
 from .create import SUBFORMATS, create
 from .errors import UnsupportedFormatError, VmdkError
@@ -29,6 +27,12 @@ log = logging.getLogger("vmdk")
 
 _SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
              "p": 1 << 50, "e": 1 << 60}
+
+
+def _json(value: object, indent: int | None = None) -> str:
+    import json  # only --output json needs it
+
+    return json.dumps(value, indent=indent)
 
 
 def parse_size(text: str) -> int:
@@ -158,7 +162,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     if is_ova(args.image):
         package = ova_info(args.image)
         if args.output == "json":
-            print(json.dumps(package, indent=4))
+            print(_json(package, indent=4))
             return 0
         print(f"package: {args.image}\nfile format: ova")
         for name in package["members"]:  # type: ignore[attr-defined]
@@ -171,7 +175,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     with Image.open(args.image, "r", **_open_flags(args)) as image:
         infos = [img.info() for img in (image.chain() if args.backing_chain else [image])]
     if args.output == "json":
-        print(json.dumps(infos if args.backing_chain else infos[0], indent=4))
+        print(_json(infos if args.backing_chain else infos[0], indent=4))
         return 0
     for n, info in enumerate(infos):
         if n:
@@ -258,6 +262,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from .check import check
+
     total = 0
     if args.progress:
         with contextlib.suppress(VmdkError, OSError), Image.open(  # check reports why, if
@@ -272,7 +278,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"vmdk: error: {opening[0].message}", file=sys.stderr)
         return 1
     if args.output == "json":
-        print(json.dumps(result.to_json(), indent=4))
+        print(_json(result.to_json(), indent=4))
         return result.exit_code
     for problem in result.problems:
         label = {"corruption": "ERROR", "leak": "Leaked", "warning": "Warning"}.get(
@@ -306,7 +312,7 @@ def cmd_map(args: argparse.Namespace) -> int:
     with Image.open(args.image, "r", **_open_flags(args)) as image:
         runs = image.map()
     if args.output == "json":
-        print("[" + ",\n".join(json.dumps(r.to_json()) for r in runs) + "]")
+        print("[" + ",\n".join(_json(r.to_json()) for r in runs) + "]")
         return 0
     print(f"{'Offset':<20}{'Length':<20}{'Mapped to':<20}File")
     for r in runs:

@@ -11,7 +11,6 @@ import dataclasses
 import operator
 import os
 import re
-import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal, overload
 
@@ -79,6 +78,12 @@ def _sibling(path: str, suffix: str) -> tuple[str, str]:
     return os.path.join(folder, base), base
 
 
+def _new_uuid() -> str:
+    import uuid  # on first use: it costs 4 ms at start-up (it imports platform)
+
+    return str(uuid.uuid4())
+
+
 def _ddb(size: int, opts: CreateOptions, parent: Image | None = None) -> dict[str, str]:
     c, h, s = opts.geometry or compute_geometry(size, opts.adapter_type)
     ddb = {
@@ -87,7 +92,7 @@ def _ddb(size: int, opts: CreateOptions, parent: Image | None = None) -> dict[st
         "ddb.geometry.heads": str(h),
         "ddb.geometry.sectors": str(s),
         "ddb.longContentID": os.urandom(16).hex(),
-        "ddb.uuid.image": str(uuid.uuid4()),
+        "ddb.uuid.image": _new_uuid(),
         "ddb.uuid.modification": NIL_UUID,
         "ddb.uuid.parent": str(parent.uuid) if parent is not None and parent.uuid else NIL_UUID,
         "ddb.uuid.parentmodification": NIL_UUID,

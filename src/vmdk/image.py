@@ -15,10 +15,11 @@ import mmap
 import os
 import stat
 import threading
-import uuid
 from collections.abc import Iterator
-from typing import Any, NoReturn, Self
-from uuid import UUID
+from typing import TYPE_CHECKING, Any, NoReturn, Self
+
+if TYPE_CHECKING:
+    from uuid import UUID
 
 from ._structs import COWD_MAGIC, SESPARSE_CONST_MAGIC, SPARSE_MAGIC, SparseFlags
 from .descriptor import Descriptor, ExtentLine, canonical_create_type
@@ -526,7 +527,7 @@ class Image:
         if not value:
             return None
         try:
-            return uuid.UUID(value.replace(" ", "").replace("-", ""))
+            return _as_uuid(value.replace(" ", "").replace("-", ""))
         except ValueError:
             return None
 
@@ -536,7 +537,7 @@ class Image:
 
     @uuid.setter
     def uuid(self, value: UUID) -> None:
-        self.set_metadata("ddb.uuid.image", str(uuid.UUID(str(value))))  # refuses non-UUIDs
+        self.set_metadata("ddb.uuid.image", str(_as_uuid(str(value))))  # refuses non-UUIDs
 
     @property
     def modification_uuid(self) -> UUID | None:
@@ -544,7 +545,7 @@ class Image:
 
     @modification_uuid.setter
     def modification_uuid(self, value: UUID) -> None:
-        self.set_metadata("ddb.uuid.modification", str(uuid.UUID(str(value))))  # refuses non-UUIDs
+        self.set_metadata("ddb.uuid.modification", str(_as_uuid(str(value))))  # refuses non-UUIDs
 
     @property
     def parent_uuid(self) -> UUID | None:
@@ -552,7 +553,7 @@ class Image:
 
     @parent_uuid.setter
     def parent_uuid(self, value: UUID) -> None:
-        self.set_metadata("ddb.uuid.parent", str(uuid.UUID(str(value))))  # refuses non-UUIDs
+        self.set_metadata("ddb.uuid.parent", str(_as_uuid(str(value))))  # refuses non-UUIDs
 
     @property
     def comment(self) -> str | None:
@@ -657,6 +658,12 @@ class Image:
 
 
 _COMMENT_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r"}
+
+
+def _as_uuid(text: str) -> UUID:
+    import uuid  # on first use: it costs 4 ms at start-up (it imports platform)
+
+    return uuid.UUID(text)
 
 
 def encode_comment(text: str) -> str:
