@@ -12,7 +12,6 @@ import os
 import struct
 import tarfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import IO
 
@@ -289,7 +288,7 @@ def export_ova(src: str | os.PathLike[str], ova: str | os.PathLike[str], *,
                         f"{memory_mb} MB asked for)", ova)
     disk_name = f"{stem}-disk1.vmdk"
     tmp_disk = os.path.join(os.path.dirname(os.path.abspath(ova)),
-                            f".{uuid.uuid4().hex}-{disk_name}")
+                            f".{os.urandom(16).hex()}-{disk_name}")
     try:
         convert(src, tmp_disk, subformat="streamOptimized", adapter_type="lsilogic",
                 compression_level=compression_level, progress=progress,
