@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -223,44 +223,49 @@ class RawTarget:
 
 def copy(source: Source, write_at: Callable[[int, memoryview], None], *,
          sparse_size: int = DEFAULT_SPARSE_SIZE, progress: Progress | None = None,
-         whole_stored: bool = False) -> int:
+         target_fd: int | None = None) -> int:
     """Copy every stored, non-zero byte of ``source`` through ``write_at``; returns bytes written.
 
-    With ``whole_stored`` (a raw target), ranges stored as they are in a host
-    file are read straight from it and written whole, zeros inside them
-    included: no zero scan.  Everything else is read through the source and
-    only its non-zero ``sparse_size`` blocks are written.
+    With ``target_fd`` (a raw target), ranges stored as they are in a host file
+    are copied by the kernel (``copy_file_range``) without passing through
+    Python: stored grains are copied whole, zeros inside them included.
     """
-    chunks: list[_Chunk] = []  # in order; read ahead on a second core
+    written = 0
+    chunks: list[tuple[int, int]] = []  # what goes through Python, in order
     for span in source.spans():
         if not span.data:
             if progress:
                 progress(span.length)
             continue
-        fd = span.host_fd if whole_stored and span.host_offset is not None else None
-        host = (span.host_offset or 0) - span.start  # host offset = virtual offset + host
-        end = span.start + span.length
-        chunks.extend(_Chunk(pos, min(CHUNK, end - pos), fd, pos + host)
-                      for pos in range(span.start, end, CHUNK))
-    return _copy_chunks(source, chunks, write_at, sparse_size, progress)
+        if target_fd is not None and span.host_fd is not None and span.host_offset is not None:
+            try:
+                done = _kernel_copy(span.host_fd, span.host_offset, target_fd, span.start,
+                                    span.length)
+            except OSError as exc:
+                if exc.errno not in _NO_KERNEL_COPY:
+                    raise
+                target_fd = None  # this filesystem cannot: copy through Python from here on
+            else:
+                written += done
+                if progress:
+                    progress(done)
+                if done == span.length:
+                    continue
+                # The file ends early: the image decides what that means (zeros past a
+                # short flat file, an error for a grain past a sparse file's end).
+                span = Span(span.start + done, span.length - done, True)
+        chunks.extend((pos, min(CHUNK, span.start + span.length - pos))
+                      for pos in range(span.start, span.start + span.length, CHUNK))
+    return written + _copy_chunks(source, chunks, write_at, sparse_size, progress)
 
 
-class _Chunk(NamedTuple):
-    start: int
-    length: int
-    host_fd: int | None  # read straight from this file (and written whole) when set
-    host_offset: int
-
-
-def _copy_chunks(source: Source, chunks: list[_Chunk],
+def _copy_chunks(source: Source, chunks: list[tuple[int, int]],
                  write_at: Callable[[int, memoryview], None], sparse_size: int,
                  progress: Progress | None) -> int:
     """Read chunk N+1 in a worker thread while chunk N is written.
 
-    On two cores this beats ``copy_file_range`` on ext4 by 15-20%: the kernel
-    copy reads and writes on one core, here the reads overlap the writes.  The
-    worker also finds the chunk's non-zero runs while the bytes it just read
-    are still in its core's cache.  The source is only ever touched by the
+    The worker also finds the chunk's non-zero runs while the bytes it just
+    read are still in its core's cache.  The source is only ever touched by the
     worker, the target only by the caller's thread.  Buffers are page-aligned,
     so reads from the page cache copy straight in.
     """
@@ -269,38 +274,34 @@ def _copy_chunks(source: Source, chunks: list[_Chunk],
     buffers = [memoryview(mmap.mmap(-1, CHUNK)) for _ in range(2)]
 
     def read(i: int) -> tuple[memoryview, list[tuple[int, int]]]:
-        chunk = chunks[i]
-        view = buffers[i % 2][:chunk.length]
-        if chunk.host_fd is not None:
-            got = _pread_some(chunk.host_fd, view, chunk.host_offset)
-            if got < chunk.length:
-                # The file ends early: the image decides what that means (zeros past a
-                # short flat file, an error for a grain past a sparse file's end).
-                source.readinto_at(chunk.start + got, view[got:])
-            return view, [(0, chunk.length)]
-        source.readinto_at(chunk.start, view)
-        return view, (nonzero_runs(view, sparse_size) if sparse_size else [(0, chunk.length)])
+        pos, n = chunks[i]
+        view = buffers[i % 2][:n]
+        source.readinto_at(pos, view)
+        return view, (nonzero_runs(view, sparse_size) if sparse_size else [(0, n)])
 
     written = 0
     with ThreadPoolExecutor(1, thread_name_prefix="vmdk-read-ahead") as pool:
         future = pool.submit(read, 0)
-        for i, chunk in enumerate(chunks):
-            view, runs = future.result()
+        for i, (pos, n) in enumerate(chunks):
+            chunk, runs = future.result()
             if i + 1 < len(chunks):
                 future = pool.submit(read, i + 1)
             for start, length in runs:
-                write_at(chunk.start + start, view[start:start + length])
+                write_at(pos + start, chunk[start:start + length])
                 written += length
             if progress:
-                progress(chunk.length)
+                progress(n)
     return written
 
 
-def _pread_some(fd: int, view: memoryview, offset: int) -> int:
-    """Read into ``view``; returns the bytes read, short only where the file ends."""
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
+
+
+def _kernel_copy(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, length: int) -> int:
+    """Copy in the kernel; returns the bytes copied, short where the source file ends."""
     done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
+    while done < length:
+        n = os.copy_file_range(src_fd, dst_fd, length - done, src_offset + done, dst_offset + done)
         if n == 0:
             break
         done += n
@@ -351,8 +352,9 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
         _refuse_own_files(source.files(), dst, out_format, subformat)
         with _target(dst, source.size, out_format, subformat, sparse_size, overwrite,
                      durable, create_options) as (write_at, block):
+            raw_fd = getattr(getattr(write_at, "__self__", None), "fd", None)
             return copy(source, write_at, sparse_size=block, progress=progress,
-                        whole_stored=out_format == "raw")
+                        target_fd=raw_fd if out_format == "raw" else None)
     finally:
         source.close()
 
