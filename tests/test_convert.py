@@ -1,7 +1,8 @@
-"""convert: zero detection, raw holes, stored ranges read straight from extent files."""
+"""convert: zero detection, raw holes, the kernel-copy path and its fallback."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -55,6 +56,40 @@ def test_vmdk_to_raw_keeps_every_byte_and_the_holes(tmp_path: Path, kernel_copy:
     assert out.read_bytes() == data
     # Every third 64 KiB block of the pattern is zero and never stored: a hole in the output.
     assert os.stat(out).st_blocks * 512 < len(data)
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_short_flat_extent_converts_with_zeros_past_its_end(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel_copy: bool) -> None:
+    from vmdk import convert as convert_module
+
+    monkeypatch.setattr(convert_module, "CHUNK", MiB)  # the short read lands in a used buffer
+    if not kernel_copy:
+        monkeypatch.setattr(os, "copy_file_range", _no_kernel_copy)
+    src = tmp_path / "flat.vmdk"
+    with vmdk.create(src, 4 * MiB, subformat="monolithicFlat") as disk:
+        disk.write(b"\x77" * (4 * MiB))
+    os.truncate(tmp_path / "flat-flat.vmdk", 3 * MiB + 100)
+    out = tmp_path / "out.raw"
+    convert(src, out, out_format="raw")
+    assert out.read_bytes() == b"\x77" * (3 * MiB + 100) + bytes(MiB - 100)
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_sparse_grain_past_the_file_end_is_an_error_naming_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel_copy: bool) -> None:
+    if not kernel_copy:
+        monkeypatch.setattr(os, "copy_file_range", _no_kernel_copy)
+    src = tmp_path / "cut.vmdk"
+    with vmdk.create(src, 4 * MiB) as disk:
+        disk.write(b"\x55" * (4 * MiB))
+    os.truncate(src, os.path.getsize(src) - 70000)  # the last grain is cut
+    with pytest.raises(vmdk.VmdkError, match="cut.vmdk"):
+        convert(src, tmp_path / "out.raw", out_format="raw")
+
+
+def _no_kernel_copy(*args: object) -> int:
+    raise OSError(errno.EXDEV, "cross-device")
 
 
 def test_raw_to_every_subformat_and_back(tmp_path: Path) -> None:
