@@ -272,6 +272,10 @@ class Result:
         return max(s.maxrss for s in got) if got else None
 
 
+#: Pause after each run that wrote an output (see ``measure``).
+SETTLE_SECONDS = 2.0
+
+
 def measure(case: Case, rounds: int, log: Callable[[str], None]) -> Result:
     warm(case.inputs())
     result = Result(case, {c.label: [] for c in case.contenders}, {}, {})
@@ -294,6 +298,11 @@ def measure(case: Case, rounds: int, log: Callable[[str], None]) -> Result:
             result.samples[contender.label].append(sample)
             if contender.output and os.path.exists(contender.output):
                 result.sizes[contender.label] = os.path.getsize(contender.output)
+                # Flush this output now and give the host time to absorb it: otherwise the
+                # next run (the other tool's) starts while the disk drains the bytes just
+                # written, and whoever ran second in a round was 20-60% slower.
+                os.sync()
+                time.sleep(SETTLE_SECONDS)
             log(f"  {case.name} round {r + 1}: {contender.label:21} {sample.seconds:8.3f} s"
                 f"  {sample.maxrss / MiB:7.1f} MiB")
     if case.verify is not None and not result.errors:

@@ -16,12 +16,12 @@ import mmap
 import os
 import sys
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol
 
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
+
     import numpy as np
 else:
     from ._numpy import np
@@ -278,6 +278,8 @@ def _copy_chunks(source: Source, chunks: list[tuple[int, int]],
         view = buffers[i % 2][:n]
         source.readinto_at(pos, view)
         return view, (nonzero_runs(view, sparse_size) if sparse_size else [(0, n)])
+
+    from concurrent.futures import ThreadPoolExecutor
 
     written = 0
     with ThreadPoolExecutor(1, thread_name_prefix="vmdk-read-ahead") as pool:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import io
 import os
 import struct
-import tarfile
 import time
 from collections.abc import Callable, Iterator
-from typing import IO
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where used: convert imports this module for is_ova alone
+    import tarfile
 
 from . import _deflate
 from ._structs import (
@@ -51,6 +53,7 @@ def is_ova(path: str) -> bool:
 
 def ova_disks(path: str) -> list[str]:
     """Names of the VMDK members of an OVA, in archive order."""
+    import tarfile
     with tarfile.open(path, "r:") as tar:
         return [m.name for m in tar.getmembers() if m.isfile() and m.name.lower().endswith(".vmdk")]
 
@@ -123,6 +126,7 @@ def _read_exact(f: IO[bytes], n: int, name: str, what: str) -> bytes:
 def copy_from_ova(path: str, write_at: Callable[[int, memoryview], None],
                   disk: str | None = None, progress: Callable[[int], None] | None = None) -> int:
     """Write every grain of an OVA's disk through ``write_at``; returns the virtual size."""
+    import tarfile
     with tarfile.open(path, "r:") as tar:
         member = _pick_disk(tar, path, disk)
         f = tar.extractfile(member)
@@ -139,6 +143,7 @@ def copy_from_ova(path: str, write_at: Callable[[int, memoryview], None],
 
 def ova_info(path: str) -> dict[str, object]:
     """What ``vmdk info`` shows of a package: its members and each disk's virtual size."""
+    import tarfile
     with tarfile.open(path, "r:") as tar:
         members = [m for m in tar.getmembers() if m.isfile()]
         disks = []
@@ -159,6 +164,7 @@ def ova_info(path: str) -> dict[str, object]:
 
 
 def ova_disk_size(path: str, disk: str | None = None) -> int:
+    import tarfile
     with tarfile.open(path, "r:") as tar:
         member = _pick_disk(tar, path, disk)
         f = tar.extractfile(member)
@@ -307,6 +313,7 @@ def export_ova(src: str | os.PathLike[str], ova: str | os.PathLike[str], *,
         manifest = (f"SHA256({stem}.ovf)= {hashlib.sha256(ovf).hexdigest()}\n"
                     f"SHA256({disk_name})= {disk_digest}\n").encode()
         tmp_ova = f"{ova}.tmp-{os.getpid()}"
+        import tarfile
         with tarfile.open(tmp_ova, "w", format=tarfile.USTAR_FORMAT) as tar:
             # The OVF must come first: importers read the archive as a stream.
             _add_bytes(tar, f"{stem}.ovf", ovf)
@@ -319,6 +326,8 @@ def export_ova(src: str | os.PathLike[str], ova: str | os.PathLike[str], *,
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    import tarfile
+
     info = _plain_member(tarfile.TarInfo(name))
     info.size = len(data)
     tar.addfile(info, io.BytesIO(data))

@@ -25,10 +25,11 @@ import sys
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
     import numpy as np
 else:
     from .._numpy import np
@@ -164,6 +165,8 @@ def _inflate_pool() -> ThreadPoolExecutor:
     """Shared workers for inflating grains, made on first use."""
     global _pool
     if _pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
         _pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="vmdk-inflate")
     return _pool
 
