@@ -478,7 +478,8 @@ def test_one_verb_parsers_match_the_whole_parser() -> None:
 
 @pytest.mark.parametrize("argv, verb", [
     (["-v", "convert", "a", "b"], "convert"), (["--debug", "info", "x"], "info"),
-    (["--help"], None), (["nonsense", "x"], None), ([], None), (["map"], "map")])
+    (["--help"], None), (["nonsense", "x"], None), ([], None), (["map"], "map"),
+    (["-h", "info"], None), (["info", "-h"], "info"), (["--help", "convert"], None)])
 def test_verb_of(argv: list[str], verb: str | None) -> None:
     from vmdk import cli
 

@@ -297,3 +297,36 @@ def test_shrink_keeps_a_flat_file_other_lines_still_use(tmp_path: Path) -> None:
     resize(path, 3 * MiB // 2, shrink=True)
     with vmdk.open(path) as disk:
         assert disk.read_at(MiB, 512) == b"S" * 512
+
+
+def test_check_all_on_more_tables_than_the_cache_holds(tmp_path: Path) -> None:
+    """-r all rewrites every redundant table, also those no longer in the table cache
+    (16 MiB holds 8192 tables: 256 GiB of 64 KiB grains); it used to raise KeyError."""
+    path = tmp_path / "big.vmdk"
+    with vmdk.create(path, 300 << 30) as disk:
+        disk.write_at(0, b"first")
+        disk.write_at((300 << 30) - 5, b"last!")
+    result = check(str(path), repair="all")
+    assert result.corruptions == 0 and result.check_errors == 0
+    assert check(str(path)).corruptions == 0
+    with vmdk.open(path) as disk:
+        assert disk.read_at(0, 5) == b"first" and disk.read_at((300 << 30) - 5, 5) == b"last!"
+    run("qemu-img", "check", str(path))
+
+
+def test_growing_past_the_2tib_file_limit_is_refused_before_anything_moves(
+        tmp_path: Path) -> None:
+    from vmdk.errors import UnsupportedFormatError
+    from vmdk.extents.sparse import MAX_FILE_SECTORS, SparseExtent
+    from vmdk.resize import _grow_sparse
+
+    path = tmp_path / "e.vmdk"
+    extent = SparseExtent.create(str(path), 2048 * 128)  # 128 MiB, 64 KiB grains
+    try:
+        extent._end = MAX_FILE_SECTORS - 2
+        with pytest.raises(UnsupportedFormatError, match="2 TiB"):
+            _grow_sparse(extent, 8 << 21)  # 8 GiB in sectors
+        assert extent._end == MAX_FILE_SECTORS - 2
+    finally:
+        extent._end = os.path.getsize(path) // 512
+        extent.close()

@@ -718,8 +718,12 @@ _VERB_NAMES = frozenset({"info", "create", "convert", "check", "map", "compare",
 
 def _verb_of(argv: list[str]) -> str | None:
     """The verb, when the command line names a known one (global options take no value)."""
-    word = next((w for w in argv if not w.startswith("-")), None)
-    return word if word in _VERB_NAMES else None
+    for word in argv:
+        if word in ("-h", "--help"):
+            return None  # "vmdk -h info" is the top-level help: it lists every verb
+        if not word.startswith("-"):
+            return word if word in _VERB_NAMES else None
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,7 +25,7 @@ from .descriptor import ExtentLine
 from .errors import UnsupportedFormatError, VmdkError
 from .extents.base import SECTOR_SIZE, pwrite_all
 from .extents.flat import FlatExtent
-from .extents.sparse import MAX_GD_ENTRIES, SparseExtent, u32_bytes
+from .extents.sparse import MAX_FILE_SECTORS, MAX_GD_ENTRIES, SparseExtent, u32_bytes
 from .image import Image, MapRun, compute_geometry, io_errors
 
 
@@ -209,6 +209,9 @@ def _new_tables(extent: SparseExtent, count: int) -> array[int]:
     """Reserve ``count`` zeroed grain tables at the end of the file; their sectors."""
     gt_sectors = _ceil_div(extent.header.num_gtes_per_gt * 4, SECTOR_SIZE)
     first = extent._end
+    if first + count * gt_sectors > MAX_FILE_SECTORS:
+        raise UnsupportedFormatError("extent file would grow past 2 TiB (u32 sector numbers)",
+                                     extent.filename)
     extent._end += count * gt_sectors
     return array("I", range(first, first + count * gt_sectors, gt_sectors))
 

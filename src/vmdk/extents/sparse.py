@@ -143,6 +143,9 @@ def _misplaced(entries: array[int], limit: int, areas: list[tuple[int, int]],
 
 def _mismatched(gd: array[int], rgd: array[int]) -> list[int]:
     """Indexes where one directory has a table and the other has none."""
+    if len(gd) > _BULK_ENTRIES:
+        found: list[int] = np.flatnonzero((u32_view(gd) == 0) != (u32_view(rgd) == 0)).tolist()
+        return found
     if not _has_zero(gd) and not _has_zero(rgd):
         return []
     return [i for i, (a, b) in enumerate(zip(gd, rgd)) if (a == 0) != (b == 0)]
@@ -1031,9 +1034,14 @@ class SparseExtent(Extent):
         if self._data_unsynced and self.durable:
             os.fdatasync(self.fd)
             self._data_unsynced = False
+        n = self.header.num_gtes_per_gt
         for index in sorted(self._gt_dirty):
-            raw = u32_bytes(self._gt_cache[index])
-            pwrite_all(self.fd, raw, int(self.gd[index]) * SECTOR_SIZE)
+            table = self._gt_cache.get(index)
+            if table is not None:
+                raw = u32_bytes(table)
+                pwrite_all(self.fd, raw, int(self.gd[index]) * SECTOR_SIZE)
+            else:  # only its copy is stale (check -r all marks every table): copy the primary
+                raw = os.pread(self.fd, n * 4, int(self.gd[index]) * SECTOR_SIZE).ljust(n * 4, b"\0")
             if self.rgd is not None and self.rgd[index]:
                 pwrite_all(self.fd, raw, int(self.rgd[index]) * SECTOR_SIZE)
         self._gt_dirty.clear()
