@@ -430,3 +430,21 @@ def test_directory_mismatch_matches_definition(pairs: list[tuple[int, int]]) -> 
     gd, rgd = array("I", [a for a, _ in pairs]), array("I", [b for _, b in pairs])
     expected = [i for i, (a, b) in enumerate(pairs) if (a == 0) != (b == 0)]
     assert sparse._mismatched(gd, rgd) == expected
+
+
+def test_a_new_table_past_the_2tib_file_limit_is_refused_cleanly(tmp_path: Path) -> None:
+    """The table's sector would not fit its u32 directory entry: a clear error, nothing
+    changed (the write is refused before any grain is stored)."""
+    from vmdk.errors import UnsupportedFormatError
+    from vmdk.extents.sparse import MAX_FILE_SECTORS
+
+    extent = SparseExtent.create(str(tmp_path / "e.vmdk"), 4096 * 128, redundant=False)
+    try:
+        extent.gd[1] = 0  # grain table 1 not allocated yet
+        end = extent._end = MAX_FILE_SECTORS - 3
+        with pytest.raises(UnsupportedFormatError, match="2 TiB"):
+            extent._allocate_table(1)
+        assert extent._end == end and extent.gd[1] == 0
+    finally:
+        extent._end = os.path.getsize(tmp_path / "e.vmdk") // 512
+        extent.close()

@@ -967,8 +967,11 @@ class SparseExtent(Extent):
 
     def _allocate_table(self, index: int) -> None:
         """Reserve space for a new grain table (and its redundant copy) at the end of the file."""
-        self._meta = None
         gt_sectors = _ceil_div(self.header.num_gtes_per_gt * 4, SECTOR_SIZE)
+        if self._end + 2 * gt_sectors > MAX_FILE_SECTORS:
+            raise UnsupportedFormatError("extent file would grow past 2 TiB (u32 sector numbers)",
+                                         self.filename)
+        self._meta = None
         self.gd[index] = self._end
         self._end += gt_sectors
         if self.rgd is not None:
