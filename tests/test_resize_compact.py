@@ -330,3 +330,19 @@ def test_growing_past_the_2tib_file_limit_is_refused_before_anything_moves(
     finally:
         extent._end = os.path.getsize(path) // 512
         extent.close()
+
+
+def test_check_silences_extent_warnings_of_its_own_thread_only(
+        caplog: pytest.LogCaptureFixture) -> None:
+    import threading
+
+    from vmdk.check import _quiet_extent_warnings
+    from vmdk.extents.sparse import log as sparse_log
+
+    with caplog.at_level("WARNING"), _quiet_extent_warnings():
+        sparse_log.warning("from the checking thread")
+        other = threading.Thread(target=sparse_log.warning, args=("from another thread",))
+        other.start()
+        other.join()
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["from another thread"]
