@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+import time
 
 from .errors import ImageInUseError
 
@@ -34,6 +35,8 @@ def _held_by_other(fd: int, byte: int) -> bool:
 
 
 def _take(fd: int, byte: int) -> None:
+    # Shared locks never block each other: taking one cannot fail on a conflict, only
+    # the test that follows can see one.
     fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_RDLCK, byte))
 
 
@@ -59,26 +62,58 @@ def writer_elsewhere(fd: int) -> bool:
     return _held_by_other(fd, PERM_BASE + WRITE)
 
 
+#: A lost race is retried after a short random pause, this many times: two openers that
+#: lock at the same moment both see the other and both step back; one of the retries wins.
+RACE_RETRIES = 5
+RACE_PAUSE = 0.002  # seconds, the mean of the first pause; it doubles on each retry
+
+
 def lock_image_file(fd: int, filename: str, *, write: bool) -> None:
     """Lock one file of an image for reading or writing; raise ImageInUseError on a conflict.
 
     A writer refuses other writers and consistent readers; a reader refuses
-    writers.  Any number of readers share.
+    writers.  Any number of readers share.  The locks are taken first and the
+    conflicts tested after, as qemu does: testing first would let two openers
+    both pass the test before either had locked.
     """
+    pause = RACE_PAUSE
+    for attempt in range(RACE_RETRIES + 1):
+        try:
+            _take_all(fd, write)
+        except BlockingIOError:  # only an exclusive lock on our bytes blocks a shared one
+            conflict: str | None = "image is in use by another process"
+        else:
+            conflict = _conflict(fd, write)
+        if conflict is None:
+            return
+        _release_all(fd)
+        if attempt < RACE_RETRIES:
+            time.sleep(pause * (0.5 + os.urandom(1)[0] / 255))  # jitter: racers drift apart
+            pause *= 2
+    raise ImageInUseError(conflict or "image is in use", filename)
+
+
+def _take_all(fd: int, write: bool) -> None:
+    _take(fd, PERM_BASE + READ)
+    _take(fd, SHARED_BASE + WRITE)
+    if write:
+        _take(fd, PERM_BASE + WRITE)
+
+
+def _release_all(fd: int) -> None:
+    for byte in (PERM_BASE + READ, PERM_BASE + WRITE, SHARED_BASE + WRITE):
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_UNLCK, byte))
+
+
+def _conflict(fd: int, write: bool) -> str | None:
+    """What another opener holds that our locks cannot live with (our own locks on this
+    open file description never conflict with themselves)."""
     if _held_by_other(fd, PERM_BASE + WRITE):
         hint = ("wait for it to close" if write else
                 "force_share=True / -U reads it anyway, without consistency")
-        raise ImageInUseError(
-            "image is in use: it is open for writing elsewhere (another process, or another "
-            f"open in this one); {hint}", filename)
+        return ("image is in use: it is open for writing elsewhere (another process, or "
+                f"another open in this one); {hint}")
     if write and _held_by_other(fd, SHARED_BASE + WRITE):
-        raise ImageInUseError(
-            "image is in use: it is open for reading elsewhere and readers do not allow "
-            "writes meanwhile", filename)
-    try:
-        _take(fd, PERM_BASE + READ)
-        _take(fd, SHARED_BASE + WRITE)
-        if write:
-            _take(fd, PERM_BASE + WRITE)
-    except BlockingIOError as exc:  # lost a race with another opener
-        raise ImageInUseError("image is in use by another process", filename) from exc
+        return ("image is in use: it is open for reading elsewhere and readers do not allow "
+                "writes meanwhile")
+    return None

@@ -174,9 +174,12 @@ class Image:
 
     def __init__(self, path: str, descriptor: Descriptor, extents: list[Extent], *,
                  read_only: bool, embedded: SparseExtent | None, parent: Image | None,
-                 allow_external: bool) -> None:
+                 allow_external: bool, stores_descriptor: bool = True) -> None:
         self.path = path
         self.descriptor = descriptor
+        #: False for a bare extent opened on its own: its descriptor was made up here and
+        #: has no place in the file (writing it would overwrite the extent's header).
+        self.stores_descriptor = stores_descriptor
         self.extents = extents
         self.read_only = read_only
         self.embedded = embedded
@@ -269,8 +272,10 @@ class Image:
                 with contextlib.suppress(Exception):
                     parent.close()
             raise
+        stores = kind == "descriptor" or (embedded is not None and bool(
+            embedded.header.descriptor_offset and embedded.header.descriptor_size))
         image = cls(path, descriptor, extents, read_only=read_only, embedded=embedded,
-                    parent=parent, allow_external=allow_external)
+                    parent=parent, allow_external=allow_external, stores_descriptor=stores)
         image._lock_fds = locks
         return image
 
@@ -336,22 +341,33 @@ class Image:
             raise ReadOnlyError("image is open read-only", self.path)
 
     def _first_write(self) -> None:
-        if not self._written:
-            self._written = True
-            self.descriptor.cid = new_cid()
+        """Give the image its new CID on disk before the first byte of new content.
+
+        A child opens only when its parentCID matches, so a writer killed at any
+        later moment leaves children that know their parent changed (as qemu
+        does on its first write).  Once per open.
+        """
+        if self._written:
+            return
+        self.descriptor.cid = new_cid()
+        with io_errors(self.path):
+            self._write_descriptor(sync=True)
+        self._written = True
 
     def write_at(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._check_writable()
         view = memoryview(data).cast("B")
+        pieces = list(self._pieces(offset, len(view)))  # a refused request changes nothing
         self._first_write()
-        for extent, inner, n, at in self._pieces(offset, len(view)):
+        for extent, inner, n, at in pieces:
             with io_errors(extent.filename):
                 extent.write(inner, view[at:at + n], self._backing_for(extent))
 
     def write_zeroes_at(self, offset: int, length: int) -> None:
         self._check_writable()
+        pieces = list(self._pieces(offset, length))
         self._first_write()
-        for extent, inner, n, _at in self._pieces(offset, length):
+        for extent, inner, n, _at in pieces:
             with io_errors(extent.filename):
                 extent.write_zeroes(inner, n, self._backing_for(extent))
 
@@ -412,13 +428,17 @@ class Image:
             with io_errors(extent.filename):
                 extent.flush()
 
-    def _write_descriptor(self) -> None:
+    def _write_descriptor(self, sync: bool = False) -> None:
+        """Write the descriptor back where it came from, if it changed (``sync``: durably
+        now; otherwise the extent's flush syncs it)."""
         data = self.descriptor.to_bytes()
-        if data == self._descriptor_bytes:
+        if data == self._descriptor_bytes or not self.stores_descriptor:
             return
         if self.embedded is not None:
             size = self.embedded.header.descriptor_size * SECTOR_SIZE
             self.embedded.write_descriptor(self.descriptor.to_bytes_padded(size))
+            if sync and self.embedded.durable:
+                os.fsync(self.embedded.fd)
         else:
             _replace_file(self.path, data)
         self._descriptor_bytes = data
@@ -885,9 +905,13 @@ def _lock_files(path: str, extents: list[Extent], *, write: bool) -> list[int]:
     from ._lock import lock_image_file
 
     fds: list[int] = []
-    names = dict.fromkeys([path] + [e.filename for e in extents if e.filename])
+    # One lock per file: a bare extent opened on its own is also "the image", and two
+    # open file descriptions of one file would refuse each other.
+    names: dict[str, str] = {}
+    for name in [path] + [e.filename for e in extents if e.filename]:
+        names.setdefault(os.path.realpath(name), name)
     try:
-        for name in names:
+        for name in names.values():
             fd = os.open(name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             fds.append(fd)
             lock_image_file(fd, name, write=write)

@@ -1,0 +1,156 @@
+"""Racing openers: of any number of writers started together, exactly one holds the image.
+
+Locks are taken before conflicts are tested (as qemu does with its permission
+bytes), so two openers can no longer both pass the test before either has
+locked; a loser backs off and tries again briefly, so a race is never lost by
+everyone.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import select
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import vmdk
+from tests.conftest import have
+
+MiB = 1 << 20
+#: How long a winner keeps the image open: far longer than any opener retries, so two
+#: "wins" in one round can only mean two writers at once.
+HOLD = 0.15
+
+
+def _racers(path: Path, modes: list[str]) -> list[str]:
+    """Fork one opener per mode, release them together; each reports "win" or "lose"."""
+    go_r, go_w = os.pipe()
+    out_r, out_w = os.pipe()
+    pids = []
+    for mode in modes:
+        pid = os.fork()
+        if pid == 0:  # the child: wait for the start signal, open, report, hold
+            code = 0
+            try:
+                os.close(go_w)
+                os.read(go_r, 1)
+                try:
+                    disk = vmdk.open(path, mode)
+                except vmdk.ImageInUseError:
+                    os.write(out_w, b"L")
+                else:
+                    os.write(out_w, b"W")
+                    time.sleep(HOLD)
+                    disk.close()
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    os.close(go_r)
+    os.close(out_w)
+    os.write(go_w, b"x" * len(modes))  # every child wakes on the same write
+    os.close(go_w)
+    results = b""
+    deadline = time.monotonic() + 30
+    while len(results) < len(modes) and time.monotonic() < deadline:
+        ready, _, _ = select.select([out_r], [], [], 1)
+        if ready:
+            chunk = os.read(out_r, 64)
+            if not chunk:
+                break
+            results += chunk
+    os.close(out_r)
+    for pid in pids:
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "an opener failed unexpectedly"
+    return ["win" if c == ord("W") else "lose" for c in results]
+
+
+def test_exactly_one_of_racing_writers_wins(tmp_path: Path) -> None:
+    path = tmp_path / "race.vmdk"
+    with vmdk.create(path, MiB):
+        pass
+    rng = random.Random(11)
+    rounds, started = 0, time.monotonic()
+    while rounds < 40 and time.monotonic() - started < 12:
+        writers = rng.choice((2, 3, 4))
+        results = _racers(path, ["r+"] * writers)
+        rounds += 1
+        assert len(results) == writers
+        assert results.count("win") == 1, (
+            f"round {rounds}: {results.count('win')} of {writers} racing writers opened the "
+            "image")
+    print(f"{rounds} rounds of racing writers, one winner each")
+    assert rounds >= 10
+
+
+def test_a_racing_reader_and_writer_never_both_hold(tmp_path: Path) -> None:
+    path = tmp_path / "race.vmdk"
+    with vmdk.create(path, MiB):
+        pass
+    rounds, started = 0, time.monotonic()
+    while rounds < 20 and time.monotonic() - started < 6:
+        results = _racers(path, ["r+", "r"])
+        rounds += 1
+        writer, reader = results if len(results) == 2 else (None, None)
+        # Readers share with readers only: never a writer and a consistent reader at once.
+        assert results.count("win") >= 1, f"round {rounds}: both lost"
+        assert not (writer == reader == "win"), f"round {rounds}: both opened"
+    print(f"{rounds} rounds of a racing reader and writer")
+
+
+def test_a_held_writer_is_still_refused_after_the_retries(tmp_path: Path) -> None:
+    path = tmp_path / "held.vmdk"
+    with vmdk.create(path, MiB):
+        pass
+    with vmdk.open(path, "r+"):
+        started = time.monotonic()
+        with pytest.raises(vmdk.ImageInUseError, match="in use"):
+            vmdk.open(path, "r+")
+        assert time.monotonic() - started < 2  # the back-off is short and bounded
+
+
+def test_a_bare_extent_does_not_conflict_with_itself(tmp_path: Path) -> None:
+    """A COWD delta opened on its own is both the image and its extent: one file, one lock."""
+    with vmdk.create(tmp_path / "base.vmdk", MiB):
+        pass
+    with vmdk.create(tmp_path / "snap.vmdk", None, "vmfsSparse", parent=tmp_path / "base.vmdk"):
+        pass
+    delta = tmp_path / "snap-delta.vmdk"
+    before = delta.read_bytes()[:4]
+    with vmdk.open(delta, "r+") as disk:
+        disk.write_at(0, b"\x42" * 512)
+    assert delta.read_bytes()[:4] == before == b"COWD"  # no descriptor text written over it
+    with vmdk.open(delta) as disk:
+        assert disk.read_at(0, 512) == b"\x42" * 512
+
+
+@pytest.mark.interop
+def test_racing_qemu_io_and_us_never_both_write(tmp_path: Path) -> None:
+    if not have("qemu-io"):
+        pytest.skip("qemu-io is not installed")
+    path = tmp_path / "race.vmdk"
+    with vmdk.create(path, MiB):
+        pass
+    rng = random.Random(5)
+    for _ in range(8):
+        proc = subprocess.Popen(["qemu-io", "-f", "vmdk", "-c", "sleep 400", str(path)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(rng.uniform(0, 0.08))
+        try:
+            disk = vmdk.open(path, "r+")
+        except vmdk.ImageInUseError:
+            ours = False
+        else:
+            ours = True
+            time.sleep(0.5)  # past qemu-io's sleep: had it opened too, both held at once
+            disk.close()
+        _, err = proc.communicate(timeout=30)
+        theirs = proc.returncode == 0 and "lock" not in err
+        assert not (ours and theirs), "qemu-io and vmdk both opened the image for writing"
+        assert ours or theirs, err
