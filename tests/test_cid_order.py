@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.conftest import pattern
 
 import vmdk
 import vmdk.chain
-from tests.conftest import pattern
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 MiB = 1 << 20

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.conftest import have
 
 import vmdk
-from tests.conftest import have
 
 MiB = 1 << 20
 #: How long a winner keeps the image open: far longer than any opener retries, so two
@@ -46,7 +46,7 @@ def _racers(path: Path, modes: list[str]) -> list[str]:
                     os.write(out_w, b"W")
                     time.sleep(HOLD)
                     disk.close()
-            except BaseException:
+            except BaseException:  # noqa: BLE001 - a forked child must never return to pytest
                 code = 1
             finally:
                 os._exit(code)
