@@ -59,7 +59,7 @@ def test_vmdk_to_raw_keeps_every_byte_and_the_holes(tmp_path: Path, kernel_copy:
 
 
 @pytest.mark.parametrize("kernel_copy", [True, False])
-def test_short_flat_extent_converts_with_zeros_past_its_end(
+def test_short_flat_extent_converts_with_zeros_past_its_end_when_asked(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel_copy: bool) -> None:
     from vmdk import convert as convert_module
 
@@ -71,7 +71,9 @@ def test_short_flat_extent_converts_with_zeros_past_its_end(
         disk.write(b"\x77" * (4 * MiB))
     os.truncate(tmp_path / "flat-flat.vmdk", 3 * MiB + 100)
     out = tmp_path / "out.raw"
-    convert(src, out, out_format="raw")
+    with pytest.raises(vmdk.CorruptImageError, match="missing"):  # by default, as a cut copy
+        convert(src, out, out_format="raw")
+    convert(src, out, out_format="raw", missing_as_zeros=True)
     assert out.read_bytes() == b"\x77" * (3 * MiB + 100) + bytes(MiB - 100)
 
 
@@ -219,12 +221,12 @@ def test_raw_output_fails_on_a_grain_past_the_end_like_every_other_reader(tmp_pa
     assert not (tmp_path / "g.raw").exists()
 
 
-def test_raw_output_of_a_short_flat_file_reads_zeros_past_its_end(tmp_path: Path) -> None:
+def test_raw_output_of_a_short_flat_file_reads_zeros_past_its_end_when_asked(tmp_path: Path) -> None:
     src = tmp_path / "f.vmdk"
     with vmdk.create(src, 4 * MiB, subformat="monolithicFlat") as d:
         d.write(b"\x77" * MiB)
     os.truncate(tmp_path / "f-flat.vmdk", MiB + 1000)  # shorter than the descriptor says
-    convert(src, tmp_path / "f.raw", out_format="raw")
+    convert(src, tmp_path / "f.raw", out_format="raw", missing_as_zeros=True)
     out = (tmp_path / "f.raw").read_bytes()
     assert out[:MiB] == b"\x77" * MiB and out[MiB:] == bytes(3 * MiB)
 

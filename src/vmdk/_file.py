@@ -149,13 +149,21 @@ class VmdkFile(PositionedDisk):
 
 
 def open(path: str | os.PathLike[str], mode: str = "r", *, allow_external: bool = False,
-         ignore_cid: bool = False, force_share: bool = False) -> VmdkFile:
+         ignore_cid: bool = False, force_share: bool = False,
+         drop_change_tracking: bool = False, missing_as_zeros: bool = False) -> VmdkFile:
     """Open a VMDK image (descriptor, monolithic or bare extent file) as a file object.
 
     ``mode`` is "r" (the default) or "r+" to write.  ``allow_external`` lets
     the descriptor name files outside the image's folder or devices, which is
     refused by default; ``ignore_cid`` opens a snapshot whose parent changed;
     ``force_share`` reads an image another process is writing (no lock is taken).
+    An image with VMware's changed block tracking (``changeTrackPath``) is not
+    opened for writing unless ``drop_change_tracking=True``: the first write
+    then removes the claim from the descriptor, as the tracking file goes stale.
+    Reading past the end of a flat extent file shorter than the descriptor says
+    raises ``CorruptImageError`` unless ``missing_as_zeros=True``.
     """
     return VmdkFile(Image.open(path, mode, allow_external=allow_external, ignore_cid=ignore_cid,
-                               force_share=force_share))
+                               force_share=force_share,
+                               drop_change_tracking=drop_change_tracking,
+                               missing_as_zeros=missing_as_zeros))

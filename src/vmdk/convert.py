@@ -316,7 +316,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
             progress: Progress | None = None, overwrite: bool = True,
             allow_external: bool = False, force_share: bool = False, ignore_cid: bool = False,
             disk: str | None = None, durable: bool = True, recover: bool = False,
-            **create_options: Any) -> int:
+            missing_as_zeros: bool = False, **create_options: Any) -> int:
     """Convert ``src`` into ``dst``; returns the bytes written.
 
     ``src`` is a raw file, any VMDK (a snapshot chain is flattened) or an OVA
@@ -326,6 +326,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     final fsync, as ``qemu-img convert`` does by default.  ``recover=True``
     salvages a damaged or truncated streamOptimized source: its grain markers
     are walked front to back and every grain before the damage is kept.
+    ``missing_as_zeros=True`` reads the missing end of a cut flat extent file as
+    zeros instead of failing.
     """
     from .ova import copy_from_ova, is_ova, ova_disk_size
 
@@ -348,7 +350,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
             copy_from_ova(src, write_at, disk, progress)
         return os.path.getsize(dst) if dst != "-" else 0
     extra = ({"allow_external": allow_external, "force_share": force_share,
-              "ignore_cid": ignore_cid} if src_format != "raw" else {})
+              "ignore_cid": ignore_cid, "missing_as_zeros": missing_as_zeros}
+             if src_format != "raw" else {})
     source = open_source(src, src_format, **extra)
     try:
         _refuse_own_files(source.files(), dst, out_format, subformat)

@@ -193,6 +193,8 @@ class Image:
         self.size = pos
         self._descriptor_bytes = descriptor.to_bytes()
         self._written = False
+        #: The caller accepted that a write drops changed block tracking (see open()).
+        self._drop_tracking = False
         self._lock_fds: list[int] = []
         self.closed = False
 
@@ -201,18 +203,23 @@ class Image:
     @classmethod
     def open(cls, path: str | os.PathLike[str], mode: str = "r", *,
              allow_external: bool = False, ignore_cid: bool = False, force_share: bool = False,
-             open_parent: bool = True, repair: bool = False, _depth: int = 0,
-             _seen: frozenset[str] = frozenset()) -> Image:
+             open_parent: bool = True, repair: bool = False,
+             drop_change_tracking: bool = False, missing_as_zeros: bool = False,
+             _depth: int = 0, _seen: frozenset[str] = frozenset()) -> Image:
         path = os.fspath(path)
         with io_errors(path):
-            return cls._open(path, mode, allow_external=allow_external, ignore_cid=ignore_cid,
-                             force_share=force_share, open_parent=open_parent, repair=repair,
-                             _depth=_depth, _seen=_seen)
+            image = cls._open(path, mode, allow_external=allow_external,
+                              ignore_cid=ignore_cid, force_share=force_share,
+                              open_parent=open_parent, repair=repair,
+                              drop_change_tracking=drop_change_tracking,
+                              missing_as_zeros=missing_as_zeros, _depth=_depth, _seen=_seen)
+        image._drop_tracking = drop_change_tracking
+        return image
 
     @classmethod
     def _open(cls, path: str, mode: str, *, allow_external: bool, ignore_cid: bool,
-              force_share: bool, open_parent: bool, repair: bool, _depth: int,
-              _seen: frozenset[str]) -> Image:
+              force_share: bool, open_parent: bool, repair: bool, drop_change_tracking: bool,
+              missing_as_zeros: bool, _depth: int, _seen: frozenset[str]) -> Image:
         if mode not in ("r", "r+", "rb", "r+b", "rb+"):
             raise ValueError(f"invalid mode {mode!r}: use 'r' or 'r+'")
         read_only = "+" not in mode
@@ -243,13 +250,16 @@ class Image:
             if canonical_create_type(descriptor.create_type) is None:
                 raise UnsupportedFormatError(
                     f"unknown createType {descriptor.create_type!r}", path)
+            if not read_only and not drop_change_tracking:
+                _refuse_tracked_write(descriptor, path)
             extents = _open_extents(path, descriptor, embedded, read_only, allow_external,
-                                    strict=not repair)
+                                    strict=not repair, missing_as_zeros=missing_as_zeros)
             if not force_share:
                 locks = _lock_files(path, extents, write=not read_only)
             if open_parent:
                 parent = _open_parent(path, descriptor, allow_external, ignore_cid,
-                                      _depth, _seen | {real}, force_share)
+                                      _depth, _seen | {real}, force_share,
+                                      missing_as_zeros=missing_as_zeros)
                 if parent is not None and parent.cid != descriptor.parent_cid and not read_only:
                     raise ChainError(
                         "a snapshot whose parent changed (CID mismatch) opens read-only only",
@@ -350,6 +360,8 @@ class Image:
         if self._written:
             return
         self.descriptor.cid = new_cid()
+        if self._drop_tracking:  # the tracking file no longer tells what changed
+            self.descriptor.remove(CHANGE_TRACK_KEY)
         with io_errors(self.path):
             self._write_descriptor(sync=True)
         self._written = True
@@ -823,7 +835,8 @@ def resolve_extent_path(image_path: str, name: str, *, allow_external: bool) -> 
 
 
 def _open_extents(path: str, descriptor: Descriptor, embedded: SparseExtent | None,
-                  read_only: bool, allow_external: bool, strict: bool = True) -> list[Extent]:
+                  read_only: bool, allow_external: bool, strict: bool = True,
+                  missing_as_zeros: bool = False) -> list[Extent]:
     lines = descriptor.extents
     if embedded is not None:
         # A monolithic file is its own extent, whatever name the descriptor still carries
@@ -842,7 +855,7 @@ def _open_extents(path: str, descriptor: Descriptor, embedded: SparseExtent | No
     try:
         for line in lines:
             extents.append(_open_extent(path, line, descriptor, read_only, allow_external,
-                                        strict))
+                                        strict, missing_as_zeros))
     except BaseException:
         for extent in extents:
             extent.close()
@@ -851,7 +864,8 @@ def _open_extents(path: str, descriptor: Descriptor, embedded: SparseExtent | No
 
 
 def _open_extent(path: str, line: ExtentLine, descriptor: Descriptor, read_only: bool,
-                 allow_external: bool, strict: bool = True) -> Extent:
+                 allow_external: bool, strict: bool = True,
+                 missing_as_zeros: bool = False) -> Extent:
     ro = read_only or line.access != "RW"
     if line.type == "ZERO":
         return ZeroExtent(line.sectors)
@@ -865,7 +879,8 @@ def _open_extent(path: str, line: ExtentLine, descriptor: Descriptor, read_only:
             f"raw-disk extent {line.filename!r} names a device; pass allow_external=True "
             "(--allow-external) to open it", path)
     if line.type in ("FLAT", "VMFS", "VMFSRDM", "VMFSRAW"):
-        return FlatExtent(target, line.sectors, line.offset or 0, read_only=ro)
+        return FlatExtent(target, line.sectors, line.offset or 0, read_only=ro,
+                          missing_as_zeros=missing_as_zeros)
     kind = sniff(target) if os.path.exists(target) else "missing"
     if kind == "missing":
         raise MissingExtentError(f"extent file {line.filename!r} does not exist", path)
@@ -884,6 +899,21 @@ def _open_extent(path: str, line: ExtentLine, descriptor: Descriptor, read_only:
             raise UnsupportedFormatError("seSparse extents can only be opened read-only", target)
         return SESparseExtent.open(target, nominal_sectors=line.sectors)
     raise UnsupportedFormatError(f"{line.type} extent {line.filename!r} has no known header", path)
+
+
+CHANGE_TRACK_KEY = "changeTrackPath"
+
+
+def _refuse_tracked_write(descriptor: Descriptor, path: str) -> None:
+    """Writes would leave VMware's changed block tracking stale: backups would miss them."""
+    tracking = descriptor.get(CHANGE_TRACK_KEY)
+    if tracking:
+        raise UnsupportedFormatError(
+            f"the image has changed block tracking (changeTrackPath {tracking!r}), which this "
+            "package cannot update: a write would leave the tracking file stale and the next "
+            "incremental backup would miss the change. Read it, convert it to a new image "
+            "('vmdk convert'), or open it with drop_change_tracking=True to write and drop "
+            "the tracking (the next backup must then be a full one)", path)
 
 
 def _warn_if_unclean(extent: Extent) -> None:
@@ -923,7 +953,8 @@ def _lock_files(path: str, extents: list[Extent], *, write: bool) -> list[int]:
 
 
 def _open_parent(path: str, descriptor: Descriptor, allow_external: bool, ignore_cid: bool,
-                 depth: int, seen: frozenset[str], force_share: bool = False) -> Image | None:
+                 depth: int, seen: frozenset[str], force_share: bool = False, *,
+                 missing_as_zeros: bool = False) -> Image | None:
     hint = descriptor.parent_file_name_hint
     if descriptor.parent_cid == NO_PARENT_CID or not hint:
         return None
@@ -945,7 +976,8 @@ def _open_parent(path: str, descriptor: Descriptor, allow_external: bool, ignore
     if target is None:
         raise ChainError(f"parent image {hint!r} was not found", path)
     parent = Image.open(target, "r", allow_external=allow_external, ignore_cid=ignore_cid,
-                        force_share=force_share, _depth=depth + 1, _seen=seen)
+                        force_share=force_share, missing_as_zeros=missing_as_zeros,
+                        _depth=depth + 1, _seen=seen)
     if parent.cid != descriptor.parent_cid and not ignore_cid:
         parent.close()
         raise ChainError(

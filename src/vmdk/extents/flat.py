@@ -12,8 +12,13 @@ from .base import SECTOR_SIZE, Alloc, BackingReader, Extent, Run, pread_exact, p
 class FlatExtent(Extent):
     """Bytes stored as they are, starting ``start_sector`` sectors into ``filename``."""
 
-    def __init__(self, filename: str, sectors: int, start_sector: int = 0, *, read_only: bool = True) -> None:
+    def __init__(self, filename: str, sectors: int, start_sector: int = 0, *,
+                 read_only: bool = True, missing_as_zeros: bool = False) -> None:
         self.filename = filename
+        #: Read the part past the end of a file shorter than the descriptor says as zeros
+        #: (as qemu does) instead of refusing it: a cut copy would otherwise convert
+        #: "successfully" with its tail blanked.
+        self.missing_as_zeros = missing_as_zeros
         self.size = sectors * SECTOR_SIZE
         self.base = start_sector * SECTOR_SIZE
         self.read_only = read_only
@@ -42,24 +47,45 @@ class FlatExtent(Extent):
 
     def read_into(self, offset: int, buf: memoryview) -> list[tuple[int, int]]:
         self._check_range(offset, len(buf))
-        pread_exact(self.fd, buf, self.base + offset, self.filename)
+        got = pread_exact(self.fd, buf, self.base + offset, self.filename)
+        if got < len(buf) and not self.missing_as_zeros:
+            self._refuse_missing(self.base + offset + got)
         return []
 
+    def _refuse_missing(self, end: int) -> None:
+        need = self.base + self.size
+        raise CorruptImageError(
+            f"the file ends at byte {end} but the descriptor gives it {need} bytes: bytes "
+            f"{end}-{need} are missing (a cut copy?); missing_as_zeros=True "
+            "(--missing-as-zeros) reads them as zeros", self.filename)
+
     def status(self, offset: int, length: int) -> list[Run]:
-        """Data where the file stores bytes; holes (and the part past its end) read as zeros."""
+        """Data where the file stores bytes, holes (reading as zeros) where it has holes.
+
+        Past the end of a file shorter than the descriptor says, nothing is stored
+        and yet it is no hole: it is reported as data, so that whoever copies it
+        reads it and hears that it is missing (holes with ``missing_as_zeros``).
+        """
         self._check_range(offset, length)
         if not length:
             return []
         runs: list[Run] = []
         pos, end = self.base + offset, self.base + offset + length
-        while pos < end:
-            data, hole = self._next_data(pos, end)
+        stored_end = end if self.missing_as_zeros else max(pos, min(end, self._file_end()))
+        while pos < stored_end:
+            data, hole = self._next_data(pos, stored_end)
             if data > pos:
                 runs.append(Run(pos - self.base, data - pos, Alloc.HOLE, pos, self.filename))
             if hole > data:
                 runs.append(Run(data - self.base, hole - data, Alloc.DATA, data, self.filename))
             pos = max(hole, data)
+        if stored_end < end:
+            runs.append(Run(stored_end - self.base, end - stored_end, Alloc.DATA, stored_end,
+                            self.filename))
         return runs
+
+    def _file_end(self) -> int:
+        return os.lseek(self.fd, 0, os.SEEK_END)  # a device's size too, where fstat says 0
 
     def _next_data(self, pos: int, end: int) -> tuple[int, int]:
         """(start, end) of the next stored range at or after ``pos``, clipped to ``end``."""
