@@ -6,7 +6,9 @@ import hashlib
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -74,3 +76,31 @@ def qemu_data_ranges(image: os.PathLike[str] | str) -> list[tuple[int, int]]:
 
     mapped = json.loads(run("qemu-img", "map", "--output=json", "-f", "vmdk", image).stdout)
     return [(m["start"], m["length"]) for m in mapped if m["data"]]
+
+
+@pytest.fixture
+def report_rounds(record_property: Any) -> Callable[[str], None]:
+    """Record how many rounds a race, kill or disk-full test ran; the run's summary lists them.
+
+    (``record_property`` travels with the test's report, so it reaches the summary from
+    pytest-xdist's workers as well.)
+    """
+
+    def report(text: str) -> None:
+        record_property("rounds", text)
+
+    return report
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    lines = []
+    for report in terminalreporter.stats.get("passed", []):
+        if report.when != "call":
+            continue
+        for key, value in getattr(report, "user_properties", ()):
+            if key == "rounds":
+                lines.append(f"{report.nodeid.split('::', 1)[-1]}: {value}")
+    if lines:
+        terminalreporter.section("rounds of the race, kill and disk-full tests")
+        for line in sorted(lines):
+            terminalreporter.write_line(line)

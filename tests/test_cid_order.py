@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -55,8 +56,8 @@ def _kill_writer(path: Path, seed: int, delay: float) -> None:
 
 @pytest.mark.parametrize("subformat", ["monolithicSparse", "twoGbMaxExtentSparse",
                                        "monolithicFlat"])
-def test_a_parent_killed_mid_write_never_shows_children_new_bytes(tmp_path: Path,
-                                                                   subformat: str) -> None:
+def test_a_parent_killed_mid_write_never_shows_children_new_bytes(
+        tmp_path: Path, subformat: str, report_rounds: Callable[[str], None]) -> None:
     content = pattern(SIZE, seed=3, zero_every=0)
     rng = random.Random(subformat)
     rounds = 0
@@ -80,7 +81,7 @@ def test_a_parent_killed_mid_write_never_shows_children_new_bytes(tmp_path: Path
             assert opened.read_at(0, SIZE) == content, (
                 f"round {rounds}: the child opened without a CID mismatch but its parent's "
                 "content changed under it")
-    print(f"{subformat}: {rounds} killed parent writers")
+    report_rounds(f"{rounds} parent writers killed, children never misled")
 
 
 def test_the_new_cid_is_on_disk_before_the_first_write_returns(tmp_path: Path) -> None:

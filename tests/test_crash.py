@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -228,7 +229,8 @@ ROUNDS = {"monolithicSparse": 10, "twoGbMaxExtentSparse": 10, "child": 10}
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
-def test_sigkill_during_random_writes(tmp_path: Path, scenario: str) -> None:
+def test_sigkill_during_random_writes(tmp_path: Path, scenario: str,
+                                      report_rounds: Callable[[str], None]) -> None:
     windows, _ = SCENARIOS[scenario]
     path = make_image(tmp_path, scenario)
     baseline = read_windows(path, windows)
@@ -255,7 +257,7 @@ def test_sigkill_during_random_writes(tmp_path: Path, scenario: str) -> None:
     with vmdk.open(path, "r+") as disk:
         disk.write_at(0, b"after")
     assert vmdk.check.check(path).corruptions == 0
-    print(f"{scenario}: {survived} crash rounds survived ({finished} writers finished first)")
+    report_rounds(f"{survived} crash rounds survived ({finished} writers finished first)")
     assert finished < survived // 2, "the writer is too fast: most kills came after its last op"
 
 
@@ -328,7 +330,8 @@ IO_OPS = 24
 
 @pytest.mark.parametrize("scenario", ["monolithicSparse", "twoGbMaxExtentSparse", "child"])
 def test_io_errors_leave_a_consistent_image(tmp_path: Path, scenario: str,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+                                            monkeypatch: pytest.MonkeyPatch,
+                                            report_rounds: Callable[[str], None]) -> None:
     windows, _ = SCENARIOS[scenario]
     template = tmp_path / "template"
     template.mkdir()
@@ -380,7 +383,7 @@ def test_io_errors_leave_a_consistent_image(tmp_path: Path, scenario: str,
         except (AssertionError, vmdk.VmdkError) as exc:
             broken.append(f"call {n} ({errno.errorcode[code]}{', sticky' if n % 3 == 0 else ''}, "
                           f"after {error!r}): {type(exc).__name__}: {str(exc).splitlines()[0]}")
-    print(f"{scenario}: {injected} I/O errors injected over {total} calls")
+    report_rounds(f"{injected} I/O errors (EIO, ENOSPC) injected over {total} calls")
     assert not broken, (f"{len(broken)} of the faulted runs left a damaged image:\n"
                         + "\n".join(broken[:8]))
     assert not unnamed, ("I/O errors reached the caller without naming the image file:\n"

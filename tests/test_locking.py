@@ -13,6 +13,7 @@ import random
 import select
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -71,7 +72,8 @@ def _racers(path: Path, modes: list[str]) -> list[str]:
     return ["win" if c == ord("W") else "lose" for c in results]
 
 
-def test_exactly_one_of_racing_writers_wins(tmp_path: Path) -> None:
+def test_exactly_one_of_racing_writers_wins(tmp_path: Path,
+                                           report_rounds: Callable[[str], None]) -> None:
     path = tmp_path / "race.vmdk"
     with vmdk.create(path, MiB):
         pass
@@ -85,11 +87,12 @@ def test_exactly_one_of_racing_writers_wins(tmp_path: Path) -> None:
         assert results.count("win") == 1, (
             f"round {rounds}: {results.count('win')} of {writers} racing writers opened the "
             "image")
-    print(f"{rounds} rounds of racing writers, one winner each")
+    report_rounds(f"{rounds} rounds of 2-4 racing writers, one winner each")
     assert rounds >= 10
 
 
-def test_a_racing_reader_and_writer_never_both_hold(tmp_path: Path) -> None:
+def test_a_racing_reader_and_writer_never_both_hold(
+        tmp_path: Path, report_rounds: Callable[[str], None]) -> None:
     path = tmp_path / "race.vmdk"
     with vmdk.create(path, MiB):
         pass
@@ -101,7 +104,7 @@ def test_a_racing_reader_and_writer_never_both_hold(tmp_path: Path) -> None:
         # Readers share with readers only: never a writer and a consistent reader at once.
         assert results.count("win") >= 1, f"round {rounds}: both lost"
         assert not (writer == reader == "win"), f"round {rounds}: both opened"
-    print(f"{rounds} rounds of a racing reader and writer")
+    report_rounds(f"{rounds} rounds of a racing reader and writer")
 
 
 def test_a_held_writer_is_still_refused_after_the_retries(tmp_path: Path) -> None:
