@@ -352,13 +352,14 @@ def test_io_errors_leave_a_consistent_image(tmp_path: Path, scenario: str,
     total = counter.calls
     assert total > 10
 
-    injected = 0
+    injected = runs = 0
     unnamed: list[str] = []
     broken: list[str] = []
     step = max(1, total // 25)
     for n in range(1, total + 1, step):
         work = tmp_path / f"run{n}"
         work.mkdir()
+        runs += 1
         for name in files:
             (work / name).write_bytes((template / name).read_bytes())
         code = errno.EIO if n % 2 else errno.ENOSPC
@@ -383,7 +384,8 @@ def test_io_errors_leave_a_consistent_image(tmp_path: Path, scenario: str,
         except (AssertionError, vmdk.VmdkError) as exc:
             broken.append(f"call {n} ({errno.errorcode[code]}{', sticky' if n % 3 == 0 else ''}, "
                           f"after {error!r}): {type(exc).__name__}: {str(exc).splitlines()[0]}")
-    report_rounds(f"{injected} I/O errors (EIO, ENOSPC) injected over {total} calls")
+    report_rounds(f"{runs} runs, each failing one of the workload's {total} system calls "
+                  f"(EIO or ENOSPC, some sticky): {injected} errors injected")
     assert not broken, (f"{len(broken)} of the faulted runs left a damaged image:\n"
                         + "\n".join(broken[:8]))
     assert not unnamed, ("I/O errors reached the caller without naming the image file:\n"
