@@ -1108,7 +1108,7 @@ def limit_memory(megabytes: int = DEFAULT_MEMORY_MB) -> None:
     if stack == resource.RLIM_INFINITY or stack <= 0:
         stack = 8 * MiB
     threads = 2 * (os.cpu_count() or 1) + 4
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     want = megabytes * MiB + threads * stack
     if hard != resource.RLIM_INFINITY:
         want = min(want, hard)

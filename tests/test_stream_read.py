@@ -425,3 +425,113 @@ def test_cut_ova_recovers(ova: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.raw"
     convert(tmp_path / "cut.ova", out, out_format="raw", recover=True, durable=False)
     assert stored_grains(out) == kept_grains(disk, cut - data_at)
+
+
+# -- damage that is not a cut ------------------------------------------------------------------
+
+
+def read_all(data: bytes) -> dict[int, bytes]:
+    from vmdk.stream_read import StreamReader
+
+    reader = StreamReader(io.BufferedReader(PipeReader(data)), "<pipe>")
+    return {offset // GRAIN: grain for offset, grain in reader.grains()}
+
+
+def recover_all(data: bytes) -> tuple[dict[int, bytes], vmdk.VmdkError | None]:
+    """The grains --recover keeps, and the error it warns of (None for a whole stream)."""
+    from vmdk.stream_read import StreamReader
+
+    reader = StreamReader(io.BufferedReader(PipeReader(data)), "<pipe>", recover=True)
+    kept = {}
+    try:
+        for offset, grain in reader.grains():
+            kept[offset // GRAIN] = grain
+    except vmdk.VmdkError as exc:
+        return kept, exc
+    return kept, None
+
+
+def _metadata(data: bytes, kind: int) -> list[int]:
+    """Byte offsets of the blocks behind the metadata markers of ``kind``."""
+    return [start + 512 for start, _p, _e, disk in records(data)
+            if disk is None and struct.unpack_from("<I", data, start + 12)[0] == kind]
+
+
+def _patch(data: bytes, at: int, fmt: str, value: int) -> bytes:
+    out = bytearray(data)
+    struct.pack_into(fmt, out, at, value)
+    return bytes(out)
+
+
+def _tables_first(data: bytes) -> tuple[int, int]:
+    """(byte offset of the GD, byte offset of the first GT) of a layout (b) or (c) stream."""
+    gd = struct.unpack_from("<Q", data, 56)[0] * 512
+    return gd, struct.unpack_from("<I", data, gd)[0] * 512
+
+
+def test_spec_layout_cross_checks(layouts: dict[str, bytes]) -> None:
+    from vmdk.stream_read import TruncatedStreamError
+
+    data = layouts["a"]
+    gt, gd, footer = (_metadata(data, k)[0] for k in (1, 2, 3))
+    first_grain = records(data)[0][0] // 512
+    damaged = {
+        "grain table": _patch(data, gt + 4, "<I", first_grain + 1),  # slot 1 names slot 0's
+        "grain table ": _patch(data, gt + 4 * 300, "<I", first_grain),  # lists an absent grain
+        "grain directory": _patch(data, gd, "<I", 12345),
+        "footer": _patch(data, footer + 12, "<Q", SIZE // 512 * 2),  # capacity
+        "footer ": _patch(data, footer + 56, "<Q", 77),  # gdOffset
+        "comes before": data[:footer - 512] + bytes(512),  # EOS in place of the footer
+    }
+    for what, bad in damaged.items():
+        with pytest.raises(vmdk.CorruptImageError, match=what.strip()) as caught:
+            read_all(bad)
+        assert not isinstance(caught.value, TruncatedStreamError), caught.value
+    assert read_all(data) == GRAINS
+
+
+def test_tables_first_cross_checks(request: pytest.FixtureRequest, raw_disk: Path,
+                                   layouts: dict[str, bytes], tmp_path: Path,
+                                   caplog: pytest.LogCaptureFixture) -> None:
+    from vmdk.stream_read import TruncatedStreamError
+
+    for name in ("b", "c"):
+        data = _layout(name, request, raw_disk, layouts, tmp_path)
+        gd, gt = _tables_first(data)
+        recs = [r for r in records(data) if r[3] is not None]
+        second = recs[1][0] // 512
+        damaged = {
+            # The first grain's entry names the second record: that record is not its grain.
+            "the grain table gives sector": _patch(data, gt, "<I", second),
+            # An entry for an absent grain, at a sector the stream passes inside a record.
+            "passed without one": _patch(data, gt + 4 * 300, "<I", recs[2][0] // 512 + 1),
+            # A table outside the metadata in front of the grains.
+            "does not lie before the first grain": _patch(data, gd, "<I", 1 << 30),
+        }
+        if name == "b":  # EOS where the tables promise the last grain
+            damaged[f"record at sector {recs[-1][0] // 512}, which the stream passed"] = (
+                data[:recs[-1][0]] + bytes(512))
+        for what, bad in damaged.items():
+            with pytest.raises(vmdk.CorruptImageError, match=what) as caught:
+                read_all(bad)
+            assert not isinstance(caught.value, TruncatedStreamError), (name, caught.value)
+        # --recover sets tables it cannot use aside and takes the grains from their markers.
+        # Without the tables, qemu's stream (no EOS) cannot be told from a cut at its end.
+        caplog.clear()
+        kept, error = recover_all(damaged["does not lie before the first grain"])
+        assert kept == GRAINS
+        assert "taken from their markers" in caplog.text
+        assert (error is None) is (name == "b"), error
+
+
+def test_unordered_vmware_stream_converts(vmdk_convert: str, raw_disk: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """vmdk-convert --noreorder writes grains as its threads finish: the tables say where."""
+    stream = tmp_path / "unordered.vmdk"
+    subprocess.run([vmdk_convert, "--noreorder", "-n", "4", "-c", "1", str(raw_disk),
+                    str(stream)], check=True, capture_output=True, timeout=300)
+    data = stream.read_bytes()
+    order = [disk for _s, _p, _e, disk in records(data) if disk is not None]
+    out = tmp_path / "out.raw"
+    convert_from_pipe(data, out, monkeypatch)
+    assert stored_grains(out) == GRAINS, f"grains in the order {order}"

@@ -595,6 +595,7 @@ class _TablesFirst(_Walk):
             r.complete(f"the type-{meta.type} metadata at byte {start}")
             return
         if self.trusted and self.arrived < self.promised:
+            self._refuse_passed()
             raise r.corrupt(f"end-of-stream marker at byte {start}, but {self._missing()}")
         self.end_of_stream(start, meta)
 
@@ -608,21 +609,21 @@ class _TablesFirst(_Walk):
                               "told from a cut")
         if self.arrived == self.promised:
             return  # layout (c) ends so; (b) may have lost only its EOS marker
-        passed = self._first_passed()
-        if passed is not None:
-            raise r.corrupt(f"the grain tables list a grain record at sector {passed}, which "
-                            "the stream passed without one there")
+        self._refuse_passed()
         raise r.cut_after(self._missing())
 
     def _missing(self) -> str:
         return (f"{self.promised - self.arrived} of the {self.promised} grains the grain tables "
                 "list did not arrive")
 
-    def _first_passed(self) -> int | None:
-        """The lowest promised sector the walk went past (a table error, not a cut)."""
+    def _refuse_passed(self) -> None:
+        """A grain the tables promise at a sector the walk went past is a table error, not a
+        cut: say so."""
         here = self.r.pos // SECTOR_SIZE
         low = min((s for t in self.tables.values() for s in t if s), default=None)
-        return low if low is not None and low < here else None
+        if low is not None and low < here:
+            raise self.r.corrupt(f"the grain tables list a grain record at sector {low}, which "
+                                 "the stream passed without one there")
 
 
 def _without_zeroed(table: array[int], header: SparseHeader) -> array[int]:
