@@ -1,8 +1,10 @@
 """OVA packages: read a streamOptimized disk straight out of one, and write one.
 
 An OVA is a tar of an ``.ovf`` descriptor, its disks (streamOptimized VMDK)
-and a manifest of digests.  Disks inside are read sequentially, marker by
-marker, so nothing is extracted to a temporary file.
+and a manifest of digests.  Disks inside are read front to back by the
+sequential reader of :mod:`vmdk.stream_read`, straight from the archive, so
+nothing is extracted to a temporary file and a package cut inside its disk is
+refused as a cut stream.
 """
 
 from __future__ import annotations
