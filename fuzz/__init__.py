@@ -13,6 +13,14 @@ then ``vmdk.check.check()``.  Success or a :class:`vmdk.VmdkError` subclass is
 fine; any other exception, a peak of traced memory above
 :data:`MEMORY_LIMIT`, or more than :data:`TIME_LIMIT` seconds is a finding.
 
+Two targets have oracles of their own: "pipe-stream" feeds streamOptimized
+files of all three layouts (spec, VMware's tables-first, qemu's) to the
+sequential reader through a reader that cannot seek and returns short reads,
+and checks that whatever it accepts as whole reads the same through
+``vmdk.open``; "ova" runs ``ova_info``, ``ova_disks``, ``copy_from_ova`` and
+``convert`` on damaged and cut packages (a refused convert must leave no
+output behind).
+
 Findings are saved as gzip'd tar files (one per distinct signature) that
 :func:`replay` loads again; ``tests/test_fuzz.py`` replays every file in
 ``tests/fuzz_regressions``.  ``python -m fuzz --help`` runs it for longer.
@@ -20,7 +28,9 @@ Findings are saved as gzip'd tar files (one per distinct signature) that
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import gzip
 import io
 import os
@@ -54,7 +64,7 @@ HARD_TIMEOUT = 20.0
 MAX_SAVED_BYTES = 64 << 10
 
 TARGETS = ("sparse", "stream", "cowd", "sesparse", "descriptor", "split", "flat", "child",
-           "sample")
+           "sample", "pipe-stream", "ova")
 
 MiB = 1 << 20
 
@@ -134,6 +144,101 @@ def _cowd_delta(folder: Path, name: str, capacity: int, parent_name: str | None 
         ext.close()
 
 
+def table_stream(grains: dict[int, bytes], capacity: int, *, qemu: bool = False) -> bytes:
+    """A streamOptimized file with its tables in front, built from the documented layout.
+
+    VMware's vmdk-convert (``qemu=False``): header with the real gdOffset, GD
+    and every GT right after the descriptor, grain records, EOS.  qemu-img
+    (``qemu=True``): a redundant GD and GTs before those, the first grain at a
+    grain boundary, no EOS.  ``grains`` maps a grain index (64 KiB grains) to
+    its data.
+    """
+    import zlib
+
+    grain = 128
+    num_gt = -(-capacity // (grain * 512))
+    desc = ("# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n"
+            'createType="streamOptimized"\n\n# Extent description\n'
+            f'RW {capacity} SPARSE "disk.vmdk"\n\n# The Disk Data Base\n#DDB\n\n'
+            'ddb.adapterType = "lsilogic"\n').encode()
+    gd_sectors = -(-num_gt * 4 // 512)
+    copy = gd_sectors + num_gt * 4  # one directory and its tables, in sectors
+    rgd = 21 if qemu else 0
+    gd = 21 + (copy if qemu else 0)
+    overhead = gd + copy
+    if qemu:
+        overhead = -(-overhead // grain) * grain
+    records = bytearray()
+    tables = [[0] * 512 for _ in range(num_gt)]
+    for index in sorted(grains):
+        data = zlib.compress(grains[index].ljust(grain * 512, b"\0"), 1)
+        tables[index // 512][index % 512] = overhead + len(records) // 512
+        record = struct.pack("<QI", index * grain, len(data)) + data
+        records += record + bytes(-len(record) % 512)
+    if not qemu:
+        records += bytes(512)  # EOS
+    flags = 0x30001 | (0x2 if qemu else 0)
+    head = struct.pack("<4sIIQQQQIQQQB4sH433x", b"KDMV", 3, flags, capacity, grain, 1, 20, 512,
+                       rgd, gd, overhead, 0, b"\n \r\n", 1)
+    out = bytearray(overhead * 512)
+    out[:512] = head
+    out[512:512 + len(desc)] = desc
+    for base in ([rgd, gd] if qemu else [gd]):
+        first_gt = base + gd_sectors
+        gd_entries = [first_gt + 4 * i for i in range(num_gt)]
+        out[base * 512:base * 512 + 4 * num_gt] = struct.pack(f"<{num_gt}I", *gd_entries)
+        for i, table in enumerate(tables):
+            at = (first_gt + 4 * i) * 512
+            out[at:at + 2048] = struct.pack("<512I", *table)
+    return bytes(out + records)
+
+
+def _ova(folder: Path, name: str, disk: bytes) -> None:
+    """An OVA holding ``disk`` as its one disk, laid out as export_ova lays one out."""
+    from vmdk.ova import build_ovf
+
+    capacity = struct.unpack_from("<Q", disk, 12)[0] * 512
+    members = [(f"{name}.ovf", build_ovf(name, f"{name}-disk1.vmdk", len(disk), capacity, 0)),
+               (f"{name}-disk1.vmdk", disk), (f"{name}.mf", b"")]
+    with tarfile.open(folder / f"{name}.ova", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for member, data in members:
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _pipe_and_ova_seeds(base: Path, add: Callable[..., None]) -> None:
+    """Streams of the three layouts for the sequential reader, and packages holding them."""
+    import vmdk
+    from vmdk.ova import export_ova
+
+    d = base / "pipe-spec"
+    d.mkdir()
+    # 8 KiB grains: one grain table covers 4 MiB, so three ranges hold data.
+    with vmdk.create(d / "disk.vmdk", 12 * MiB, "streamOptimized", cluster_size=8192) as disk:
+        for i, off in enumerate((0, 8192 * 3, 4 * MiB + 8192, 11 * MiB)):
+            disk.seek(off)
+            disk.write(_low_entropy(8192 + 100, i + 1))
+    add("pipe-spec", "pipe-stream", d, "disk.vmdk")
+    grains = {0: _low_entropy(65536, 1), 1: _low_entropy(3000, 2), 515: _low_entropy(65536, 3),
+              1023: _low_entropy(512, 4)}
+    for name, qemu in (("pipe-vmware", False), ("pipe-qemu", True)):
+        d = base / name
+        d.mkdir()
+        (d / "disk.vmdk").write_bytes(table_stream(grains, 1024 * 128, qemu=qemu))
+        add(name, "pipe-stream", d, "disk.vmdk")
+    d = base / "ova"
+    d.mkdir()
+    (d / "src.raw").write_bytes(_low_entropy(MiB, 5) + bytes(MiB) + _low_entropy(4096, 6))
+    export_ova(d / "src.raw", d / "vm.ova")
+    (d / "src.raw").unlink()
+    add("ova", "ova", d, "vm.ova")
+    d = base / "ova-vmware"
+    d.mkdir()
+    _ova(d, "vm", table_stream(grains, 1024 * 128))
+    add("ova-vmware", "ova", d, "vm.ova")
+
+
 def make_seeds(samples: Path | None = SAMPLES, *, max_sample_bytes: int = 400 << 10
                ) -> list[Seed]:
     """Build the seed corpus (in a temporary folder) and return it in memory."""
@@ -211,6 +316,8 @@ def make_seeds(samples: Path | None = SAMPLES, *, max_sample_bytes: int = 400 <<
         (d / "delta-sesparse.vmdk").write_bytes(_sesparse_image())
         add("sesparse", "sesparse", d, "delta-sesparse.vmdk")
 
+        _pipe_and_ova_seeds(base, add)
+
     for seed in _sample_seeds(samples, max_sample_bytes):
         seeds.append(seed)
     return seeds
@@ -228,6 +335,8 @@ def _sample_seeds(samples: Path | None, max_bytes: int) -> Iterator[Seed]:
         name = f"sample-{path.parent.name}-{path.name}"
         data = path.read_bytes()
         yield Seed(name, "sample", {path.name: data}, path.name, (path.name,))
+        if data[:4] == b"KDMV" and _u(data, 8, "<I") & 0x30000 == 0x30000:
+            yield Seed(f"pipe-{name}", "pipe-stream", {path.name: data}, path.name, (path.name,))
 
 
 # ----------------------------------------------------------- field locations
@@ -262,10 +371,29 @@ def _table_fields(data: bytes, sector: int, count: int, width: int, limit: int =
     return [(base + i * width, width) for i in dict.fromkeys(picked)]
 
 
+def _tar_fields(data: bytes) -> list[tuple[int, int]]:
+    """The size and checksum of each member header of a tar, and the fields of its disks."""
+    fields: list[tuple[int, int]] = []
+    pos = 0
+    while pos + 512 <= len(data) and data[pos + 257:pos + 262] == b"ustar":
+        fields += [(pos + 124, 8), (pos + 128, 4), (pos + 148, 8)]
+        try:
+            size = int(data[pos + 124:pos + 136].split(b"\0", 1)[0].strip() or b"0", 8)
+        except ValueError:
+            break
+        body = pos + 512
+        if data[body:body + 4] == b"KDMV":
+            fields += [(body + o, w) for o, w in field_offsets(data[body:body + size])]
+        pos = body + -(-size // 512) * 512
+    return fields
+
+
 def field_offsets(data: bytes) -> list[tuple[int, int]]:
     """Where the integers that steer a parser live in ``data``: (offset, width) pairs."""
     fields: list[tuple[int, int]] = []
-    if data[:4] == b"KDMV":
+    if data[257:262] == b"ustar":
+        fields += _tar_fields(data)
+    elif data[:4] == b"KDMV":
         fields += _KDMV_FIELDS
         grain = max(1, _u(data, 20, "<Q"))
         gtes = max(1, min(_u(data, 44, "<I"), 4096))
@@ -516,6 +644,7 @@ class Finding:
     mutation: str
     files: dict[str, bytes]
     entry: str
+    target: str | None = None  # whose oracle ran it (None: opened as an image)
     saved: str | None = None
 
 
@@ -525,6 +654,14 @@ def _signature(exc: BaseException) -> str:
     where = inside[-1] if inside else (frames[-1] if frames else None)
     loc = f"{Path(where.filename).name}:{where.name}:{where.lineno}" if where else "?"
     return f"{type(exc).__name__} at {loc}"
+
+
+def _refused(exc: BaseException) -> str:
+    """How a VmdkError reads in the outcome.  ENOMEM (an mmap past the address-space cap,
+    which the library reports as an ImageIOError) is no refusal but a finding."""
+    if getattr(exc, "errno", None) == errno.ENOMEM:
+        raise MemoryError(f"the address-space cap was hit: {exc}") from exc
+    return f"refused: {type(exc).__name__}"
 
 
 def exercise(entry: str | os.PathLike[str], rng: random.Random | None = None, *,
@@ -560,7 +697,7 @@ def exercise(entry: str | os.PathLike[str], rng: random.Random | None = None, *,
             if size:
                 disk.read_at(size - min(size, 1000), min(size, 1000))
     except vmdk.VmdkError as exc:
-        outcome = f"refused: {type(exc).__name__}"
+        outcome = _refused(exc)
     if write and outcome == "ok":
         try:
             with vmdk.open(entry, "r+") as disk:
@@ -570,13 +707,142 @@ def exercise(entry: str | os.PathLike[str], rng: random.Random | None = None, *,
                     disk.write_at(off, _low_entropy(n, 77))
                     if disk.read_at(off, n) != _low_entropy(n, 77):
                         raise AssertionError(f"read after write at {off}+{n} differs")
-        except vmdk.VmdkError:
-            pass
+        except vmdk.VmdkError as exc:
+            _refused(exc)
     try:
         vmdk.check.check(entry)
     except vmdk.VmdkError as exc:
-        outcome += f", check refused: {type(exc).__name__}"
+        outcome += f", check {_refused(exc)}"
     return outcome
+
+
+class _Pipe(io.RawIOBase):
+    """A pipe: it cannot seek, and each read hands out a piece of random size."""
+
+    def __init__(self, data: bytes, rng: random.Random) -> None:
+        self._data = memoryview(data)
+        self._pos = 0
+        self._rng = rng
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = min(len(buffer), len(self._data) - self._pos,
+                self._rng.choice((1, 13, 512, 4096, 65536, 1 << 20)))
+        buffer[:n] = self._data[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+
+def _read_pipe(data: bytes, rng: random.Random, recover: bool) -> tuple[Any, dict[int, tuple[int, int]]]:
+    """Run the sequential reader to the end: the reader, and (length, crc) of each grain."""
+    import zlib
+
+    from vmdk.stream_read import StreamReader
+
+    reader = StreamReader(_Pipe(data, rng), "<pipe>", recover=recover)
+    seen: dict[int, tuple[int, int]] = {}
+    for offset, grain in reader.grains():
+        if not (0 <= offset and offset + len(grain) <= reader.capacity
+                and len(grain) <= reader.grain_bytes and offset % reader.grain_bytes == 0):
+            raise AssertionError(f"grain of {len(grain)} bytes at {offset} is not a grain of "
+                                 f"the disk ({reader.capacity} bytes)")
+        seen[offset] = (len(grain), zlib.crc32(grain))
+    return reader, seen
+
+
+def _same_as_random_reader(entry: str | os.PathLike[str], seen: dict[int, tuple[int, int]],
+                           grain_bytes: int, read_budget: int) -> str:
+    """What a stream the sequential reader took as whole reads as through ``vmdk.open``."""
+    import zlib
+
+    import vmdk
+
+    try:
+        with vmdk.open(entry) as disk:
+            for offset, (length, crc) in seen.items():
+                if offset + length <= disk.size and zlib.crc32(disk.read_at(offset, length)) != crc:
+                    raise AssertionError(f"grain at {offset}: the sequential reader and "
+                                         "vmdk.open read different bytes")
+            left = read_budget
+            for run in disk.map():
+                if not run.data or left <= 0:
+                    continue
+                for offset in range(run.start - run.start % grain_bytes, run.start + run.length,
+                                    grain_bytes):
+                    if offset in seen or left <= 0:
+                        continue
+                    n = min(grain_bytes, disk.size - offset)
+                    left -= n
+                    if disk.read_at(offset, n).strip(b"\0"):
+                        raise AssertionError(f"vmdk.open reads data at {offset}, where the "
+                                             "sequential reader found no grain")
+    except vmdk.VmdkError as exc:
+        return f", vmdk.open {_refused(exc)}"
+    return ""
+
+
+def exercise_pipe(entry: str | os.PathLike[str], rng: random.Random | None = None, *,
+                  read_budget: int = READ_BUDGET, write: bool = False) -> str:
+    """Read a streamOptimized file as a pipe, plainly and with ``recover``; what a whole
+    stream holds must read the same through ``vmdk.open``."""
+    import vmdk
+
+    rng = rng or random.Random(0)
+    data = Path(entry).read_bytes()
+    try:
+        reader, seen = _read_pipe(data, rng, recover=False)
+    except vmdk.VmdkError as exc:
+        outcome = _refused(exc)
+    else:
+        outcome = "ok" + _same_as_random_reader(entry, seen, reader.grain_bytes, read_budget)
+    try:
+        _read_pipe(data, rng, recover=True)
+    except vmdk.VmdkError as exc:
+        _refused(exc)
+    return outcome
+
+
+def exercise_ova(entry: str | os.PathLike[str], rng: random.Random | None = None, *,
+                 read_budget: int = READ_BUDGET, write: bool = False) -> str:
+    """List and convert a package; a refused convert must leave no output behind."""
+    import vmdk
+    from vmdk.convert import convert
+    from vmdk.ova import copy_from_ova, ova_disk_size, ova_disks, ova_info
+
+    path = os.fspath(entry)
+    outcome = []
+    for look in (ova_info, ova_disks):
+        try:
+            look(path)
+        except vmdk.VmdkError as exc:
+            outcome.append(f"{look.__name__} {_refused(exc)}")
+    try:
+        size = ova_disk_size(path)
+
+        def write_at(offset: int, data: memoryview) -> None:
+            if offset < 0 or offset + len(data) > size:
+                raise AssertionError(f"{len(data)} bytes at {offset} pass the disk's end {size}")
+
+        copy_from_ova(path, write_at)
+    except vmdk.VmdkError as exc:
+        outcome.append(_refused(exc))
+        size = None
+    for recover in (False, True):
+        out = Path(entry).with_name(f"out-{recover}.raw")
+        try:
+            if (size if size is not None else ova_disk_size(path)) <= read_budget:
+                convert(path, out, out_format="raw", durable=False, recover=recover)
+        except vmdk.VmdkError as exc:
+            _refused(exc)
+            if out.exists():
+                raise AssertionError(f"a refused convert left {out.name} behind") from None
+    return ", ".join(outcome) or "ok"
+
+
+#: The oracle of each target that is not opened as an image.
+ORACLES: dict[str, Callable[..., str]] = {"pipe-stream": exercise_pipe, "ova": exercise_ova}
 
 
 def _write_files(folder: Path, files: dict[str, bytes]) -> None:
@@ -594,19 +860,25 @@ def _on_alarm(signum: int, frame: Any) -> None:
 
 
 def run_input(folder: Path, files: dict[str, bytes], entry: str, rng: random.Random, *,
-              write: bool = False, measure: bool = True) -> tuple[str | None, str]:
-    """Run one input; return (signature of a finding or None, detail)."""
+              write: bool = False, measure: bool = True, target: str | None = None
+              ) -> tuple[str | None, str]:
+    """Run one input through the oracle of ``target``; return (signature of a finding or
+    None, detail)."""
+    oracle = ORACLES.get(target or "", exercise)
     _write_files(folder, files)
     old = signal.signal(signal.SIGALRM, _on_alarm)
     signal.setitimer(signal.ITIMER_REAL, HARD_TIMEOUT)
-    if measure:
+    started = measure and not tracemalloc.is_tracing()
+    if started:
         tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0] if measure else 0
+    if measure:
         tracemalloc.reset_peak()
     start = time.perf_counter()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # as pytest is configured: a warning is a failure
-            detail = exercise(folder / entry, rng, write=write)
+            detail = oracle(folder / entry, rng, write=write)
     except FuzzTimeout as exc:
         return f"Timeout at {_signature(exc).split(' at ', 1)[1]}", traceback.format_exc()
     except Exception as exc:  # anything but VmdkError is a finding
@@ -615,8 +887,8 @@ def run_input(folder: Path, files: dict[str, bytes], entry: str, rng: random.Ran
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
         elapsed = time.perf_counter() - start
-        peak = tracemalloc.get_traced_memory()[1] if measure else 0
-        if measure:
+        peak = tracemalloc.get_traced_memory()[1] - base if measure else 0
+        if started:
             tracemalloc.stop()
     if peak > MEMORY_LIMIT:
         return "MemoryPeak", f"traced memory peak {peak / MiB:.1f} MiB ({detail})"
@@ -658,14 +930,15 @@ def fuzz(seeds: list[Seed], *, seconds: float | None = None, max_inputs: int | N
     stats = Stats()
     deadline = time.monotonic() + seconds if seconds is not None else None
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="vmdk-fuzz-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="vmdk-fuzz-") as tmp, _tracing():
         folder = Path(tmp)
         # The unmodified seeds must pass, or every finding would be noise.
         for s in seeds:
-            sig, detail = run_input(folder, s.files, s.entry, random.Random(seed))
+            sig, detail = run_input(folder, s.files, s.entry, random.Random(seed),
+                                    target=s.target)
             if sig is not None:
                 _record(stats, Finding(f"seed {s.name}: {sig}", detail, s.name, "(none)",
-                                       s.files, s.entry), save_dir, log)
+                                       s.files, s.entry, s.target), save_dir, log)
         while True:
             if max_inputs is not None and stats.inputs >= max_inputs:
                 break
@@ -675,22 +948,49 @@ def fuzz(seeds: list[Seed], *, seconds: float | None = None, max_inputs: int | N
             files, note = mutator.mutate(s)
             write = rng.random() < write_ratio
             sig, detail = run_input(folder, files, s.entry, random.Random(rng.random()),
-                                    write=write)
+                                    write=write, target=s.target)
             if sig in ("Slow",):  # one more try: the machine may just have been busy
-                sig, detail = run_input(folder, files, s.entry, random.Random(0), write=write)
+                sig, detail = run_input(folder, files, s.entry, random.Random(0), write=write,
+                                        target=s.target)
             stats.inputs += 1
             if log and stats.inputs % 1000 == 0:
                 log(f"{stats.inputs} inputs, {len(stats.findings)} findings, "
-                    f"{time.monotonic() - started:.0f} s")
+                    f"{time.monotonic() - started:.0f} s{_address_space()}")
             if sig is None:
                 if detail.startswith("refused"):
                     stats.refused += 1
                 else:
                     stats.accepted += 1
                 continue
-            _record(stats, Finding(sig, detail, s.name, note, files, s.entry), save_dir, log)
+            _record(stats, Finding(sig, detail, s.name, note, files, s.entry, s.target),
+                    save_dir, log)
     stats.seconds = time.monotonic() - started
     return stats
+
+
+def _address_space() -> str:
+    """", N MiB mapped": how close the process is to the cap of ``limit_memory``."""
+    try:
+        with open("/proc/self/status") as f:
+            size = next(int(line.split()[1]) for line in f if line.startswith("VmSize:"))
+    except (OSError, StopIteration, ValueError):
+        return ""
+    return f", {size >> 10} MiB mapped"
+
+
+@contextlib.contextmanager
+def _tracing() -> Iterator[None]:
+    """Trace allocations for a whole run.  Starting and stopping tracemalloc for each input
+    (as ``run_input`` does on its own) grows the C heap by some 7 MiB per 1000 inputs, which
+    the address-space cap of a long run would report as a leak of ours."""
+    if tracemalloc.is_tracing():
+        yield
+        return
+    tracemalloc.start()
+    try:
+        yield
+    finally:
+        tracemalloc.stop()
 
 
 def _record(stats: Stats, finding: Finding, save_dir: Path | None,
@@ -710,12 +1010,16 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:80]
 
 
-def pack_input(files: dict[str, bytes], entry: str, note: str = "") -> bytes:
-    """A gzip'd tar of the input's files; member ENTRY names the file to open."""
+def pack_input(files: dict[str, bytes], entry: str, note: str = "",
+               target: str | None = None) -> bytes:
+    """A gzip'd tar of the input's files; member ENTRY names the file to open, TARGET (when
+    there is one) the oracle that runs it."""
     buf = io.BytesIO()
+    head = [("ENTRY", entry.encode()), ("NOTE", note.encode())]
+    if target in ORACLES:
+        head.append(("TARGET", str(target).encode()))
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in [("ENTRY", entry.encode()), ("NOTE", note.encode())] + sorted(
-                (f"files/{n}", d) for n, d in files.items()):
+        for name, data in head + sorted((f"files/{n}", d) for n, d in files.items()):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -723,14 +1027,23 @@ def pack_input(files: dict[str, bytes], entry: str, note: str = "") -> bytes:
 
 
 def unpack_input(blob: bytes) -> tuple[dict[str, bytes], str]:
+    files, entry, _target = load_input(blob)
+    return files, entry
+
+
+def load_input(blob: bytes) -> tuple[dict[str, bytes], str, str | None]:
+    """The files, entry and target of a saved input."""
     files: dict[str, bytes] = {}
     entry = ""
+    target = None
     with tarfile.open(fileobj=io.BytesIO(gzip.decompress(blob)), mode="r") as tar:
         for member in tar.getmembers():
             f = tar.extractfile(member)
             data = f.read() if f is not None else b""
             if member.name == "ENTRY":
                 entry = data.decode()
+            elif member.name == "TARGET":
+                target = data.decode()
             elif member.name.startswith("files/"):
                 name = member.name[len("files/"):]
                 if "/" in name or name in ("", ".", ".."):
@@ -738,12 +1051,13 @@ def unpack_input(blob: bytes) -> tuple[dict[str, bytes], str]:
                 files[name] = data
     if entry not in files:
         raise ValueError("regression file has no ENTRY")
-    return files, entry
+    return files, entry, target
 
 
 def save_finding(finding: Finding, save_dir: Path) -> str | None:
     blob = pack_input(finding.files, finding.entry,
-                      f"{finding.signature}\nseed {finding.seed}: {finding.mutation}\n")
+                      f"{finding.signature}\nseed {finding.seed}: {finding.mutation}\n",
+                      finding.target)
     if len(blob) > MAX_SAVED_BYTES:
         return None
     save_dir.mkdir(parents=True, exist_ok=True)
@@ -755,21 +1069,47 @@ def save_finding(finding: Finding, save_dir: Path) -> str | None:
 
 def replay(path: Path, *, write: bool = True) -> tuple[str | None, str]:
     """Run one saved regression input (with and without the write step)."""
-    files, entry = unpack_input(path.read_bytes())
+    files, entry, target = load_input(path.read_bytes())
     with tempfile.TemporaryDirectory(prefix="vmdk-replay-") as tmp:
         folder = Path(tmp)
-        sig, detail = run_input(folder, files, entry, random.Random(0))
+        sig, detail = run_input(folder, files, entry, random.Random(0), target=target)
         if sig is None and write:
-            sig, detail = run_input(folder, files, entry, random.Random(0), write=True)
+            sig, detail = run_input(folder, files, entry, random.Random(0), write=True,
+                                    target=target)
     return sig, detail
 
 
-def limit_memory(megabytes: int) -> None:
-    """Cap the address space of this process so a runaway allocation fails fast."""
+#: Default cap of ``limit_memory`` in MiB, besides 8 MiB of stack per worker thread (two per
+#: core and four more: 320 MiB on 2 cores).  Every seed and 3000 mutants of them peak at
+#: 241 MiB of address space there (Python, numpy, the images); a header that makes us
+#: allocate some 80 MiB more than that fails with MemoryError, a finding.
+DEFAULT_MEMORY_MB = 256
+#: glibc's mallopt parameter for the number of malloc arenas.
+_M_ARENA_MAX = -8
+
+
+def limit_memory(megabytes: int = DEFAULT_MEMORY_MB) -> None:
+    """Cap the address space of this process so a runaway allocation fails fast.
+
+    The cap should measure what the code allocates, not what the machine
+    reserves: glibc gives each thread a malloc arena that reserves 64 MiB of
+    address space (capped here at two arenas), OpenBLAS starts a thread per
+    core (one is plenty: nothing here multiplies matrices), and the inflate
+    and deflate pools run a thread per core, whose stacks are added to the cap.
+    Call it before any thread starts and before numpy is imported.
+    """
+    import ctypes
     import resource
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    want = megabytes * MiB
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to cap
+        ctypes.CDLL(None).mallopt(_M_ARENA_MAX, 2)
+    stack = resource.getrlimit(resource.RLIMIT_STACK)[0]
+    if stack == resource.RLIM_INFINITY or stack <= 0:
+        stack = 8 * MiB
+    threads = 2 * (os.cpu_count() or 1) + 4
+    _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    want = megabytes * MiB + threads * stack
     if hard != resource.RLIM_INFINITY:
         want = min(want, hard)
     resource.setrlimit(resource.RLIMIT_AS, (want, hard))
@@ -785,9 +1125,10 @@ def select(seeds: list[Seed], targets: Iterable[str] | None) -> list[Seed]:
     return [s for s in seeds if s.target in wanted]
 
 
-__all__ = ["Finding", "Mutator", "Seed", "Stats", "TARGETS", "exercise", "field_offsets",
-           "fuzz", "limit_memory", "make_seeds", "pack_input", "replay", "run_input", "select",
-           "unpack_input"]
+__all__ = ["DEFAULT_MEMORY_MB", "Finding", "Mutator", "ORACLES", "Seed", "Stats", "TARGETS", "exercise",
+           "exercise_ova", "exercise_pipe", "field_offsets", "fuzz", "limit_memory",
+           "load_input", "make_seeds", "pack_input", "replay", "run_input", "select",
+           "table_stream", "unpack_input"]
 
 if sys.version_info < (3, 11):  # pragma: no cover
     raise ImportError("fuzz needs Python 3.11")

@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import (REGRESSIONS, TARGETS, fuzz, limit_memory, make_seeds, pack_input, replay,
-               run_input, select, Finding, Mutator, Seed, Stats, _record)
+from . import (DEFAULT_MEMORY_MB, REGRESSIONS, TARGETS, fuzz, limit_memory, make_seeds,
+               pack_input, replay, run_input, select, Finding, Mutator, Seed, Stats, _record)
 
 
 def _log(msg: str) -> None:
@@ -41,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replay", type=Path, metavar="DIR_OR_FILE",
                     help="run saved regression inputs instead of fuzzing")
     ap.add_argument("--json", type=Path, help="write the figures to this file")
-    ap.add_argument("--memory-mb", type=int, default=3072,
-                    help="address-space cap of this process (default 3072)")
+    ap.add_argument("--memory-mb", type=int, default=DEFAULT_MEMORY_MB,
+                    help="address-space cap of this process, besides the stacks of its "
+                         f"worker threads (default {DEFAULT_MEMORY_MB})")
     ap.add_argument("--write-ratio", type=float, default=0.1,
                     help="share of inputs that are also opened for writing")
     args = ap.parse_args(argv)

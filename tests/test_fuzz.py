@@ -30,8 +30,8 @@ REGRESSIONS = ROOT / "tests" / "fuzz_regressions"
 INPUTS_PER_WORKER = int(os.environ.get("VMDK_FUZZ_INPUTS", "2000"))
 FUZZ_SEED = int(os.environ.get("VMDK_FUZZ_SEED", "20240611"))
 WORKER_TARGETS = [
-    ["sparse", "stream", "split", "child"],
-    ["cowd", "sesparse", "descriptor", "flat", "sample"],
+    ["sparse", "stream", "split", "child", "pipe-stream"],
+    ["cowd", "sesparse", "descriptor", "flat", "sample", "ova"],
 ]
 
 
@@ -71,9 +71,10 @@ def test_seed_corpus_covers_every_target(seeds: list[fuzz.Seed]) -> None:
 
 def test_unmodified_seeds_pass_the_oracle(seeds: list[fuzz.Seed], tmp_path: Path) -> None:
     for s in seeds:
-        sig, detail = fuzz.run_input(tmp_path, s.files, s.entry, random.Random(0), write=True)
+        sig, detail = fuzz.run_input(tmp_path, s.files, s.entry, random.Random(0), write=True,
+                                     target=s.target)
         assert sig is None, f"seed {s.name}: {sig}\n{detail}"
-        if s.target != "sample":
+        if s.target != "sample" and not s.name.startswith("pipe-sample-"):
             assert detail == "ok", f"generated seed {s.name} is refused: {detail}"
 
 
@@ -89,6 +90,37 @@ def test_mutator_is_deterministic_and_damages(seeds: list[fuzz.Seed]) -> None:
 def test_saved_input_round_trip() -> None:
     files = {"a.vmdk": b"version=1\n", "b.vmdk": bytes(1000)}
     assert fuzz.unpack_input(fuzz.pack_input(files, "a.vmdk", "note")) == (files, "a.vmdk")
+    assert fuzz.load_input(fuzz.pack_input(files, "a.vmdk", "", "ova")) == (files, "a.vmdk",
+                                                                              "ova")
+
+
+def test_table_stream_seeds_are_the_layouts_they_claim(tmp_path: Path) -> None:
+    """The hand-built VMware and qemu layouts read back through the random-access reader."""
+    import vmdk
+
+    grains = {0: b"\x01" * 65536, 513: b"\x02" * 100}
+    for qemu in (False, True):
+        data = fuzz.table_stream(grains, 1024 * 128, qemu=qemu)
+        head = struct.unpack_from("<4sIIQQQQIQQQ", data)
+        assert head[9] < head[10]  # the grain directory lies before the first grain
+        assert (data[-512:] == bytes(512)) is not qemu  # EOS for VMware's, none for qemu's
+        (tmp_path / "t.vmdk").write_bytes(data)
+        with vmdk.open(tmp_path / "t.vmdk") as disk:
+            assert disk.read_at(0, 65536) == grains[0]
+            assert disk.read_at(513 * 65536, 200) == grains[513] + bytes(100)
+
+
+def test_default_memory_cap_catches_a_runaway_allocation() -> None:
+    """Honest seeds need about 240 MiB of address space; a 1 GiB buffer must fail."""
+    code = ("import fuzz, numpy\n"
+            "fuzz.limit_memory(fuzz.DEFAULT_MEMORY_MB)\n"
+            "try:\n"
+            "    numpy.ones(1 << 30, dtype=numpy.uint8)\n"
+            "except MemoryError:\n"
+            "    print('caught')\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), check=False,
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "caught", done.stdout + done.stderr
 
 
 def test_short_fuzz_run(tmp_path: Path) -> None:
@@ -201,12 +233,40 @@ HUGE = {
 }
 
 
+def _pipe_stream(capacity: int, grain: int, gd: int, overhead: int, tail: bytes = b"") -> bytes:
+    """A stream header (with gdOffset and overHead as given) and what follows it."""
+    header = struct.pack("<4sIIQQQQIQQQB4sH433x", b"KDMV", 3, 0x30001, capacity, grain, 1, 1,
+                         512, 0, gd, overhead, 0, b"\n \r\n", 1)
+    return header + bytes(512) + tail
+
+
+#: Streams read front to back (the pipe oracle) whose numbers claim huge blocks.
+HUGE_PIPE = {
+    # Tables in front: a GD of 2^30 entries; one of 2^23 entries (32 MiB) before 2^30 sectors.
+    "pipe-gd-2^30": _pipe_stream((1 << 46) - 1, 128, 2, 1 << 40),
+    "pipe-gd-2^23": _pipe_stream((1 << 23) * 512 * 128, 128, 2, 1 << 30),
+    # Spec layout: a grain table marker announcing 2^16 sectors, and one announcing 2^60.
+    "pipe-marker-2^16": _pipe_stream(1 << 20, 128, 0xFFFFFFFFFFFFFFFF, 2,
+                                     struct.pack("<QII", 1 << 16, 0, 1).ljust(512, b"\0")),
+    "pipe-marker-2^60": _pipe_stream(1 << 20, 128, 0xFFFFFFFFFFFFFFFF, 2,
+                                     struct.pack("<QII", 1 << 60, 0, 1).ljust(512, b"\0")),
+    # 32 MiB grains, and a grain record claiming 64 MiB of compressed data.
+    "pipe-grain-64MiB": _pipe_stream(1 << 20, 1 << 16, 0xFFFFFFFFFFFFFFFF, 2,
+                                     struct.pack("<QI", 0, 1 << 26).ljust(512, b"\x78")),
+    # An overhead of 2^60 sectors to skip.
+    "pipe-overhead-2^60": _pipe_stream(1 << 20, 128, 0xFFFFFFFFFFFFFFFF, 1 << 60),
+}
+
+
 @pytest.fixture(scope="module")
 def huge_replayed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, str | None]]:
     folder = tmp_path_factory.mktemp("huge")
     for name, data in HUGE.items():
         (folder / f"{name}.tar.gz").write_bytes(fuzz.pack_input({"disk.vmdk": data}, "disk.vmdk",
                                                                 name))
+    for name, data in HUGE_PIPE.items():
+        (folder / f"{name}.tar.gz").write_bytes(
+            fuzz.pack_input({"disk.vmdk": data}, "disk.vmdk", name, "pipe-stream"))
     report = folder / "out.json"
     proc = subprocess.run([sys.executable, "-m", "fuzz", "--replay", str(folder), "--json",
                            str(report)], cwd=ROOT, env=_env(), capture_output=True, text=True,
@@ -216,7 +276,7 @@ def huge_replayed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[st
     return results
 
 
-@pytest.mark.parametrize("name", list(HUGE))
+@pytest.mark.parametrize("name", list(HUGE) + list(HUGE_PIPE))
 def test_huge_claims_stay_bounded(name: str, huge_replayed: dict[str, dict[str, str | None]]
                                   ) -> None:
     """Refused (or read) within 2 s and 64 MiB of traced memory, in a memory-capped child."""

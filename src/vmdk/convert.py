@@ -343,7 +343,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     _refuse_own_files([src], dst, out_format, subformat)
     if recover:
         return _recover_stream(src, dst, out_format, subformat, sparse_size, overwrite, durable,
-                               create_options, progress)
+                               create_options, progress, disk)
     if src_format == "ova" or (src_format is None and is_ova(src)):
         with _target(dst, ova_disk_size(src, disk), out_format, subformat, sparse_size,
                      overwrite, durable, create_options) as (write_at, _block):
@@ -382,27 +382,35 @@ def _refuse_own_files(files: list[str], dst: str, out_format: str,
 
 def _recover_stream(src: str, dst: str, out_format: str, subformat: str, sparse_size: int,
                     overwrite: bool, durable: bool, create_options: dict[str, Any],
-                    progress: Progress | None) -> int:
-    """Keep every grain of a streamOptimized file up to the first damage."""
-    from .ova import iter_stream_grains
+                    progress: Progress | None, disk: str | None = None) -> int:
+    """Keep every grain of a streamOptimized file (or an OVA's disk) up to the first damage."""
+    from .ova import is_ova, open_ova_disk
+    from .stream_read import StreamReader
 
-    with open(src, "rb") as f:
-        header, grains = iter_stream_grains(f, src)
-        with _target(dst, header.capacity * 512, out_format, subformat, sparse_size, overwrite,
+    with contextlib.ExitStack() as stack:
+        if is_ova(src):
+            reader = stack.enter_context(open_ova_disk(src, disk, recover=True))
+        else:
+            reader = StreamReader(stack.enter_context(open(src, "rb")), src, recover=True)
+        with _target(dst, reader.capacity, out_format, subformat, sparse_size, overwrite,
                      durable, create_options) as (write_at, _block):
-            return _write_grains(grains, write_at, progress, recover=True)
+            return _write_grains(reader.grains(), write_at, progress, recover=True)
 
 
 def _convert_from_pipe(dst: str, out_format: str, subformat: str, sparse_size: int,
                       overwrite: bool, durable: bool, create_options: dict[str, Any],
                       progress: Progress | None, recover: bool = False) -> int:
-    """A streamOptimized image arriving on standard input, read front to back."""
-    from .ova import iter_stream_grains
+    """A streamOptimized image arriving on standard input, read front to back.
 
-    header, grains = iter_stream_grains(sys.stdin.buffer, "<stdin>")
-    with _target(dst, header.capacity * 512, out_format, subformat, sparse_size, overwrite,
+    The stream must arrive whole (see :mod:`vmdk.stream_read`): a cut pipe or
+    download is an error, unless ``recover`` keeps the grains that came.
+    """
+    from .stream_read import StreamReader
+
+    reader = StreamReader(sys.stdin.buffer, "<stdin>", recover=recover)
+    with _target(dst, reader.capacity, out_format, subformat, sparse_size, overwrite,
                  durable, create_options) as (write_at, _block):
-        return _write_grains(grains, write_at, progress, recover)
+        return _write_grains(reader.grains(), write_at, progress, recover)
 
 
 def _write_grains(grains: Iterator[tuple[int, bytes]], write_at: Callable[[int, memoryview], None],

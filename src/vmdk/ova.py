@@ -1,35 +1,28 @@
 """OVA packages: read a streamOptimized disk straight out of one, and write one.
 
 An OVA is a tar of an ``.ovf`` descriptor, its disks (streamOptimized VMDK)
-and a manifest of digests.  Disks inside are read sequentially, marker by
-marker, so nothing is extracted to a temporary file.
+and a manifest of digests.  Disks inside are read front to back by the
+sequential reader of :mod:`vmdk.stream_read`, straight from the archive, so
+nothing is extracted to a temporary file and a package cut inside its disk is
+refused as a cut stream.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import struct
 import time
 from collections.abc import Callable, Iterator
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:  # imported where used: convert imports this module for is_ova alone
     import tarfile
 
-from . import _deflate
-from ._structs import (
-    SECTOR_SIZE,
-    GrainMarker,
-    MarkerType,
-    MetadataMarker,
-    SparseFlags,
-    SparseHeader,
-)
+from ._structs import SECTOR_SIZE, SparseHeader
 from .errors import CorruptImageError, UnsupportedFormatError, VmdkError
-
-#: Largest metadata block a marker may announce (a 2 TiB disk's GD is 512 KiB).
-MAX_METADATA_SECTORS = 1 << 16
+from .stream_read import StreamReader, iter_stream_grains
 
 
 def is_ova(path: str) -> bool:
@@ -53,107 +46,93 @@ def is_ova(path: str) -> bool:
 
 def ova_disks(path: str) -> list[str]:
     """Names of the VMDK members of an OVA, in archive order."""
-    import tarfile
-    with tarfile.open(path, "r:") as tar:
+    with _package(path) as tar:
         return [m.name for m in tar.getmembers() if m.isfile() and m.name.lower().endswith(".vmdk")]
 
 
-def iter_stream_grains(f: IO[bytes], name: str) -> tuple[SparseHeader, Iterator[tuple[int, bytes]]]:
-    """Walk a streamOptimized extent front to back: its header, then (byte offset, grain data)."""
-    head = _read_exact(f, SECTOR_SIZE, name, "header")
+@contextlib.contextmanager
+def _package(path: str) -> Iterator[tarfile.TarFile]:
+    """The OVA as a tar; a damaged or cut archive is a VmdkError naming it, not a TarError."""
+    import tarfile
+
     try:
-        header = SparseHeader.unpack(head)
-    except ValueError as exc:
-        raise CorruptImageError("not a sparse VMDK (no KDMV header)", name) from exc
-    if not header.has(SparseFlags.COMPRESSED) or not header.has(SparseFlags.MARKERS):
-        raise UnsupportedFormatError(
-            "only streamOptimized disks (compressed, with markers) can be read sequentially", name)
-    if not 1 <= header.grain_size <= 1 << 16 or header.grain_size & (header.grain_size - 1):
-        raise CorruptImageError(f"invalid grain size {header.grain_size}", name)
-    if header.overhead < 1 or header.overhead > 1 << 24:
-        raise CorruptImageError(f"invalid overhead {header.overhead}", name)
-    _read_exact(f, (header.overhead - 1) * SECTOR_SIZE, name, "descriptor")
-    return header, _grains(f, header, name)
+        with tarfile.open(path, "r:") as tar:
+            yield tar
+    except tarfile.TarError as exc:
+        raise CorruptImageError(f"the package is damaged or cut short ({exc})", path) from exc
 
 
-def _grains(f: IO[bytes], header: SparseHeader, name: str) -> Iterator[tuple[int, bytes]]:
-    grain_bytes = header.grain_size * SECTOR_SIZE
-    capacity = header.capacity * SECTOR_SIZE
-    last = -1
-    while True:
-        sector = f.read(SECTOR_SIZE)
-        if not sector:
-            return  # layout (c) streams end without an EOS marker
-        if len(sector) < SECTOR_SIZE:
-            raise CorruptImageError("stream ends inside a marker", name)
-        marker = GrainMarker.unpack(sector)
-        if marker.size == 0:
-            meta = MetadataMarker.unpack(sector)
-            if meta.type == MarkerType.EOS:
-                return
-            if meta.num_sectors > MAX_METADATA_SECTORS:
-                raise CorruptImageError(f"metadata marker announces {meta.num_sectors} sectors",
-                                        name)
-            _read_exact(f, meta.num_sectors * SECTOR_SIZE, name, "metadata block")
-            continue
-        if marker.size > 2 * grain_bytes:
-            raise CorruptImageError(f"grain at sector {marker.lba}: bad compressed size "
-                                    f"{marker.size}", name)
-        offset = marker.lba * SECTOR_SIZE
-        if marker.lba % header.grain_size or offset >= capacity or marker.lba <= last:
-            raise CorruptImageError(f"grain marker names sector {marker.lba}, out of order or "
-                                    "outside the disk", name)
-        last = marker.lba
-        body = sector[GrainMarker.SIZE:]
-        rest = GrainMarker.SIZE + marker.size - SECTOR_SIZE
-        if rest > 0:
-            body += _read_exact(f, rest, name, "grain")
-            f.read(-rest % SECTOR_SIZE)  # the padding to the next sector (may be cut at the end)
-        try:
-            data = _deflate.inflate_bounded(body[:marker.size], grain_bytes)
-        except ValueError as exc:
-            raise CorruptImageError(f"grain at sector {marker.lba}: {exc}", name) from exc
-        yield offset, data[:capacity - offset]
+class _Member(io.RawIOBase):
+    """A member's bytes, read straight from the archive file.
+
+    Where the archive was cut inside the member, reads just end early, so the
+    stream reader can say at which byte of the disk the cut happened
+    (tarfile's own reader raises without telling).
+    """
+
+    def __init__(self, fd: int, offset: int, size: int) -> None:
+        self._fd = fd
+        self._pos = offset
+        self._end = offset + size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = max(0, min(len(view), self._end - self._pos))
+        got = os.preadv(self._fd, [view[:n]], self._pos) if n else 0
+        self._pos += got
+        return got
 
 
-def _read_exact(f: IO[bytes], n: int, name: str, what: str) -> bytes:
-    data = f.read(n)
-    if len(data) != n:
-        raise CorruptImageError(f"stream ends inside the {what}", name)
-    return data
+def _disk_member(tar: tarfile.TarFile, path: str, member: tarfile.TarInfo) -> IO[bytes]:
+    """The member's bytes as a file; a cut archive makes them end early."""
+    if member.issparse():
+        raise UnsupportedFormatError(f"{member.name} is stored as a sparse tar member", path)
+    archive = cast("IO[bytes]", tar.fileobj)  # _package opened it from a path: a real file
+    raw = _Member(archive.fileno(), member.offset_data, member.size)
+    return io.BufferedReader(raw, 1 << 20)
+
+
+@contextlib.contextmanager
+def open_ova_disk(path: str, disk: str | None = None, *, recover: bool = False
+                  ) -> Iterator[StreamReader]:
+    """A sequential reader of one disk of an OVA (the first, or the one named ``disk``)."""
+    with _package(path) as tar:
+        member = _pick_disk(tar, path, disk)
+        yield StreamReader(_disk_member(tar, path, member), f"{path}:{member.name}",
+                           recover=recover)
 
 
 def copy_from_ova(path: str, write_at: Callable[[int, memoryview], None],
                   disk: str | None = None, progress: Callable[[int], None] | None = None) -> int:
-    """Write every grain of an OVA's disk through ``write_at``; returns the virtual size."""
-    import tarfile
-    with tarfile.open(path, "r:") as tar:
-        member = _pick_disk(tar, path, disk)
-        f = tar.extractfile(member)
-        assert f is not None
-        header, grains = iter_stream_grains(f, f"{path}:{member.name}")
+    """Write every grain of an OVA's disk through ``write_at``; returns the virtual size.
+
+    A disk member cut short, or damaged, raises ``CorruptImageError`` after the
+    grains before the fault were written.
+    """
+    with open_ova_disk(path, disk) as reader:
         done = 0
-        for offset, data in grains:
+        for offset, data in reader.grains():
             write_at(offset, memoryview(data))
             if progress:
                 progress(offset + len(data) - done)
                 done = offset + len(data)
-        return int(header.capacity * SECTOR_SIZE)
+        return reader.capacity
 
 
 def ova_info(path: str) -> dict[str, object]:
     """What ``vmdk info`` shows of a package: its members and each disk's virtual size."""
-    import tarfile
-    with tarfile.open(path, "r:") as tar:
+    with _package(path) as tar:
         members = [m for m in tar.getmembers() if m.isfile()]
         disks = []
         for m in members:
             if not m.name.lower().endswith(".vmdk"):
                 continue
-            f = tar.extractfile(m)
-            assert f is not None
+            head = _disk_member(tar, path, m).read(SECTOR_SIZE)
             try:
-                header = SparseHeader.unpack(f.read(SECTOR_SIZE))
+                header = SparseHeader.unpack(head)
             except (ValueError, struct.error):
                 disks.append({"name": m.name, "file-size": m.size, "virtual-size": None})
                 continue
@@ -164,27 +143,21 @@ def ova_info(path: str) -> dict[str, object]:
 
 
 def ova_disk_size(path: str, disk: str | None = None) -> int:
-    import tarfile
-    with tarfile.open(path, "r:") as tar:
-        member = _pick_disk(tar, path, disk)
-        f = tar.extractfile(member)
-        assert f is not None
-        head = f.read(SECTOR_SIZE)
-    try:
-        header = SparseHeader.unpack(head)
-    except ValueError as exc:
-        raise CorruptImageError(f"{member.name} is not a sparse VMDK", path) from exc
-    return int(header.capacity * SECTOR_SIZE)
+    """The virtual size of an OVA's disk, from its header (the first, or ``disk``)."""
+    with open_ova_disk(path, disk) as reader:
+        return reader.capacity
 
 
 def _pick_disk(tar: tarfile.TarFile, path: str, disk: str | None) -> tarfile.TarInfo:
-    disks = [m for m in tar.getmembers() if m.isfile() and m.name.lower().endswith(".vmdk")]
-    if disk is not None:
-        disks = [m for m in disks if m.name == disk or os.path.basename(m.name) == disk]
-    if not disks:
-        raise VmdkError(f"no disk {disk!r} in the package" if disk else "package holds no disk",
-                        path)
-    return disks[0]
+    """The first disk member (or the one named ``disk``), found without reading further:
+    members after it may be cut off."""
+    for m in tar:
+        if not m.isfile() or not m.name.lower().endswith(".vmdk"):
+            continue
+        if disk is None or m.name == disk or os.path.basename(m.name) == disk:
+            return m
+    raise VmdkError(f"no disk {disk!r} in the package" if disk else "package holds no disk",
+                    path)
 
 
 # ------------------------------------------------------------------------- export
@@ -352,5 +325,5 @@ def _sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["copy_from_ova", "export_ova", "is_ova", "iter_stream_grains",
-           "ova_disks"]
+__all__ = ["copy_from_ova", "export_ova", "is_ova", "iter_stream_grains", "open_ova_disk",
+           "ova_disks", "ova_info"]

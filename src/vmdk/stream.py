@@ -15,6 +15,8 @@ Every grain is compressed at its full size (the last grain of the disk is
 zero-padded) because VirtualBox refuses grains that inflate to less, and
 all-zero grains are not stored.  Grains are compressed on a thread pool and
 written in submission order, so the output does not depend on the thread count.
+Reading such a file front to back (from a pipe, or out of an OVA) is
+:mod:`vmdk.stream_read`.
 """
 
 from __future__ import annotations
