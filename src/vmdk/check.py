@@ -96,12 +96,16 @@ def check(path: str | os.PathLike[str], *, repair: str | None = None,
           progress: Callable[[int], None] | None = None) -> CheckResult:
     """Check an image and report every inconsistency found.
 
-    ``repair`` is None (only look), "leaks" (give leaked space back) or "all"
-    (also restore bad entries from the redundant copies, drop entries that point
-    outside the file, give entries that share a grain or point into metadata a
-    copy of their own, rebuild the redundant metadata from the primary copy, and
-    clear the unclean-shutdown flag).  After a repair the image is checked
-    again and the result tells what was fixed.
+    ``repair`` is None (only look), "leaks" (give leaked space back, down to gaps
+    smaller than a grain; refused while there are corruptions or the two copies of
+    the tables disagree) or "all": first decide, entry by entry, every directory
+    and grain table entry whose primary and redundant copies disagree, on evidence
+    (the copy pointing at a valid grain nothing else references wins; each choice
+    is listed in the result's problems), then drop entries that point outside the
+    file, give entries that share a grain or point into metadata a copy of their
+    own, rebuild the redundant metadata from the primary copy, give leaked space
+    back, and clear the unclean-shutdown flag.  After a repair the image is
+    checked again and the result tells what was fixed.
     """
     with _quiet_extent_warnings():
         return _check(os.fspath(path), repair, allow_external, force_share, progress)

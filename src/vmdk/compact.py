@@ -263,13 +263,13 @@ def _repack(extent: SparseExtent) -> int:
     extent.flush()
     pieces = _movable_metadata(extent)
     offsets = np.cumsum([0] + [p.size for p in pieces]).tolist()
-    out_of_the_way = extent._end
+    out_of_the_way = max(extent._end, *(p.start + p.size for p in pieces))
     _move_pieces(extent, pieces, [out_of_the_way + o for o in offsets[:-1]])
     moves = _fill_gaps(extent)
     pieces = _movable_metadata(extent)
     floor = _used_end(extent, frozenset((p.start, p.start + p.size) for p in pieces))
     if floor + offsets[-1] > pieces[0].start:  # some would land on themselves: hop past
-        hop = extent._end
+        hop = max(extent._end, floor + offsets[-1])
         _move_pieces(extent, pieces, [hop + o for o in offsets[:-1]])
         pieces = _movable_metadata(extent)
     _move_pieces(extent, pieces, [floor + o for o in offsets[:-1]])
@@ -279,8 +279,11 @@ def _repack(extent: SparseExtent) -> int:
 def _move_pieces(extent: SparseExtent, pieces: list[_Piece], targets: list[int]) -> None:
     """Copy each piece to its target (none overlapping a piece's current place), sync,
     then repoint the directories at the tables and the header at the directories."""
-    if any(p.start == t for p, t in zip(pieces, targets)):
-        raise AssertionError("a piece of metadata cannot move onto itself")
+    starts = np.array([p.start for p in pieces])
+    ends = starts + np.array([p.size for p in pieces])
+    for piece, target in zip(pieces, targets):  # a crash mid-copy must leave the old intact
+        if np.any((starts < target + piece.size) & (ends > target)):
+            raise AssertionError("metadata would be copied over metadata still in use")
     fd = extent.fd
     tables = [(p, t) for p, t in zip(pieces, targets) if p.kind in ("gt", "rgt")]
     for piece, target in tables:
