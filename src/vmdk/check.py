@@ -368,38 +368,31 @@ _NOTES_PER_TABLE = 8
 class _Copies:
     """Both copies of the grain tables, as read before the repair changes anything."""
 
-    n: int  # entries per table
     first_data: int  # the smallest entry that is a sector (1 is the zeroed-grain marker)
     disputed: dict[int, tuple[np.ndarray, np.ndarray]]  # index -> (primary, redundant)
-    agreed: list[tuple[np.ndarray, np.ndarray]]  # (sectors, owners) of undisputed grains
+    agreed: list[np.ndarray]  # sectors of the grains of tables whose copies agree
 
-    def add_agreed(self, index: int, table: np.ndarray) -> None:
-        slots = np.flatnonzero(table >= self.first_data)
-        self.agreed.append((table[slots].astype(np.int64), slots + index * self.n))
+    def add_agreed(self, table: np.ndarray) -> None:
+        self.agreed.append(table[table >= self.first_data].astype(np.int64))
 
     def undisputed(self) -> np.ndarray:
         """Sorted sectors of the grains referenced where the copies agree."""
-        parts = [sectors for sectors, _owners in self.agreed]
+        parts = list(self.agreed)
         for p, b in self.disputed.values():
             parts.append(p[(p == b) & (p >= self.first_data)].astype(np.int64))
         return np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
 
-    def references(self, file_sectors: int, grain: int) -> tuple[np.ndarray, np.ndarray]:
-        """(sectors, owners) of every grain inside the file either copy references, by
-        sector; an owner is a grain number (both copies of one entry share it)."""
-        sectors = [s for s, _o in self.agreed]
-        owners = [o for _s, o in self.agreed]
-        for index, (p, b) in self.disputed.items():
-            ps = np.flatnonzero(p >= self.first_data)
-            bs = np.flatnonzero((b >= self.first_data) & (b != p))
-            sectors += [p[ps].astype(np.int64), b[bs].astype(np.int64)]
-            owners += [ps + index * self.n, bs + index * self.n]
-        if not sectors:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        s, o = np.concatenate(sectors), np.concatenate(owners)
-        inside = s + grain <= file_sectors
-        order = np.argsort(s[inside], kind="stable")
-        return s[inside][order], o[inside][order]
+    def references(self, file_sectors: int, grain: int) -> np.ndarray:
+        """Sorted sectors of every grain inside the file either copy references (an entry
+        whose copies differ counts twice)."""
+        parts = list(self.agreed)
+        for p, b in self.disputed.values():
+            parts += [p[p >= self.first_data].astype(np.int64),
+                      b[(b >= self.first_data) & (b != p)].astype(np.int64)]
+        if not parts:
+            return np.zeros(0, dtype=np.int64)
+        sectors = np.concatenate(parts)
+        return np.sort(sectors[sectors + grain <= file_sectors])
 
 
 def _decide_copies(extent: SparseExtent) -> list[str]:
@@ -460,24 +453,34 @@ def _capped(notes: list[str], what: str) -> list[str]:
 
 def _read_copies(extent: SparseExtent) -> _Copies:
     """Both copies of every table that has two; a table whose redundant copy is new since
-    the open (the open gives one to a table only one directory knew) has one."""
+    the open (the open gives one to a table only one directory knew) has one.  The grains
+    of agreeing tables are only gathered when some table's copies disagree."""
     assert extent.rgd is not None
     h = extent.header
     on_disk = _directory_on_disk(extent, h.rgd_offset)
     gd, rgd = u32_view(extent.gd), u32_view(extent.rgd)
-    copies = _Copies(h.num_gtes_per_gt, 2 if extent.zeroed_gte else 1, {}, [])
+    copies = _Copies(2 if extent.zeroed_gte else 1, {}, [])
+    agreed = []
     for i in np.flatnonzero(gd).tolist():
-        cached = extent._gt_cache.get(i)
-        primary = (u32_view(cached).copy() if cached is not None
-                   else _read_table(extent, int(gd[i])))
         r = int(rgd[i])
         if r and r != int(gd[i]) and r == int(on_disk[i]):
-            backup = _read_table(extent, r)
+            primary, backup = _primary_table(extent, i), _read_table(extent, r)
             if not np.array_equal(primary, backup):
                 copies.disputed[i] = (primary, backup)
                 continue
-        copies.add_agreed(i, primary)
+        agreed.append(i)
+    if copies.disputed:
+        for i in agreed:
+            copies.add_agreed(_primary_table(extent, i))
     return copies
+
+
+def _primary_table(extent: SparseExtent, index: int) -> np.ndarray:
+    """The primary grain table as the extent has it now (its cache holds the newest)."""
+    cached = extent._gt_cache.get(index)
+    if cached is not None:
+        return u32_view(cached).copy()
+    return _read_table(extent, int(extent.gd[index]))
 
 
 def _decide_directories(extent: SparseExtent, copies: _Copies) -> list[str]:
@@ -508,7 +511,7 @@ def _decide_directories(extent: SparseExtent, copies: _Copies) -> list[str]:
             extent._gt_dirty.discard(i)
             extent._gd_dirty.add(i)
             del copies.disputed[i]
-            copies.add_agreed(i, b)
+            copies.add_agreed(b)
             notes.append(head + f"kept the redundant copy's table at sector {r} (the primary "
                          f"entry pointed at sector {g}, {g_fault}); a new redundant copy is "
                          "written")
@@ -516,7 +519,7 @@ def _decide_directories(extent: SparseExtent, copies: _Copies) -> list[str]:
             rgd[i] = 0  # a new redundant copy is written from the primary
             extent._gd_dirty.add(i)
             del copies.disputed[i]
-            copies.add_agreed(i, p)
+            copies.add_agreed(p)
             notes.append(head + f"kept the primary copy's table at sector {g} (the redundant "
                          f"entry pointed at sector {r}, {r_fault}); a new redundant copy is "
                          "written")
@@ -621,7 +624,7 @@ def _merged(areas: list[tuple[int, int]]) -> np.ndarray:
 
 
 def _entry_faults(extent: SparseExtent, values: np.ndarray, others: np.ndarray,
-                  refs: tuple[np.ndarray, np.ndarray], meta: np.ndarray, aligned: bool,
+                  refs: np.ndarray, meta: np.ndarray, aligned: bool,
                   file_sectors: int) -> np.ndarray:
     """For each disputed entry (``others`` is the other copy's value of the same entry), why
     it is or is not a grain of its own: _OWN, or the first fault found."""
@@ -654,10 +657,9 @@ def _in_areas(starts: np.ndarray, ends: np.ndarray, areas: np.ndarray) -> np.nda
     return hit
 
 
-def _held_by_others(values: np.ndarray, others: np.ndarray, refs: tuple[np.ndarray, np.ndarray],
+def _held_by_others(values: np.ndarray, others: np.ndarray, sectors: np.ndarray,
                     gs: int, first_data: int, file_sectors: int) -> np.ndarray:
-    """Grains that overlap one another entry of either copy references."""
-    sectors, _owners = refs
+    """Grains that overlap one another entry of either copy references (``sectors``)."""
     near = (np.searchsorted(sectors, values + gs, "left")
             - np.searchsorted(sectors, values - gs, "right"))
     # Among them: the grain itself, and the other copy's grain of the same entry if the two

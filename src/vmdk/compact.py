@@ -198,7 +198,7 @@ def _fill_gaps_once(extent: SparseExtent) -> int:
 def _used_end(extent: SparseExtent, skip: frozenset[tuple[int, int]] = frozenset()) -> int:
     """The sector after the last metadata or grain in use (ignoring the areas in ``skip``)."""
     _numbers, sectors = extent.stored_grains()
-    ends = [end for area in _used_intervals(extent) if area not in skip for end in area[1:]]
+    ends = [end for start, end in _used_intervals(extent) if (start, end) not in skip]
     if sectors.size:
         ends.append(int(sectors.max()) + extent.header.grain_size)
     return max(ends)
@@ -276,14 +276,21 @@ def _repack(extent: SparseExtent) -> int:
     return moves
 
 
+def _lands_on(starts: np.ndarray, sizes: np.ndarray, targets: np.ndarray) -> bool:
+    """Whether any [target, target + size) overlaps any [start, start + size)."""
+    order = np.argsort(starts, kind="stable")
+    a, b = starts[order], np.maximum.accumulate((starts + sizes)[order])
+    i = np.searchsorted(a, targets + sizes, "left") - 1  # the last piece starting before
+    return bool(np.any((i >= 0) & (b[np.maximum(i, 0)] > targets)))
+
+
 def _move_pieces(extent: SparseExtent, pieces: list[_Piece], targets: list[int]) -> None:
     """Copy each piece to its target (none overlapping a piece's current place), sync,
     then repoint the directories at the tables and the header at the directories."""
-    starts = np.array([p.start for p in pieces])
-    ends = starts + np.array([p.size for p in pieces])
-    for piece, target in zip(pieces, targets):  # a crash mid-copy must leave the old intact
-        if np.any((starts < target + piece.size) & (ends > target)):
-            raise AssertionError("metadata would be copied over metadata still in use")
+    sizes = np.array([p.size for p in pieces], dtype=np.int64)
+    if _lands_on(np.array([p.start for p in pieces], dtype=np.int64), sizes,
+                 np.array(targets, dtype=np.int64)):  # a crash mid-copy must leave them intact
+        raise AssertionError("metadata would be copied over metadata still in use")
     fd = extent.fd
     tables = [(p, t) for p, t in zip(pieces, targets) if p.kind in ("gt", "rgt")]
     for piece, target in tables:
