@@ -280,7 +280,7 @@ def _interesting_sectors(lay: Layout) -> list[int]:
             *lay.sectors.values(), *lay.gd, *lay.rgd]
 
 
-@settings(max_examples=int(os.environ.get("VMDK_REPAIR_EXAMPLES", "40")), deadline=None)
+@settings(max_examples=int(os.environ.get("VMDK_REPAIR_EXAMPLES", "25")), deadline=None)
 @given(data=st.data())
 def test_random_single_damage_is_repaired_without_loss(bases: dict[bool, Base],
                                                        data: st.DataObject) -> None:
