@@ -126,7 +126,7 @@ def _plan_shrink(image: Image, lines: list[ExtentLine], sectors: int,
     if not allowed:
         raise VmdkError("shrinking needs shrink=True (--shrink)", image.path)
     lost = _first_nonzero(image, [r for r in image.map(sectors * SECTOR_SIZE)
-                                  if r.depth == 0 and r.data])
+                                  if r.depth == 0 and r.data and not r.zero])  # not holes
     if lost is not None:
         raise VmdkError(
             f"refusing to shrink: data is stored at offset {lost}, past the new end "
@@ -247,19 +247,29 @@ def _leftovers(image: Image, lines: list[ExtentLine]) -> list[str]:
     """The extent files after the last line that nothing names and that read as zeros."""
     if not image.create_type.startswith(("twoGb", "2Gb")):
         return []
-    present = set(os.listdir(os.path.dirname(os.path.abspath(image.path))))
     found: list[str] = []
     # A killed deletion stops anywhere: every name a grow could use is looked at.
-    for number in range(len(lines) + 1, MAX_SPLIT_EXTENTS + 1):
-        full, base = _sibling(image.path, _split_suffix(lines[-1], number))
-        if base not in present:
+    for name in sorted(os.listdir(os.path.dirname(os.path.abspath(image.path)))):
+        number = _split_number(image.path, lines[-1], name)
+        if number is None or not len(lines) < number <= MAX_SPLIT_EXTENTS:
             continue
+        full = _sibling(image.path, _split_suffix(lines[-1], number))[0]
         try:
-            _refuse_occupied(image, full, base)
+            _refuse_occupied(image, full, name)
         except VmdkError:
             continue
         found.append(full)
     return found
+
+
+def _split_number(path: str, like: ExtentLine, name: str) -> int | None:
+    """N when ``name`` is what a grow of ``path`` calls its extent N."""
+    one = _sibling(path, _split_suffix(like, 1))[1]
+    head, tail = one[:-len("001.vmdk")], ".vmdk"
+    digits = name[len(head):-len(tail)] if name.startswith(head) and name.endswith(tail) else ""
+    if not digits.isdigit() or name != _sibling(path, _split_suffix(like, int(digits)))[1]:
+        return None
+    return int(digits)
 
 
 def _split_suffix(like: ExtentLine, number: int) -> str:
@@ -275,8 +285,9 @@ def _refuse_occupied(image: Image, full: str, base: str) -> None:
                                                            if e.filename]}
     if (os.path.realpath(full) in named or os.path.islink(full) or not os.path.isfile(full)
             or _holds_data(full)):
-        raise VmdkError(f"cannot add extent {base}: the file exists and holds data; "
-                        "move it away first", image.path)
+        raise VmdkError(f"cannot add extent {base}: a file of that name exists that this "
+                        "image names, that is not a regular file, or that holds data; move "
+                        "it away first", image.path)
 
 
 def _holds_data(path: str) -> bool:
