@@ -366,15 +366,26 @@ def test_commit_growing_its_parent_dying_at_every_step_can_be_finished(tmp_path:
 
 
 def test_a_commit_pending_in_a_child_accepts_no_other_parent_change(
-        tmp_path: Path, commit_template: tuple[Path, bytes, Path]) -> None:
+        tmp_path: Path, commit_template: tuple[Path, bytes, Path],
+        caplog: pytest.LogCaptureFixture) -> None:
     """The interrupted commit is accepted; a parent written by anyone else is not."""
     template, expected, _raw = commit_template
     folder = _commit_killed_after_the_parent_changed(template, tmp_path)
-    assert read_all(folder / "child.vmdk") == expected
+    with caplog.at_level("WARNING"):
+        assert read_all(folder / "child.vmdk") == expected
+    assert any("commit into its parent" in r.getMessage() and "interrupted" in r.getMessage()
+               for r in caplog.records)
+    pair = tmp_path / "pair"  # the child also takes writes meanwhile, and commit takes them
+    copy_folder(folder, pair)
+    with vmdk.open(pair / "child.vmdk", "r+") as disk:
+        disk.write_at(5000, b"written meanwhile")
+    commit(pair / "child.vmdk")
+    assert read_all(pair / "base.vmdk")[5000:5017] == b"written meanwhile"
     with vmdk.open(folder / "base.vmdk", "r+") as disk:
         disk.write_at(0, b"someone else")
-    with pytest.raises(vmdk.ChainError, match="parentCID"):
-        vmdk.open(folder / "child.vmdk")
+    for mode in ("r", "r+"):
+        with pytest.raises(vmdk.ChainError, match="parentCID"):
+            vmdk.open(folder / "child.vmdk", mode)
 
 
 def _commit_killed_after_the_parent_changed(template: Path, work: Path) -> Path:
