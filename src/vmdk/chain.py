@@ -20,7 +20,7 @@ else:
 from .create import create
 from .errors import ChainError, UnsupportedFormatError
 from .extents.base import SECTOR_SIZE
-from .image import NO_PARENT_CID, Image, MapRun
+from .image import NO_PARENT_CID, PENDING_PARENT_CID_KEY, Image, MapRun, new_cid
 
 CHUNK = 8 << 20
 Progress = Callable[[int], None]
@@ -34,25 +34,49 @@ def snapshot(parent: str | os.PathLike[str], child: str | os.PathLike[str], *,
 
 
 def commit(child: str | os.PathLike[str], *, progress: Progress | None = None) -> None:
-    """Write everything stored in ``child`` into its parent; the child stays valid on top."""
+    """Write everything stored in ``child`` into its parent; the child stays valid on top.
+
+    Killed at any moment, the child still reads as it did (everything copied
+    stays stored in it too), and running commit again finishes the job: the
+    parent's new CID is named in the child (``ddb.pendingParentCID``) before
+    the parent changes, and becomes the child's parentCID once all is copied.
+    """
+    child = os.fspath(child)
     # The child is read without taking locks: the parent's write lock below would
     # otherwise collide with the read lock the child's chain holds on it.
     with Image.open(child, "r", force_share=True) as top:
         if top.parent is None:
-            raise ChainError("image has no parent to commit into", top.path)
+            raise ChainError("image has no parent to commit into", child)
         parent_path = top.parent.path
+        target = _announce_commit(child, top)
         runs = [r for r in top.map() if r.depth == 0 and r.present]
         if top.size > top.parent.size:
-            from .resize import resize
+            from .resize import resize_with_cid
 
             # as qemu-img commit does for formats that can grow: the parent takes the size
             # first, or the tail would be refused halfway through the copy
-            resize(parent_path, top.size)
+            resize_with_cid(parent_path, top.size, shrink=False, cid=target)
         with Image.open(parent_path, "r+") as base:
+            base._first_write(target)  # even with nothing to copy: the child expects it
             _copy_runs(top, base, runs, progress)
             base.flush()
-            new_cid = base.cid
-    _set_parent(os.fspath(child), new_cid, None)
+    _set_parent(child, target, None)
+
+
+def _announce_commit(child: str, top: Image) -> int:
+    """Name the parent's coming CID in the child, durably; return it.
+
+    A second run after an interruption finds the parent at the CID the first
+    one named; that CID stays accepted until the parent has the new one.
+    """
+    assert top.parent is not None
+    target = new_cid()
+    cids = [target]
+    if top.parent.cid != top.parent_cid:  # an interrupted commit (the open accepted it)
+        cids.append(top.parent.cid)
+    with Image.open(child, "r+", open_parent=False) as image:
+        image.set_metadata(PENDING_PARENT_CID_KEY, " ".join(f"{c:08x}" for c in cids))
+    return target
 
 
 def _copy_runs(src: Image, dst: Image, runs: list[MapRun], progress: Progress | None) -> None:
@@ -91,6 +115,9 @@ def rebase(child: str | os.PathLike[str], new_parent: str | os.PathLike[str] | N
         _check_hint_fits(child, hint)  # before any copying, not after it
     if safe:
         with Image.open(child, "r+") as top:
+            # What the child shows stays the same, so its CID does too: its own snapshots
+            # stay valid, also when the rebase is killed halfway.
+            top._first_write(top.cid)
             new = Image.open(new_path, "r") if new_path else None
             try:
                 _copy_differences(top, new, progress)
@@ -177,10 +204,14 @@ def _check_hint_fits(child: str, hint: str) -> None:
 
 
 def _set_parent(child: str, parent_cid: int, hint: str | None) -> None:
-    """Rewrite the child's parent fields (no content changes, so its own CID stays)."""
+    """Rewrite the child's parent fields (no content changes, so its own CID stays).
+
+    The mark of an unfinished commit goes in the same write: the parent is settled.
+    """
     with Image.open(child, "r+", open_parent=False) as image:
         if image.embedded is not None and image.embedded.compressed:
             raise UnsupportedFormatError("a streamOptimized image cannot have a parent", child)
         image.descriptor.parent_cid = parent_cid
+        image.descriptor.ddb_remove(PENDING_PARENT_CID_KEY)
         if hint is not None:
             image.descriptor.parent_file_name_hint = hint or None

@@ -49,6 +49,8 @@ MAX_CHAIN_DEPTH = 64
 READ_SCRATCH = 4 << 20
 _scratch = threading.local()
 NO_PARENT_CID = 0xFFFFFFFF
+#: A child's ddb key, set only while a commit into its parent runs: see pending_parent_cids.
+PENDING_PARENT_CID_KEY = "ddb.pendingParentCID"
 
 #: createType values that name a raw device or partition rather than image files.
 RAW_DEVICE_TYPES = {"fullDevice", "partitionedDevice", "vmfsRaw", "vmfsRawDeviceMap",
@@ -260,7 +262,8 @@ class Image:
                 parent = _open_parent(path, descriptor, allow_external, ignore_cid,
                                       _depth, _seen | {real}, force_share,
                                       missing_as_zeros=missing_as_zeros)
-                if parent is not None and parent.cid != descriptor.parent_cid and not read_only:
+                if (parent is not None and parent.cid != descriptor.parent_cid and not read_only
+                        and parent.cid not in pending_parent_cids(descriptor)):
                     raise ChainError(
                         "a snapshot whose parent changed (CID mismatch) opens read-only only",
                         path)
@@ -350,16 +353,17 @@ class Image:
         if self.read_only or self.closed:
             raise ReadOnlyError("image is open read-only", self.path)
 
-    def _first_write(self) -> None:
+    def _first_write(self, cid: int | None = None) -> None:
         """Give the image its new CID on disk before the first byte of new content.
 
         A child opens only when its parentCID matches, so a writer killed at any
         later moment leaves children that know their parent changed (as qemu
-        does on its first write).  Once per open.
+        does on its first write).  Once per open.  ``cid`` is the one to take
+        when the caller chose it in advance (a commit names it in its child first).
         """
         if self._written:
             return
-        self.descriptor.cid = new_cid()
+        self.descriptor.cid = new_cid() if cid is None else cid
         if self._drop_tracking:  # the tracking file no longer tells what changed
             self.descriptor.remove(CHANGE_TRACK_KEY)
         with io_errors(self.path):
@@ -760,7 +764,9 @@ def _replace_file(path: str, data: bytes) -> None:
     """
     fd = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
     try:
-        pwrite_all(fd, data, 0)
+        # A shorter text is NUL-padded over the old one: killed before the cut, the file
+        # reads as the new text (readers stop at the first NUL), not with the old one's tail.
+        pwrite_all(fd, data + bytes(max(0, os.fstat(fd).st_size - len(data))), 0)
         os.ftruncate(fd, len(data))
         os.fsync(fd)
     finally:
@@ -849,7 +855,7 @@ def _open_extents(path: str, descriptor: Descriptor, embedded: SparseExtent | No
             raise DescriptorError(
                 f"extent of {lines[0].sectors} sectors is larger than the sparse capacity "
                 f"{embedded.header.capacity}", path)
-        embedded.size = lines[0].sectors * SECTOR_SIZE
+        embedded.size = _sparse_size(lines[0], embedded)
         return [embedded]
     extents: list[Extent] = []
     try:
@@ -885,8 +891,10 @@ def _open_extent(path: str, line: ExtentLine, descriptor: Descriptor, read_only:
     if kind == "missing":
         raise MissingExtentError(f"extent file {line.filename!r} does not exist", path)
     if kind == "sparse":
-        return SparseExtent.open(target, read_only=ro, nominal_sectors=line.sectors,
-                                 strict=strict, defer_writes=True)
+        sparse = SparseExtent.open(target, read_only=ro, nominal_sectors=line.sectors,
+                                   strict=strict, defer_writes=True)
+        sparse.size = _sparse_size(line, sparse)
+        return sparse
     if kind == "cowd":
         from .extents.cowd import CowdExtent
 
@@ -914,6 +922,15 @@ def _refuse_tracked_write(descriptor: Descriptor, path: str) -> None:
             "incremental backup would miss the change. Read it, convert it to a new image "
             "('vmdk convert'), or open it with drop_change_tracking=True to write and drop "
             "the tracking (the next backup must then be a full one)", path)
+
+
+def _sparse_size(line: ExtentLine, extent: SparseExtent) -> int:
+    """A hosted sparse extent is as large as its header's capacity, as qemu reads it.
+
+    A line may lag behind it only: a resize writes the two one after the other,
+    and killed in between, both tools then report one size.
+    """
+    return max(line.sectors, extent.header.capacity) * SECTOR_SIZE
 
 
 def _warn_if_unclean(extent: Extent) -> None:
@@ -952,6 +969,19 @@ def _lock_files(path: str, extents: list[Extent], *, write: bool) -> list[int]:
     return fds
 
 
+def pending_parent_cids(descriptor: Descriptor) -> set[int]:
+    """The CIDs a parent may carry while a commit into it is unfinished (see chain.commit).
+
+    Every range a commit copies is still stored in the child, so the child reads
+    the same under any of them; any other CID than its parentCID is refused.
+    """
+    out: set[int] = set()
+    for word in (descriptor.ddb_get(PENDING_PARENT_CID_KEY) or "").split():
+        with contextlib.suppress(ValueError):
+            out.add(int(word, 16))
+    return out - {NO_PARENT_CID}
+
+
 def _open_parent(path: str, descriptor: Descriptor, allow_external: bool, ignore_cid: bool,
                  depth: int, seen: frozenset[str], force_share: bool = False, *,
                  missing_as_zeros: bool = False) -> Image | None:
@@ -978,7 +1008,10 @@ def _open_parent(path: str, descriptor: Descriptor, allow_external: bool, ignore
     parent = Image.open(target, "r", allow_external=allow_external, ignore_cid=ignore_cid,
                         force_share=force_share, missing_as_zeros=missing_as_zeros,
                         _depth=depth + 1, _seen=seen)
-    if parent.cid != descriptor.parent_cid and not ignore_cid:
+    if parent.cid != descriptor.parent_cid and parent.cid in pending_parent_cids(descriptor):
+        log.warning("%s: a commit into its parent %r was interrupted; this image reads as it "
+                    "did before, and 'vmdk commit' on it again finishes the commit", path, target)
+    elif parent.cid != descriptor.parent_cid and not ignore_cid:
         parent.close()
         raise ChainError(
             f"parentCID {descriptor.parent_cid:08x} does not match the CID {parent.cid:08x} of "
