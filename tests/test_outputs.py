@@ -615,3 +615,33 @@ def test_raw_output_to_a_block_device(tmp_path: Path, block_device: tuple[Path, 
 def test_vmdk_output_onto_a_device_is_refused(tmp_path: Path) -> None:
     with pytest.raises(vmdk.VmdkError, match="not a plain file"):
         vmdk.create(os.devnull, MiB, overwrite=True)
+
+
+def test_export_ova_failing_half_way_leaves_the_old_package(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import vmdk.ova
+    from vmdk.ova import export_ova
+
+    src = tmp_path / "d.vmdk"
+    with vmdk.create(src, 4 * MiB) as d:
+        d.write_at(0, pattern(MiB))
+    (tmp_path / "out").mkdir()
+    ova = tmp_path / "out" / "vm.ova"
+    export_ova(src, ova)
+    old = files(tmp_path / "out")
+    real = vmdk.ova._add_bytes
+    calls = [0]
+
+    def add_bytes(*args: Any) -> None:
+        calls[0] += 1
+        if calls[0] == 2:  # the manifest, after the disk went into the archive
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(*args)
+
+    monkeypatch.setattr(vmdk.ova, "_add_bytes", add_bytes)
+    with pytest.raises(vmdk.ImageIOError, match="No space left"):
+        export_ova(src, ova)
+    monkeypatch.undo()
+    assert files(tmp_path / "out") == old
+    export_ova(src, ova)
+    assert list(files(tmp_path / "out")) == ["vm.ova"]
