@@ -645,3 +645,26 @@ def test_export_ova_failing_half_way_leaves_the_old_package(tmp_path: Path,
     assert files(tmp_path / "out") == old
     export_ova(src, ova)
     assert list(files(tmp_path / "out")) == ["vm.ova"]
+
+
+def test_convert_into_a_device_image_and_into_a_snapshot(tmp_path: Path) -> None:
+    """Outputs whose descriptor names files beside it (a device, a parent) are filled in
+    the staging folder all the same, and then name them as create does."""
+    data = pattern(2 * MiB, zero_every=0)
+    src = tmp_path / "s.raw"
+    src.write_bytes(data)
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(2 * MiB))
+    full = tmp_path / "full.vmdk"
+    convert(src, full, src_format="raw", subformat="fullDevice", raw_device=os.fspath(disk))
+    assert disk.read_bytes() == data
+    assert '"disk.img"' in full.read_text()
+    base = tmp_path / "base.vmdk"
+    vmdk.create(base, 2 * MiB).close()
+    child = tmp_path / "child.vmdk"
+    convert(src, child, src_format="raw", parent=os.fspath(base))
+    with vmdk.open(child) as d:
+        assert d.image.descriptor.parent_file_name_hint == "base.vmdk"
+        assert d.read_at(0, 2 * MiB) == data
+    assert sorted(os.listdir(tmp_path)) == ["base.vmdk", "child.vmdk", "disk.img", "full.vmdk",
+                                            "s.raw"]

@@ -179,6 +179,8 @@ class StagedOutput:
             self._finish()
             return
         try:
+            if self.durable:
+                self._sync_files()
             with _folder_locked(self.folder) as folder_fd:
                 self._lock_image_at(self.final)  # what is there now (it may be new)
                 used = {os.path.join(self.folder, os.path.basename(p)) for p in self._claimed}
@@ -199,6 +201,19 @@ class StagedOutput:
         finally:
             if self._done:
                 self._finish()
+
+    def _sync_files(self) -> None:
+        """Every new file on disk before its name is: a crash then finds the old image or
+        the whole new one (syncing what its writer already synced costs next to nothing)."""
+        for staged in self._claimed:
+            try:
+                fd = os.open(staged, _OPEN_FLAGS)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def _move_into_place(self) -> None:
         """Rename the staged files over their final names, extents first.  A failure part
