@@ -334,6 +334,8 @@ def _make_folder(parent: str, prefix: str) -> str:
             os.mkdir(path, 0o700)
         except FileExistsError:
             continue
+        except OSError as exc:  # the folder's fault (missing, read-only): name the folder
+            raise OSError(exc.errno, exc.strerror, parent) from exc
         return path
     raise FileExistsError(errno.EEXIST, "no free name for a staging folder", parent)
 
