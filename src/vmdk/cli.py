@@ -12,11 +12,13 @@ import contextlib
 import logging
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from . import __version__
+from ._output import discard_all
 from .convert import DEFAULT_SPARSE_SIZE, convert, open_source
 from .create import SUBFORMATS, create
 from .errors import UnsupportedFormatError, VmdkError
@@ -726,13 +728,41 @@ def _verb_of(argv: list[str]) -> str | None:
     return None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, taken as an interrupt: a terminated verb cleans up as an interrupted one."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """For the verb's run: SIGTERM raises Terminated (serve sets handlers of its own)."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: signals go elsewhere
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    words = _relative_sizes(list(sys.argv[1:] if argv is None else argv))
-    args = build_parser(_verb_of(words)).parse_args(words)
-    if args.verbose:
-        logging.basicConfig(level=logging.INFO, format="vmdk: %(message)s")
-    else:
-        logging.basicConfig(level=logging.WARNING, format="vmdk: warning: %(message)s")
+    with _sigterm_as_interrupt():
+        words = _relative_sizes(list(sys.argv[1:] if argv is None else argv))
+        args = build_parser(_verb_of(words)).parse_args(words)
+        if args.verbose:
+            logging.basicConfig(level=logging.INFO, format="vmdk: %(message)s")
+        else:
+            logging.basicConfig(level=logging.WARNING, format="vmdk: warning: %(message)s")
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The verb, its errors as one line and an exit code; no output of it left half made."""
     try:
         code = int(args.func(args))
         sys.stdout.flush()
@@ -743,10 +773,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 0
     except (VmdkError, OSError, ValueError, OverflowError, MemoryError) as exc:
+        discard_all()
         if args.debug:
             raise
         print(f"vmdk: error: {_message(exc)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("vmdk: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        discard_all()  # a stage the interrupt caught between two lines of its owner
+        terminated = isinstance(exc, Terminated)
+        print(f"vmdk: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130

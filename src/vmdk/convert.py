@@ -14,8 +14,9 @@ import errno
 import logging
 import mmap
 import os
+import stat
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 log = logging.getLogger(__name__)
@@ -26,9 +27,10 @@ if TYPE_CHECKING:
 else:
     from ._numpy import np
 
+from ._output import StagedOutput, output_errors
 from .errors import UnsupportedFormatError, VmdkError
 from .extents.base import pread_exact
-from .image import Image, foreign_format, sniff
+from .image import Image, foreign_format, io_errors, sniff
 
 #: Bytes moved per read/write system call.
 CHUNK = 8 << 20
@@ -125,8 +127,6 @@ class ImageSource:
 
 def open_source(path: str, fmt: str | None = None, **open_args: Any) -> Source:
     """Open ``path`` as "raw" or "vmdk"; the kind is detected when ``fmt`` is None."""
-    from .image import io_errors
-
     with io_errors(path):
         if fmt is None:
             from .ova import is_ova
@@ -193,32 +193,84 @@ def _allocate_all(fd: int, size: int) -> None:
 
 
 class RawTarget:
-    """A raw output file: created at full size as one hole, then data is written into it."""
+    """A raw output file: created at full size as one hole, then data is written into it.
 
-    def __init__(self, path: str, size: int, durable: bool = True, overwrite: bool = True) -> None:
+    An existing device or pipe (``in_place``) is written where it is instead:
+    what the copy skips is written as zeros there (a block device, a pipe),
+    so it reads as the disk afterwards; a pipe takes the disk in order.
+    ``name`` is the output as the user named it, for errors.
+    """
+
+    def __init__(self, path: str, size: int, durable: bool = True, *, in_place: bool = False,
+                 name: str | None = None) -> None:
         self.path = path
+        self.name = name or path
+        self.size = size
         self.durable = durable
-        replace = os.O_TRUNC if overwrite else os.O_EXCL
-        if overwrite and os.path.exists(path):
-            from ._lock import refuse_if_in_use
-
-            refuse_if_in_use(path)
-        try:
-            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | replace
+        self.in_place = in_place
+        self._end = 0  # in place: every byte below is written
+        if in_place:
+            self.fd = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+            mode = os.fstat(self.fd).st_mode
+            self._sequential = stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+            self._fill = self._sequential or stat.S_ISBLK(mode)
+            self._sync = stat.S_ISBLK(mode)
+            self.copy_fd: int | None = None  # copy_file_range needs regular files
+        else:
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL
                               | getattr(os, "O_CLOEXEC", 0), 0o644)
-        except FileExistsError:
-            raise VmdkError("the output file exists (overwrite is off)", path) from None
-        os.ftruncate(self.fd, size)
+            self._sequential = self._fill = False
+            self._sync = True
+            self.copy_fd = self.fd
+            with output_errors(self.name):
+                os.ftruncate(self.fd, size)
 
     def write_at(self, offset: int, data: memoryview) -> None:
+        with output_errors(self.name):
+            if self._fill and offset > self._end:
+                self._write_zeros(self._end, offset)
+            self._write(offset, data)
+
+    def _write(self, offset: int, data: memoryview) -> None:
         done = 0
-        while done < len(data):
-            done += os.pwrite(self.fd, data[done:], offset + done)
+        if self._sequential:
+            if offset != self._end:
+                raise VmdkError(f"a pipe takes the disk in order: a write at {offset} came "
+                                f"after byte {self._end}", self.name)
+            while done < len(data):
+                done += os.write(self.fd, data[done:])
+        else:
+            while done < len(data):
+                done += os.pwrite(self.fd, data[done:], offset + done)
+        self._end = max(self._end, offset + len(data))
+
+    def _write_zeros(self, start: int, end: int) -> None:
+        zeros = memoryview(bytes(min(CHUNK, end - start)))
+        while start < end:
+            n = min(len(zeros), end - start)
+            self._write(start, zeros[:n])
+            start += n
+
+    def finish(self, sparse_size: int) -> None:
+        """Complete the output: the tail of an in-place one, the blocks of ``-S 0``."""
+        with output_errors(self.name):
+            if self._fill and self._end < self.size:
+                self._write_zeros(self._end, self.size)
+            if sparse_size == 0 and not self.in_place:  # -S 0: the output fully allocated
+                _allocate_all(self.fd, self.size)
 
     def close(self) -> None:
-        if self.durable:
-            os.fsync(self.fd)
-        os.close(self.fd)
+        try:
+            if self.durable and self._sync:
+                with output_errors(self.name):
+                    os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+
+    def abandon(self) -> None:
+        """Let go of the file without syncing it (it is being removed)."""
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
 
 
 def copy(source: Source, write_at: Callable[[int, memoryview], None], *,
@@ -323,7 +375,10 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     (its first disk, or ``disk``), detected unless ``src_format`` says
     "raw", "vmdk" or "ova".  ``out_format`` is "vmdk" (with ``subformat`` and
     the options of :func:`vmdk.create`) or "raw".  ``durable=False`` skips the
-    final fsync, as ``qemu-img convert`` does by default.  ``recover=True``
+    final fsync, as ``qemu-img convert`` does by default.  The output is made
+    under a hidden staging folder beside ``dst`` and gets its name only when
+    complete; what ``dst`` held before stays as it was until then, and after
+    any failure (a device or pipe output is written where it is).  ``recover=True``
     salvages a damaged or truncated streamOptimized source: its grain markers
     are walked front to back and every grain before the damage is kept.
     ``missing_as_zeros=True`` reads the missing end of a cut flat extent file as
@@ -346,7 +401,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
                                create_options, progress, disk)
     if src_format == "ova" or (src_format is None and is_ova(src)):
         with _target(dst, ova_disk_size(src, disk), out_format, subformat, sparse_size,
-                     overwrite, durable, create_options) as (write_at, _block):
+                     overwrite, durable, create_options, keep=[src]) as (write_at, _block):
             copy_from_ova(src, write_at, disk, progress)
         return os.path.getsize(dst) if dst != "-" else 0
     extra = ({"allow_external": allow_external, "force_share": force_share,
@@ -356,8 +411,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     try:
         _refuse_own_files(source.files(), dst, out_format, subformat)
         with _target(dst, source.size, out_format, subformat, sparse_size, overwrite,
-                     durable, create_options) as (write_at, block):
-            raw_fd = getattr(getattr(write_at, "__self__", None), "fd", None)
+                     durable, create_options, keep=source.files()) as (write_at, block):
+            raw_fd = getattr(getattr(write_at, "__self__", None), "copy_fd", None)
             return copy(source, write_at, sparse_size=block, progress=progress,
                         target_fd=raw_fd if out_format == "raw" else None)
     finally:
@@ -434,58 +489,93 @@ def _write_grains(grains: Iterator[tuple[int, bytes]], write_at: Callable[[int, 
 
 @contextlib.contextmanager
 def _target(dst: str, size: int, out_format: str, subformat: str, sparse_size: int,
-            overwrite: bool, durable: bool, create_options: dict[str, Any]
+            overwrite: bool, durable: bool, create_options: dict[str, Any],
+            keep: Sequence[str] = ()
             ) -> Iterator[tuple[Callable[[int, memoryview], None], int]]:
-    """The destination's ``write_at`` and the zero-detection block size suited to it."""
-    if dst == "-":
-        if out_format != "vmdk" or subformat != "streamOptimized":
-            raise VmdkError("standard output takes a streamOptimized image only "
-                            "(-o subformat=streamOptimized; 'vmdk cat' writes raw bytes)", dst)
-        from .create import create_stream
+    """The destination's ``write_at`` and the zero-detection block size suited to it.
 
-        if sys.stdout.isatty():
-            raise VmdkError("refusing to write a disk image to a terminal", dst)
-        stream = create_stream(sys.stdout.buffer, size, name="disk.vmdk", **create_options)
-        stream.durable = False
-        try:
-            yield stream.write_at, max(sparse_size, create_options.get("cluster_size", 65536))
-        except BaseException:
-            stream.abandon()
-            raise
-        stream.close()
+    The output is made in a staging folder beside ``dst`` and put in place
+    when the block ends without error; otherwise it is discarded, leaving
+    ``dst`` as it was.  ``keep`` are files never removed as the replaced
+    image's extents (the source's).
+    """
+    if dst == "-":
+        with _stdout_target(size, out_format, subformat, sparse_size, create_options) as target:
+            yield target
         return
-    if out_format == "raw":
-        target = RawTarget(dst, size, durable, overwrite)
-        try:
-            yield target.write_at, sparse_size
-            if sparse_size == 0:  # qemu-img's -S 0: the output is fully allocated
-                _allocate_all(target.fd, size)
-        except BaseException:
-            target.close()
-            os.unlink(dst)  # a half-copied disk looks whole: leave nothing behind
-            raise
-        target.close()
-        return
-    if out_format != "vmdk":
+    if out_format not in ("raw", "vmdk"):
         raise VmdkError(f"unknown output format {out_format!r} (raw or vmdk)", dst)
-    from .create import create
+    with io_errors(dst):
+        stage = StagedOutput(dst, overwrite=overwrite, image=out_format == "vmdk",
+                             in_place_ok=out_format == "raw", durable=durable, keep=keep)
+    with stage, output_errors(dst):
+        if out_format == "raw":
+            raw = RawTarget(stage.path, size, durable, in_place=stage.in_place, name=dst)
+            try:
+                yield raw.write_at, sparse_size
+                raw.finish(sparse_size)
+                raw.close()
+            except BaseException:
+                stage.discard()  # first: the removal must not wait on close() working
+                raw.abandon()
+                raise
+        else:
+            yield from _vmdk_target(stage, size, subformat, sparse_size, durable, create_options)
+        with io_errors(dst):
+            stage.commit()
+
+
+def _vmdk_target(stage: StagedOutput, size: int, subformat: str, sparse_size: int, durable: bool,
+                 create_options: dict[str, Any]
+                 ) -> Iterator[tuple[Callable[[int, memoryview], None], int]]:
+    from .create import create_in
 
     if "Sparse" in subformat or subformat == "streamOptimized":
         # Zeros inside a grain cost nothing to write; whole zero grains are skipped anyway.
         sparse_size = max(sparse_size, create_options.get("cluster_size", 65536))
-    from .create import remove_image
-
-    folder = os.path.dirname(dst) or "."
-    before = set(os.listdir(folder))
-    out = create(dst, size, subformat, overwrite=overwrite, **create_options)
+    out = create_in(stage, size, subformat, **create_options)
     out.durable = durable
     try:
         yield out.write_at, sparse_size
+        out.close()
     except BaseException:
-        if hasattr(out, "abandon"):
-            out.abandon()
-        else:
-            out.close()
-        remove_image(dst, before)  # a half-copied disk looks whole: leave nothing behind
+        stage.discard()  # first: the removal must not wait on close() working
+        _abandon(out)
         raise
-    out.close()
+
+
+def _abandon(out: Any) -> None:
+    """Release a new image being thrown away: no syncs, every file closed, errors ignored
+    (a full disk fails each write again)."""
+    if hasattr(out, "abandon"):
+        with contextlib.suppress(OSError, VmdkError):
+            out.abandon()
+        return
+    out.durable = False
+    for extent in out.image.extents:  # one by one: a failing flush must not skip the others
+        with contextlib.suppress(OSError, VmdkError):
+            extent.close()
+    with contextlib.suppress(OSError, VmdkError):
+        out.close()
+
+
+@contextlib.contextmanager
+def _stdout_target(size: int, out_format: str, subformat: str, sparse_size: int,
+                   create_options: dict[str, Any]
+                   ) -> Iterator[tuple[Callable[[int, memoryview], None], int]]:
+    """A streamOptimized image written to standard output as it is made."""
+    if out_format != "vmdk" or subformat != "streamOptimized":
+        raise VmdkError("standard output takes a streamOptimized image only "
+                        "(-o subformat=streamOptimized; 'vmdk cat' writes raw bytes)", "-")
+    from .create import create_stream
+
+    if sys.stdout.isatty():
+        raise VmdkError("refusing to write a disk image to a terminal", "-")
+    stream = create_stream(sys.stdout.buffer, size, name="disk.vmdk", **create_options)
+    stream.durable = False
+    try:
+        yield stream.write_at, max(sparse_size, create_options.get("cluster_size", 65536))
+    except BaseException:
+        stream.abandon()
+        raise
+    stream.close()

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal, overload
 
 from .descriptor import Descriptor, ExtentLine
-from .errors import ImageExistsError, UnsupportedFormatError, VmdkError
+from .errors import UnsupportedFormatError, VmdkError
 from .extents.base import SECTOR_SIZE
 from .extents.flat import FlatExtent
 from .extents.sparse import SparseExtent
@@ -23,6 +23,7 @@ from .image import Image, compute_geometry, io_errors, new_cid
 
 if TYPE_CHECKING:
     from ._file import VmdkFile
+    from ._output import StagedOutput
     from .stream import StreamFile
 
 #: VMware and VirtualBox cut split images into extents of 2047 MiB.
@@ -127,20 +128,6 @@ def _check_options(size: int, opts: CreateOptions) -> None:
         c, h, s = opts.geometry
         if not (0 <= c and 1 <= h <= 255 and 1 <= s <= 63):
             raise ValueError(f"geometry {c}/{h}/{s}: heads must be 1-255 and sectors 1-63")
-
-
-def _remove_if(paths: Sequence[str], overwrite: bool) -> None:
-    from ._lock import refuse_if_in_use
-
-    existing = [p for p in paths if os.path.lexists(p)]
-    for p in existing:
-        if not overwrite:
-            raise ImageExistsError("file exists (pass overwrite=True to replace it)", p)
-        if not os.path.isfile(p) or os.path.islink(p):
-            raise VmdkError("refusing to overwrite something that is not a plain file", p)
-        refuse_if_in_use(p)
-    for p in existing:
-        os.unlink(p)
 
 
 def image_files(image: Image) -> list[str]:
@@ -273,99 +260,159 @@ def create(
 
     ``size`` is in bytes and rounded up to a whole sector; with ``parent`` it
     defaults to the parent's size and the new image is a snapshot (child) of it.
+
+    The files are made under a hidden staging folder beside ``path`` and get
+    their names only when complete (a stream: when it is closed); an image
+    they replace stays as it was, and locked, until then.
     """
     from ._file import VmdkFile
+    from ._output import StagedOutput
 
-    path = os.fspath(path)
+    opts = CreateOptions(adapter_type, hwversion, geometry, comment, preallocate, cluster_size,
+                         zeroed_grain, toolsversion, compression_level)
+    plan = _plan(os.fspath(path), size, subformat, parent, opts, raw_device, partitions,
+                 allow_external)
+    try:
+        with io_errors(plan.path):
+            stage = StagedOutput(plan.path, overwrite=overwrite, keep=plan.keep())
+        with stage:
+            made = _write(plan, stage)
+    finally:
+        plan.close()
+    if made is not None:
+        stream: StreamFile = made
+        return stream
+    with io_errors(plan.path):
+        stage.commit()
+    # The image is whole and in place: if opening it fails now, it stays.
+    return VmdkFile(Image.open(plan.path, "r+", allow_external=plan.open_external))
+
+
+def create_in(stage: StagedOutput, size: int, subformat: str = "monolithicSparse", *,
+              parent: str | os.PathLike[str] | None = None, raw_device: str | None = None,
+              partitions: Sequence[RawRange] | Sequence[int] | None = None,
+              allow_external: bool = False, **options: Any) -> VmdkFile | StreamFile:
+    """The new image made in ``stage`` and opened there for writing, for a caller that
+    fills it before committing the stage (convert).  ``options`` are create's."""
+    plan = _plan(stage.final, size, subformat, parent, CreateOptions(**options), raw_device,
+                 partitions, allow_external)
+    try:
+        stream: StreamFile | None = _write(plan, stage)
+        return stream if stream is not None else _open_staged(plan, stage)
+    finally:
+        plan.close()
+
+
+@dataclasses.dataclass
+class _Plan:
+    """A checked request for a new image: everything its writer needs."""
+
+    path: str  # the final name
+    subformat: str
+    sectors: int
+    opts: CreateOptions
+    parent: Image | None
+    raw_device: str | None
+    partitions: Sequence[RawRange] | Sequence[int] | None
+    allow_external: bool
+
+    @property
+    def open_external(self) -> bool:
+        return self.allow_external or self.subformat in ("fullDevice", "partitionedDevice")
+
+    def keep(self) -> list[str]:
+        """Files the new image reads: never removed as the replaced image's."""
+        return image_files(self.parent) if self.parent is not None else []
+
+    def close(self) -> None:
+        if self.parent is not None:
+            self.parent.close()
+            self.parent = None
+
+
+def _plan(path: str, size: int | None, subformat: str, parent: str | os.PathLike[str] | None,
+          opts: CreateOptions, raw_device: str | None,
+          partitions: Sequence[RawRange] | Sequence[int] | None, allow_external: bool) -> _Plan:
+    """Check a request before anything is written; opens the parent, if any."""
     if raw_device is not None:  # like open(): relative to the current folder, not the image's
         raw_device = os.path.abspath(raw_device)
     subformat = ALIASES.get(subformat, subformat)
     if subformat not in SUBFORMATS:
         raise UnsupportedFormatError(
             f"unknown subformat {subformat!r} (one of {', '.join(SUBFORMATS)})", path)
-    opts = CreateOptions(adapter_type, hwversion, geometry, comment, preallocate, cluster_size,
-                         zeroed_grain, toolsversion, compression_level)
     parent_image = None
     if parent is not None:
         if subformat not in ("monolithicSparse", "twoGbMaxExtentSparse", "vmfsSparse"):
             raise UnsupportedFormatError(f"a snapshot cannot be {subformat}; use a sparse subformat",
                                          path)
         parent_image = Image.open(parent, "r", allow_external=allow_external)
-        try:
-            refuse_replacing(image_files(parent_image), path, subformat)
-        except BaseException:
-            parent_image.close()
-            raise
-        if size is None:
-            size = parent_image.size
-    if size is None:
-        if subformat in ("fullDevice", "partitionedDevice") and raw_device is not None:
-            size = device_size(raw_device)
-        else:
-            raise ValueError("size is required")
-    size = operator.index(size)  # a float size is a mistake, not a number of bytes
-    _check_options(size, opts)
-    if preallocate and subformat not in ("monolithicFlat", "twoGbMaxExtentFlat", "vmfs"):
-        raise UnsupportedFormatError(
-            f"preallocation applies to flat subformats (monolithicFlat, twoGbMaxExtentFlat, "
-            f"vmfs); {subformat} grows as it is written", path)
-    sectors = _ceil_div(size, SECTOR_SIZE)
-    size = sectors * SECTOR_SIZE
-    folder = os.path.dirname(path) or "."
-    with io_errors(folder):
-        before = set(os.listdir(folder))
     try:
-        writer = _WRITERS[subformat]
-        with io_errors(path):
-            made = writer(path, sectors, opts, parent_image, overwrite, raw_device, partitions)
+        if parent_image is not None:
+            refuse_replacing(image_files(parent_image), path, subformat)
+            _check_parent_name(path, parent_image, allow_external)
+            if size is None:
+                size = parent_image.size
+        if size is None:
+            if subformat in ("fullDevice", "partitionedDevice") and raw_device is not None:
+                size = device_size(raw_device)
+            else:
+                raise ValueError("size is required")
+        size = operator.index(size)  # a float size is a mistake, not a number of bytes
+        _check_options(size, opts)
+        if opts.preallocate and subformat not in ("monolithicFlat", "twoGbMaxExtentFlat", "vmfs"):
+            raise UnsupportedFormatError(
+                f"preallocation applies to flat subformats (monolithicFlat, twoGbMaxExtentFlat, "
+                f"vmfs); {subformat} grows as it is written", path)
     except BaseException:
-        _remove_new_files(folder, before, os.path.basename(path))
-        raise
-    finally:
         if parent_image is not None:
             parent_image.close()
-    if made is not None:
-        stream: StreamFile = made
-        return stream
-    try:
-        return VmdkFile(Image.open(path, "r+", allow_external=allow_external or subformat in (
-            "fullDevice", "partitionedDevice")))
-    except BaseException:
-        _remove_created(path)
         raise
+    return _Plan(path, subformat, _ceil_div(size, SECTOR_SIZE), opts, parent_image, raw_device,
+                 partitions, allow_external)
 
 
-def remove_image(path: str, before: set[str]) -> None:
-    """Remove an image made after ``before`` (the folder's listing then): it and its extents."""
-    _remove_new_files(os.path.dirname(path) or ".", before, os.path.basename(path))
-    if os.path.isfile(path):
-        os.unlink(path)
+def _check_parent_name(path: str, parent: Image, allow_external: bool) -> None:
+    """Refuse now a parent the child could not be opened with (one outside its folder)."""
+    from .image import resolve_extent_path
+
+    resolve_extent_path(path, _parent_fields(path, parent)["parent_file_name_hint"],
+                        allow_external=allow_external)
 
 
-def _remove_new_files(folder: str, before: set[str], name: str) -> None:
-    """Remove the files a failed create made: new in ``folder`` and named after the image."""
-    stem = name[:-5] if name.lower().endswith(".vmdk") else name
-    for entry in set(os.listdir(folder)) - before:
-        full = os.path.join(folder, entry)
-        if entry.startswith(stem) and os.path.isfile(full) and not os.path.islink(full):
-            os.unlink(full)
+def _write(plan: _Plan, stage: StagedOutput) -> Any:
+    """Lay out the image's files in ``stage``; a stream comes back as its writer."""
+    with io_errors(plan.path):
+        return _WRITERS[plan.subformat](stage, plan.sectors, plan.opts, plan.parent,
+                                        plan.raw_device, plan.partitions)
 
 
-def _remove_created(path: str) -> None:
-    """Undo a create whose image then failed to open: remove the files it made."""
-    try:
-        with open(path, "rb") as f:
-            extents = Descriptor.parse(f.read(1 << 20)).extents
-    except (OSError, VmdkError):
-        extents = []
-    folder = os.path.dirname(path)
-    for line in extents:
-        name = os.path.join(folder, line.filename) if line.filename else None
-        if name and os.path.isfile(name) and os.path.dirname(os.path.abspath(name)) == \
-                os.path.abspath(folder) and os.path.basename(name) != os.path.basename(path):
-            os.unlink(name)
-    if os.path.isfile(path):
-        os.unlink(path)
+def _open_staged(plan: _Plan, stage: StagedOutput) -> VmdkFile:
+    """Open the image still in its staging folder for writing.
+
+    Names in it are relative to the final folder: a parent is opened from
+    there and attached, and a device beside the image is reached through a
+    link in the staging folder (removed with it).
+    """
+    from ._file import VmdkFile
+
+    _link_outside_names(stage)
+    image = Image.open(stage.path, "r+", allow_external=plan.open_external,
+                       open_parent=plan.parent is None)
+    if plan.parent is not None:
+        image.parent, plan.parent = plan.parent, None
+    return VmdkFile(image)
+
+
+def _link_outside_names(stage: StagedOutput) -> None:
+    """Links in the staging folder to the files beside the target that the image names."""
+    from ._output import text_extents
+
+    staging = os.path.dirname(stage.path)
+    staged = set(os.listdir(staging))
+    for name in text_extents(stage.path, staging, owned=False):
+        base = os.path.basename(name)
+        if base not in staged and os.path.lexists(os.path.join(stage.folder, base)):
+            os.symlink(os.path.join(os.pardir, base), name)
 
 
 def _parent_fields(path: str, parent: Image | None) -> dict[str, Any]:
@@ -375,24 +422,26 @@ def _parent_fields(path: str, parent: Image | None) -> dict[str, Any]:
     return {"parent_cid": parent.cid, "parent_file_name_hint": hint}
 
 
-def _create_monolithic_sparse(path: str, sectors: int, opts: CreateOptions, parent: Image | None,
-                              overwrite: bool, *_: Any) -> None:
-    _remove_if([path], overwrite)
+def _create_monolithic_sparse(stage: StagedOutput, sectors: int, opts: CreateOptions,
+                              parent: Image | None, *_: Any) -> None:
+    path = stage.path
+    stage.claim([path])
     name = os.path.basename(path)
     descriptor = Descriptor.new("monolithicSparse", [ExtentLine("RW", sectors, "SPARSE", name, None)],
                                 cid=new_cid(), ddb=_ddb(sectors * SECTOR_SIZE, opts, parent),
-                                **_parent_fields(path, parent))
+                                **_parent_fields(stage.final, parent))
     extent = SparseExtent.create(path, sectors, grain_size=opts.cluster_size // SECTOR_SIZE,
                                  descriptor=descriptor.to_bytes(),
                                  zeroed_grain=opts.zeroed_grain)
     extent.close()
 
 
-def _create_split_sparse(path: str, sectors: int, opts: CreateOptions, parent: Image | None,
-                         overwrite: bool, *_: Any) -> None:
+def _create_split_sparse(stage: StagedOutput, sectors: int, opts: CreateOptions,
+                         parent: Image | None, *_: Any) -> None:
+    path = stage.path
     sizes = _split_sizes(sectors)
     names = [_sibling(path, f"-s{i + 1:03d}") for i in range(len(sizes))]
-    _remove_if([path] + [full for full, _ in names], overwrite)
+    stage.claim([path] + [full for full, _ in names])
     lines = []
     for (full, base), n in zip(names, sizes):
         SparseExtent.create(full, n, grain_size=opts.cluster_size // SECTOR_SIZE,
@@ -400,15 +449,16 @@ def _create_split_sparse(path: str, sectors: int, opts: CreateOptions, parent: I
         lines.append(ExtentLine("RW", n, "SPARSE", base, None))
     descriptor = Descriptor.new("twoGbMaxExtentSparse", lines, cid=new_cid(),
                                 ddb=_ddb(sectors * SECTOR_SIZE, opts, parent),
-                                **_parent_fields(path, parent))
+                                **_parent_fields(stage.final, parent))
     _write_text_descriptor(path, descriptor)
 
 
-def _create_flat(path: str, sectors: int, opts: CreateOptions, parent: Image | None,
-                 overwrite: bool, *_: Any, create_type: str = "monolithicFlat",
+def _create_flat(stage: StagedOutput, sectors: int, opts: CreateOptions,
+                 parent: Image | None, *_: Any, create_type: str = "monolithicFlat",
                  extent_type: str = "FLAT") -> None:
+    path = stage.path
     full, base = _sibling(path, "-flat")
-    _remove_if([path, full], overwrite)
+    stage.claim([path, full])
     FlatExtent.create(full, sectors, preallocate=opts.preallocate).close()
     # ESX (VMFS) extent lines carry no offset; hosted FLAT lines always do.
     offset = None if extent_type == "VMFS" else 0
@@ -417,16 +467,17 @@ def _create_flat(path: str, sectors: int, opts: CreateOptions, parent: Image | N
     _write_text_descriptor(path, descriptor)
 
 
-def _create_vmfs(path: str, sectors: int, opts: CreateOptions, parent: Image | None,
-                 overwrite: bool, *rest: Any) -> None:
-    _create_flat(path, sectors, opts, parent, overwrite, create_type="vmfs", extent_type="VMFS")
+def _create_vmfs(stage: StagedOutput, sectors: int, opts: CreateOptions,
+                 parent: Image | None, *rest: Any) -> None:
+    _create_flat(stage, sectors, opts, parent, create_type="vmfs", extent_type="VMFS")
 
 
-def _create_split_flat(path: str, sectors: int, opts: CreateOptions, parent: Image | None,
-                       overwrite: bool, *_: Any) -> None:
+def _create_split_flat(stage: StagedOutput, sectors: int, opts: CreateOptions,
+                       parent: Image | None, *_: Any) -> None:
+    path = stage.path
     sizes = _split_sizes(sectors)
     names = [_sibling(path, f"-f{i + 1:03d}") for i in range(len(sizes))]
-    _remove_if([path] + [full for full, _ in names], overwrite)
+    stage.claim([path] + [full for full, _ in names])
     lines = []
     for (full, base), n in zip(names, sizes):
         FlatExtent.create(full, n, preallocate=opts.preallocate).close()
@@ -436,21 +487,31 @@ def _create_split_flat(path: str, sectors: int, opts: CreateOptions, parent: Ima
     _write_text_descriptor(path, descriptor)
 
 
-def _create_stream(path: str, sectors: int, opts: CreateOptions, parent: Image | None,
-                   overwrite: bool, *_: Any) -> Any:
+def _create_stream(stage: StagedOutput, sectors: int, opts: CreateOptions,
+                   parent: Image | None, *_: Any) -> Any:
     """streamOptimized is written once, front to back: hand back the writer itself."""
-    _remove_if([path], overwrite)
-    return _stream_file(path, os.path.basename(path), sectors, opts)
+    return _stream_file(stage, os.path.basename(stage.path), sectors, opts)
 
 
 def _stream_file(target: Any, name: str, sectors: int, opts: CreateOptions) -> Any:
-    from .stream import StreamFile
+    """A stream writer to ``target``: an open file, or a stage the image is put in place
+    from when the writer is closed."""
+    from ._output import StagedOutput
 
     descriptor = Descriptor.new("streamOptimized", [ExtentLine("RW", sectors, "SPARSE", name, None)],
                                 cid=new_cid(), ddb=_ddb(sectors * SECTOR_SIZE, opts))
-    return StreamFile(target, sectors, descriptor.to_bytes(),
-                      grain_size=opts.cluster_size // SECTOR_SIZE,
-                      compression_level=opts.compression_level)
+    writer: type[StreamFile]
+    if isinstance(target, StagedOutput):
+        from ._staged_stream import StagedStreamFile
+
+        writer = StagedStreamFile
+    else:
+        from .stream import StreamFile
+
+        writer = StreamFile
+    return writer(target, sectors, descriptor.to_bytes(),
+                  grain_size=opts.cluster_size // SECTOR_SIZE,
+                  compression_level=opts.compression_level)
 
 
 def create_stream(fileobj: BinaryIO, size: int, *, name: str = "disk.vmdk",
@@ -469,18 +530,19 @@ def create_stream(fileobj: BinaryIO, size: int, *, name: str = "disk.vmdk",
     return _stream_file(fileobj, name, _ceil_div(size, SECTOR_SIZE), opts)
 
 
-def _create_vmfs_sparse(path: str, sectors: int, opts: CreateOptions, parent: Image | None,
-                        overwrite: bool, *_: Any) -> None:
+def _create_vmfs_sparse(stage: StagedOutput, sectors: int, opts: CreateOptions,
+                        parent: Image | None, *_: Any) -> None:
     """An ESX snapshot: a descriptor plus a COWD ``name-delta.vmdk`` extent."""
     from .extents.cowd import CowdExtent
 
+    path = stage.path
     full, base = _sibling(path, "-delta")
-    _remove_if([path, full], overwrite)
+    stage.claim([path, full])
     parent_name = os.path.basename(parent.path) if parent is not None else None
     CowdExtent.create(full, sectors, grain_size=1, parent_file_name=parent_name).close()
     descriptor = Descriptor.new("vmfsSparse", [ExtentLine("RW", sectors, "VMFSSPARSE", base, None)],
                                 cid=new_cid(), ddb=_ddb(sectors * SECTOR_SIZE, opts, parent),
-                                **_parent_fields(path, parent))
+                                **_parent_fields(stage.final, parent))
     _write_text_descriptor(path, descriptor)
 
 
@@ -501,18 +563,19 @@ def device_size(device: str) -> int:
         os.close(fd)
 
 
-def _create_full_device(path: str, sectors: int, opts: CreateOptions, parent: Image | None,
-                        overwrite: bool, raw_device: str | None, *_: Any) -> None:
+def _create_full_device(stage: StagedOutput, sectors: int, opts: CreateOptions,
+                        parent: Image | None, raw_device: str | None, *_: Any) -> None:
+    path = stage.path
     if not raw_device:
-        raise VmdkError("fullDevice needs raw_device (the disk or file to expose)", path)
+        raise VmdkError("fullDevice needs raw_device (the disk or file to expose)", stage.final)
     if os.path.exists(raw_device):
         have = device_size(raw_device)
         if sectors * SECTOR_SIZE > have:
             raise VmdkError(f"the device holds {have} bytes, less than the "
                             f"{sectors * SECTOR_SIZE} asked for", raw_device)
-    _remove_if([path], overwrite)
+    stage.claim([path])
     descriptor = Descriptor.new("fullDevice", [ExtentLine("RW", sectors, "FLAT",
-                                                          _extent_name(path, raw_device), 0)],
+                                                          _extent_name(stage.final, raw_device), 0)],
                                 cid=new_cid(), ddb=_ddb(sectors * SECTOR_SIZE, opts))
     _write_text_descriptor(path, descriptor)
 
@@ -548,9 +611,10 @@ def _partition_lines(path: str, sectors: int, ranges: Sequence[RawRange]
     return lines, bytes(table)
 
 
-def _create_partitioned_device(path: str, sectors: int, opts: CreateOptions,
-                               parent: Image | None, overwrite: bool, raw_device: str | None,
+def _create_partitioned_device(stage: StagedOutput, sectors: int, opts: CreateOptions,
+                               parent: Image | None, raw_device: str | None,
                                partitions: Sequence[RawRange] | Sequence[int] | None) -> None:
+    path = stage.path
     if not partitions:
         raise ValueError("partitionedDevice needs partitions (partition numbers of raw_device, "
                          "or a list of RawRange)")
@@ -562,9 +626,9 @@ def _create_partitioned_device(path: str, sectors: int, opts: CreateOptions,
         if ranges or not raw_device:
             raise ValueError("partitions are either partition numbers of raw_device or RawRanges")
         ranges = partitioned_ranges(raw_device, numbers)
-    lines, table = _partition_lines(path, sectors, ranges)
+    lines, table = _partition_lines(stage.final, sectors, ranges)
     pt_full, _ = _sibling(path, "-pt")
-    _remove_if([path] + ([pt_full] if table else []), overwrite)
+    stage.claim([path] + ([pt_full] if table else []))
     if table:
         fd = os.open(pt_full, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:

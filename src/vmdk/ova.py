@@ -266,12 +266,18 @@ def export_ova(src: str | os.PathLike[str], ova: str | os.PathLike[str], *,
         raise VmdkError(f"a VM needs at least one CPU and 1 MB of memory ({cpus} CPUs, "
                         f"{memory_mb} MB asked for)", ova)
     disk_name = f"{stem}-disk1.vmdk"
-    tmp_disk = os.path.join(os.path.dirname(os.path.abspath(ova)),
-                            f".{os.urandom(16).hex()}-{disk_name}")
-    try:
+    from ._output import StagedOutput
+    from .image import io_errors
+
+    # The package is made beside its name, its disk in the same staging folder; the name
+    # appears only when the package is whole, and a failure leaves nothing.
+    with io_errors(ova):
+        stage = StagedOutput(ova, overwrite=True, image=False)
+    with stage, io_errors(ova):
+        tmp_disk = os.path.join(os.path.dirname(stage.path), disk_name)
         convert(src, tmp_disk, subformat="streamOptimized", adapter_type="lsilogic",
                 compression_level=compression_level, progress=progress,
-                allow_external=allow_external, force_share=force_share)
+                allow_external=allow_external, force_share=force_share, durable=False)
         from .image import Image
 
         with Image.open(tmp_disk) as image:
@@ -285,17 +291,16 @@ def export_ova(src: str | os.PathLike[str], ova: str | os.PathLike[str], *,
 
         manifest = (f"SHA256({stem}.ovf)= {hashlib.sha256(ovf).hexdigest()}\n"
                     f"SHA256({disk_name})= {disk_digest}\n").encode()
-        tmp_ova = f"{ova}.tmp-{os.getpid()}"
         import tarfile
-        with tarfile.open(tmp_ova, "w", format=tarfile.USTAR_FORMAT) as tar:
-            # The OVF must come first: importers read the archive as a stream.
-            _add_bytes(tar, f"{stem}.ovf", ovf)
-            tar.add(tmp_disk, arcname=disk_name, filter=_plain_member)
-            _add_bytes(tar, f"{stem}.mf", manifest)
-        os.replace(tmp_ova, ova)
-    finally:
-        if os.path.exists(tmp_disk):
-            os.unlink(tmp_disk)
+        with open(stage.path, "wb") as out:
+            with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                # The OVF must come first: importers read the archive as a stream.
+                _add_bytes(tar, f"{stem}.ovf", ovf)
+                tar.add(tmp_disk, arcname=disk_name, filter=_plain_member)
+                _add_bytes(tar, f"{stem}.mf", manifest)
+            out.flush()
+            os.fsync(out.fileno())
+        stage.commit()
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
