@@ -44,13 +44,31 @@ def _grain_data(grain: int) -> bytes:
     return pattern(GRAIN, seed=1000 + grain, zero_every=0)
 
 
+def _move_table_past_the_grains(path: Path, index: int) -> None:
+    """Put both copies of a grain table after the grains, as resize used to and as tools
+    that allocate tables on demand do: a table among the grains."""
+    with open(path, "r+b") as f:
+        header = SparseHeader.unpack(f.read(512))
+        end = -(-os.path.getsize(path) // 512)
+        for directory in (header.gd_offset, header.rgd_offset):
+            f.seek(directory * 512 + index * 4)
+            (table,) = struct.unpack("<I", f.read(4))
+            f.seek(table * 512)
+            raw = f.read(header.num_gtes_per_gt * 4)
+            f.seek(end * 512)
+            f.write(raw)
+            f.seek(directory * 512 + index * 4)
+            f.write(struct.pack("<I", end))
+            end += -(-len(raw) // 512)
+        f.truncate(-(-end * 512 // GRAIN) * GRAIN)  # grains after it stay grain-aligned
+
+
 def _build(path: Path, zeroed: bool) -> None:
     with vmdk.create(path, 4 * MiB, zeroed_grain=zeroed) as disk:
         for g in TABLE0:
             disk.write_at(g * GRAIN, _grain_data(g))
-    resize(path, SIZE)  # appends table 1 (both copies) after the grains
-    size = os.path.getsize(path)
-    os.truncate(path, -(-size // GRAIN) * GRAIN)  # grains after it stay grain-aligned
+    resize(path, SIZE)  # adds table 1 (both copies)
+    _move_table_past_the_grains(path, 1)
     with vmdk.open(path, "r+") as disk:
         for g in [*TABLE1, LAST]:
             disk.write_at(g * GRAIN, _grain_data(g))
