@@ -26,6 +26,7 @@ from .descriptor import Descriptor, ExtentLine, canonical_create_type
 from .errors import (
     ChainError,
     DescriptorError,
+    ImageInUseError,
     ImageIOError,
     MissingExtentError,
     OutOfRangeError,
@@ -209,14 +210,23 @@ class Image:
              drop_change_tracking: bool = False, missing_as_zeros: bool = False,
              _depth: int = 0, _seen: frozenset[str] = frozenset()) -> Image:
         path = os.fspath(path)
-        with io_errors(path):
-            image = cls._open(path, mode, allow_external=allow_external,
-                              ignore_cid=ignore_cid, force_share=force_share,
-                              open_parent=open_parent, repair=repair,
-                              drop_change_tracking=drop_change_tracking,
-                              missing_as_zeros=missing_as_zeros, _depth=_depth, _seen=_seen)
-        image._drop_tracking = drop_change_tracking
-        return image
+        for attempt in range(REPLACED_RETRIES + 1):
+            try:
+                with io_errors(path):
+                    image = cls._open(path, mode, allow_external=allow_external,
+                                      ignore_cid=ignore_cid, force_share=force_share,
+                                      open_parent=open_parent, repair=repair,
+                                      drop_change_tracking=drop_change_tracking,
+                                      missing_as_zeros=missing_as_zeros, _depth=_depth,
+                                      _seen=_seen)
+            except _Replaced:
+                if attempt == REPLACED_RETRIES:
+                    raise ImageInUseError("image is in use: it was replaced again and again "
+                                          "while being opened", path) from None
+                continue
+            image._drop_tracking = drop_change_tracking
+            return image
+        raise AssertionError("unreachable")
 
     @classmethod
     def _open(cls, path: str, mode: str, *, allow_external: bool, ignore_cid: bool,
@@ -231,6 +241,7 @@ class Image:
         if _depth > MAX_CHAIN_DEPTH:
             raise ChainError(f"snapshot chain is deeper than {MAX_CHAIN_DEPTH} images", path)
         _check_openable(path)
+        opened = os.stat(path)  # the file read below: still the one under its name, once locked?
         kind = sniff(path)
         embedded: SparseExtent | None = None
         extents: list[Extent] = []
@@ -258,6 +269,8 @@ class Image:
                                     strict=not repair, missing_as_zeros=missing_as_zeros)
             if not force_share:
                 locks = _lock_files(path, extents, write=not read_only)
+                if not _still_named(path, opened, extents):
+                    raise _Replaced
             if open_parent:
                 parent = _open_parent(path, descriptor, allow_external, ignore_cid,
                                       _depth, _seen | {real}, force_share,
@@ -931,6 +944,34 @@ def _sparse_size(line: ExtentLine, extent: SparseExtent) -> int:
     and killed in between, both tools then report one size.
     """
     return max(line.sectors, extent.header.capacity) * SECTOR_SIZE
+
+
+#: How often an open starts again when the image was replaced while it was being opened.
+REPLACED_RETRIES = 3
+
+
+class _Replaced(Exception):
+    """The files opened are no longer the ones under their names (see _still_named)."""
+
+
+def _still_named(path: str, opened: os.stat_result, extents: list[Extent]) -> bool:
+    """Whether the image file and every extent opened are still the files under their names.
+
+    A replacement (convert or create over an image) holds the old files' write locks
+    until it renames the new ones into place: an opener that opened the old files
+    just before the rename and locked them just after would otherwise go on writing
+    files that no longer have a name.
+    """
+    files = [(path, opened)] + [(e.filename, os.fstat(e.fd)) for e in extents
+                                if e.filename and isinstance(getattr(e, "fd", None), int)]
+    for name, known in files:
+        try:
+            now = os.stat(name)
+        except FileNotFoundError:
+            return False
+        if (now.st_dev, now.st_ino) != (known.st_dev, known.st_ino):
+            return False
+    return True
 
 
 def _warn_if_unclean(extent: Extent) -> None:
