@@ -962,8 +962,11 @@ def _still_named(path: str, opened: os.stat_result, extents: list[Extent]) -> bo
     just before the rename and locked them just after would otherwise go on writing
     files that no longer have a name.
     """
-    files = [(path, opened)] + [(e.filename, os.fstat(e.fd)) for e in extents
-                                if e.filename and isinstance(getattr(e, "fd", None), int)]
+    files = [(path, opened)]
+    for extent in extents:
+        fd = getattr(extent, "fd", None)
+        if extent.filename and isinstance(fd, int):
+            files.append((extent.filename, os.fstat(fd)))
     for name, known in files:
         try:
             now = os.stat(name)
