@@ -732,26 +732,38 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, taken as an interrupt: a terminated verb cleans up as an interrupted one."""
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated
+#: The signal that interrupted this run, if one did.  An interrupt that lands inside an
+#: import or a C extension may surface as another exception (numpy turns it into an
+#: ImportError): the exit still says what happened.
+_interrupted_by: list[int] = []
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    _interrupted_by.append(signum)
+    if signum == signal.SIGTERM:
+        raise Terminated
+    raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """For the verb's run: SIGTERM raises Terminated (serve sets handlers of its own)."""
+def _signals_as_interrupts() -> Iterator[None]:
+    """For the verb's run: SIGINT and SIGTERM interrupt it, and are remembered
+    (serve sets handlers of its own)."""
     try:
-        previous = signal.signal(signal.SIGTERM, _terminate)
+        previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:  # not the main thread: signals go elsewhere
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    with _sigterm_as_interrupt():
+    del _interrupted_by[:]
+    with _signals_as_interrupts():
         words = _relative_sizes(list(sys.argv[1:] if argv is None else argv))
         args = build_parser(_verb_of(words)).parse_args(words)
         if args.verbose:
@@ -773,13 +785,22 @@ def _run(args: argparse.Namespace) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 0
     except (VmdkError, OSError, ValueError, OverflowError, MemoryError) as exc:
+        if _interrupted_by:  # the interrupt's own consequence
+            return _interrupted(_interrupted_by[0] == signal.SIGTERM)
         discard_all()
         if args.debug:
             raise
         print(f"vmdk: error: {_message(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
-        discard_all()  # a stage the interrupt caught between two lines of its owner
-        terminated = isinstance(exc, Terminated)
-        print(f"vmdk: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
-        return 143 if terminated else 130
+        return _interrupted(isinstance(exc, Terminated))
+    except Exception:
+        if not _interrupted_by:
+            raise
+        return _interrupted(_interrupted_by[0] == signal.SIGTERM)
+
+
+def _interrupted(terminated: bool) -> int:
+    discard_all()  # a stage the interrupt caught between two lines of its owner
+    print(f"vmdk: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+    return 143 if terminated else 130
