@@ -29,7 +29,7 @@ else:
 
 from ._output import StagedOutput, output_errors
 from .errors import UnsupportedFormatError, VmdkError
-from .extents.base import pread_exact
+from .extents.base import pread_exact, stored_ranges
 from .image import Image, foreign_format, io_errors, sniff
 
 #: Bytes moved per read/write system call.
@@ -68,21 +68,13 @@ class RawSource:
 
     def spans(self) -> Iterator[Span]:
         pos = 0
-        while pos < self.size:
-            try:
-                data = os.lseek(self.fd, pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole remains
-                data = self.size
+        for data, hole in stored_ranges(self.fd, 0, self.size):
             if data > pos:
                 yield Span(pos, data - pos, False)
-            if data >= self.size:
-                return
-            try:
-                hole = os.lseek(self.fd, data, os.SEEK_HOLE)
-            except OSError:
-                hole = self.size
             yield Span(data, hole - data, True)
             pos = hole
+        if pos < self.size:
+            yield Span(pos, self.size - pos, False)
 
     def readinto_at(self, offset: int, buf: memoryview) -> None:
         pread_exact(self.fd, buf, offset, self.path)

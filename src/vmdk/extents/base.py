@@ -12,10 +12,11 @@ import abc
 import ctypes
 import dataclasses
 import enum
+import errno
 import mmap
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from ..errors import OutOfRangeError, ReadOnlyError
 
@@ -225,3 +226,30 @@ def pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
     done = 0
     while done < len(view):
         done += os.pwrite(fd, view[done:], offset + done)
+
+
+def stored_ranges(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """The (start, end) byte ranges of ``start .. end`` that the file stores; the rest
+    are holes, which read as zeros.
+
+    Found with SEEK_DATA/SEEK_HOLE, so the cost follows what is stored, not the
+    range's size.  Where the file system cannot tell (a device, some network file
+    systems), the whole range counts as stored.
+    """
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only holes from here to the end of the file
+                return
+            yield pos, end  # no hole support here
+            return
+        if data >= end:
+            return
+        try:
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        except OSError:
+            hole = end
+        yield data, hole
+        pos = hole

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-import errno
 import os
 
 from ..errors import CorruptImageError, MissingExtentError
-from .base import SECTOR_SIZE, Alloc, BackingReader, Extent, Run, pread_exact, pwrite_all
+from .base import (
+    SECTOR_SIZE,
+    Alloc,
+    BackingReader,
+    Extent,
+    Run,
+    pread_exact,
+    pwrite_all,
+    stored_ranges,
+)
 
 
 class FlatExtent(Extent):
@@ -72,13 +80,13 @@ class FlatExtent(Extent):
         runs: list[Run] = []
         pos, end = self.base + offset, self.base + offset + length
         stored_end = end if self.missing_as_zeros else max(pos, min(end, self._file_end()))
-        while pos < stored_end:
-            data, hole = self._next_data(pos, stored_end)
+        for data, hole in stored_ranges(self.fd, pos, stored_end):
             if data > pos:
                 runs.append(Run(pos - self.base, data - pos, Alloc.HOLE, pos, self.filename))
-            if hole > data:
-                runs.append(Run(data - self.base, hole - data, Alloc.DATA, data, self.filename))
-            pos = max(hole, data)
+            runs.append(Run(data - self.base, hole - data, Alloc.DATA, data, self.filename))
+            pos = hole
+        if pos < stored_end:
+            runs.append(Run(pos - self.base, stored_end - pos, Alloc.HOLE, pos, self.filename))
         if stored_end < end:
             runs.append(Run(stored_end - self.base, end - stored_end, Alloc.DATA, stored_end,
                             self.filename))
@@ -86,22 +94,6 @@ class FlatExtent(Extent):
 
     def _file_end(self) -> int:
         return os.lseek(self.fd, 0, os.SEEK_END)  # a device's size too, where fstat says 0
-
-    def _next_data(self, pos: int, end: int) -> tuple[int, int]:
-        """(start, end) of the next stored range at or after ``pos``, clipped to ``end``."""
-        try:
-            data = os.lseek(self.fd, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # nothing stored from here to the end of the file
-                return end, end
-            return pos, end  # no hole support (devices, some filesystems): all data
-        if data >= end:
-            return end, end
-        try:
-            hole = os.lseek(self.fd, data, os.SEEK_HOLE)
-        except OSError:
-            hole = end
-        return data, min(hole, end)
 
     def write(self, offset: int, data: memoryview, backing: BackingReader | None = None) -> None:
         self._check_writable()
