@@ -996,14 +996,19 @@ def _lock_files(path: str, extents: list[Extent], *, write: bool) -> list[int]:
     from ._lock import lock_image_file
 
     fds: list[int] = []
-    # One lock per file: a bare extent opened on its own is also "the image", and two
-    # open file descriptions of one file would refuse each other.
-    names: dict[str, str] = {}
-    for name in [path] + [e.filename for e in extents if e.filename]:
-        names.setdefault(os.path.realpath(name), name)
+    # One lock per file, however many names it has: a bare extent opened on its own is
+    # also "the image", hard links are one file, and two open file descriptions of one
+    # file would refuse each other (and each more lock on one file makes every lock test
+    # and close on it slower).
+    seen: set[tuple[int, int]] = set()
     try:
-        for name in names.values():
+        for name in [path] + [e.filename for e in extents if e.filename]:
             fd = os.open(name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) in seen:
+                os.close(fd)
+                continue
+            seen.add((st.st_dev, st.st_ino))
             fds.append(fd)
             lock_image_file(fd, name, write=write)
     except BaseException:
