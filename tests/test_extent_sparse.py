@@ -299,14 +299,15 @@ def test_tiny_gt_cache_still_reads_and_writes(tmp_path: Path) -> None:
     model = bytearray(SIZE)
     rng = np.random.default_rng(5)
     try:
-        assert e._max_gts < CAPACITY // (GRAIN * GTES)
+        limit = 4  # the fewest tables the cache keeps, whatever its budget
+        assert limit < CAPACITY // (GRAIN * GTES)
         for _ in range(60):
             off = int(rng.integers(0, SIZE - 1))
             n = int(rng.integers(1, min(3 * GT_SPAN, SIZE - off) + 1))
             blob = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
             e.write(off, memoryview(blob))
             model[off:off + n] = blob
-            assert len(e._gt_cache) <= e._max_gts
+            assert len(e._cached_tables()) <= limit
         assert read(e, 0, SIZE)[0] == bytes(model)
     finally:
         e.close()
@@ -412,12 +413,12 @@ def test_misplaced_directory_entries_agree_with_numpy(
     expected = [i for i, v in enumerate(entries)
                 if v and (v + span > limit or any(v < b and v + span > a for a, b in ranges))]
     assert sparse._misplaced(table, limit, ranges, span) == expected
-    bulk = sparse._BULK_ENTRIES
-    sparse._BULK_ENTRIES = 0
+    bulk, chunk = sparse._BULK_ENTRIES, sparse._BULK_CHUNK
+    sparse._BULK_ENTRIES, sparse._BULK_CHUNK = 0, 7  # numpy, in pieces across the entries
     try:
         assert sparse._misplaced(table, limit, ranges, span) == expected
     finally:
-        sparse._BULK_ENTRIES = bulk
+        sparse._BULK_ENTRIES, sparse._BULK_CHUNK = bulk, chunk
 
 
 @given(st.lists(st.tuples(st.sampled_from([0, 1, 0x100, 0x1000000, 0x10000, 0xFFFFFFFF, 0x1000100]),
@@ -429,7 +430,15 @@ def test_directory_mismatch_matches_definition(pairs: list[tuple[int, int]]) -> 
 
     gd, rgd = array("I", [a for a, _ in pairs]), array("I", [b for _, b in pairs])
     expected = [i for i, (a, b) in enumerate(pairs) if (a == 0) != (b == 0)]
-    assert sparse._mismatched(gd, rgd) == expected
+    assert sparse._mismatched(memoryview(gd), memoryview(rgd)) == expected
+    assert sparse.nonzero_slots(memoryview(gd)) == [i for i, (a, _) in enumerate(pairs) if a]
+    bulk, chunk = sparse._BULK_ENTRIES, sparse._BULK_CHUNK
+    sparse._BULK_ENTRIES, sparse._BULK_CHUNK = 0, 7  # numpy, in pieces across the entries
+    try:
+        assert sparse._mismatched(memoryview(gd), memoryview(rgd)) == expected
+        assert sparse.nonzero_slots(memoryview(gd)) == [i for i, (a, _) in enumerate(pairs) if a]
+    finally:
+        sparse._BULK_ENTRIES, sparse._BULK_CHUNK = bulk, chunk
 
 
 def test_a_new_table_past_the_2tib_file_limit_is_refused_cleanly(tmp_path: Path) -> None:

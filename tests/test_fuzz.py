@@ -282,3 +282,23 @@ def test_huge_claims_stay_bounded(name: str, huge_replayed: dict[str, dict[str, 
     """Refused (or read) within 2 s and 64 MiB of traced memory, in a memory-capped child."""
     result = huge_replayed[f"{name}.tar.gz"]
     assert result["signature"] is None, f"{result['signature']}\n{result['detail']}"
+
+
+def test_memory_the_tracer_cannot_see_is_a_finding(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A directory held in a memory map escapes tracemalloc: the resident peak catches an
+    input that makes us touch far more memory than it holds."""
+    import mmap
+
+    def touches_memory(path: Path, rng: random.Random, *, write: bool) -> str:
+        block = mmap.mmap(-1, 2 * fuzz.RESIDENT_LIMIT,
+                          flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        for at in range(0, len(block), 4096):
+            block[at] = 1
+        block.close()
+        return "accepted"
+
+    monkeypatch.setitem(fuzz.ORACLES, "mapped", touches_memory)
+    sig, detail = fuzz.run_input(tmp_path, {"x.vmdk": b"x"}, "x.vmdk", random.Random(0),
+                                 target="mapped")
+    assert sig == "MemoryPeak" and "resident" in detail

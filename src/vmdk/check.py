@@ -477,7 +477,7 @@ def _read_copies(extent: SparseExtent) -> _Copies:
 
 def _primary_table(extent: SparseExtent, index: int) -> np.ndarray:
     """The primary grain table as the extent has it now (its cache holds the newest)."""
-    cached = extent._gt_cache.get(index)
+    cached = extent._cached_table(index)
     if cached is not None:
         return u32_view(cached).copy()
     return _read_table(extent, int(extent.gd[index]))
@@ -507,8 +507,7 @@ def _decide_directories(extent: SparseExtent, copies: _Copies) -> list[str]:
         head = f"grain directory entry {i}: "
         if g_fault and not r_fault:
             gd[i], rgd[i] = r, 0  # the redundant table becomes the primary; a copy follows
-            extent._gt_cache.pop(i, None)
-            extent._gt_dirty.discard(i)
+            extent._forget_table(i)
             extent._gd_dirty.add(i)
             del copies.disputed[i]
             copies.add_agreed(b)

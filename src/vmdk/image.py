@@ -37,7 +37,7 @@ from .errors import (
 )
 from .extents.base import SECTOR_SIZE, Alloc, Extent, Run, pwrite_all, zero_fill
 from .extents.flat import FlatExtent, ZeroExtent
-from .extents.sparse import SparseExtent
+from .extents.sparse import SparseExtent, TableCache
 
 log = logging.getLogger(__name__)
 
@@ -871,10 +871,14 @@ def _open_extents(path: str, descriptor: Descriptor, embedded: SparseExtent | No
         embedded.size = _sparse_size(lines[0], embedded)
         return [embedded]
     extents: list[Extent] = []
+    tables = TableCache()  # one budget for the grain tables of all the image's extents
+    named: dict[tuple[int, int], str] = {}
     try:
         for line in lines:
-            extents.append(_open_extent(path, line, descriptor, read_only, allow_external,
-                                        strict, missing_as_zeros))
+            extent = _open_extent(path, line, descriptor, read_only, allow_external,
+                                  strict, missing_as_zeros, tables)
+            extents.append(extent)
+            _refuse_second_naming(path, extent, named)
     except BaseException:
         for extent in extents:
             extent.close()
@@ -882,9 +886,24 @@ def _open_extents(path: str, descriptor: Descriptor, embedded: SparseExtent | No
     return extents
 
 
+def _refuse_second_naming(path: str, extent: Extent, named: dict[tuple[int, int], str]) -> None:
+    """A file with its own allocation map (not flat) holds one extent: named twice, every
+    read and write of one line would land in the other's data too."""
+    fd = getattr(extent, "fd", getattr(extent, "_fd", None))
+    if isinstance(extent, (FlatExtent, ZeroExtent)) or not isinstance(fd, int) or fd < 0:
+        return
+    st = os.fstat(fd)
+    first = named.setdefault((st.st_dev, st.st_ino), extent.filename or "")
+    if first != extent.filename:
+        raise DescriptorError(
+            f"extent file {os.path.basename(extent.filename or '')!r} is named more than once "
+            f"(also as {os.path.basename(first)!r}): a sparse extent can back one line only",
+            path)
+
+
 def _open_extent(path: str, line: ExtentLine, descriptor: Descriptor, read_only: bool,
                  allow_external: bool, strict: bool = True,
-                 missing_as_zeros: bool = False) -> Extent:
+                 missing_as_zeros: bool = False, tables: TableCache | None = None) -> Extent:
     ro = read_only or line.access != "RW"
     if line.type == "ZERO":
         return ZeroExtent(line.sectors)
@@ -905,7 +924,7 @@ def _open_extent(path: str, line: ExtentLine, descriptor: Descriptor, read_only:
         raise MissingExtentError(f"extent file {line.filename!r} does not exist", path)
     if kind == "sparse":
         sparse = SparseExtent.open(target, read_only=ro, nominal_sectors=line.sectors,
-                                   strict=strict, defer_writes=True)
+                                   strict=strict, defer_writes=True, table_cache=tables)
         sparse.size = _sparse_size(line, sparse)
         return sparse
     if kind == "cowd":

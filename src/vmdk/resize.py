@@ -41,7 +41,14 @@ from .descriptor import ExtentLine
 from .errors import UnsupportedFormatError, VmdkError
 from .extents.base import SECTOR_SIZE, Alloc, Extent, pwrite_all
 from .extents.flat import FlatExtent
-from .extents.sparse import MAX_FILE_SECTORS, MAX_GD_ENTRIES, SparseExtent, u32_bytes
+from .extents.sparse import (
+    MAX_FILE_SECTORS,
+    MAX_GD_ENTRIES,
+    Directory,
+    SparseExtent,
+    grown_directory,
+    u32_bytes,
+)
 from .image import Image, MapRun, compute_geometry, io_errors, sniff
 
 CHUNK = 8 << 20
@@ -378,8 +385,8 @@ def _grow_flat(extent: FlatExtent, sectors: int) -> None:
 class _Tables:
     """Where a growing sparse extent's new tables and directories go."""
 
-    gd: array[int]  # the whole new directory
-    rgd: array[int] | None
+    gd: Directory  # the whole new directory
+    rgd: Directory | None
     gd_at: int  # sector of the directory (moved, or where it was)
     rgd_at: int
     in_slack: list[int]  # sectors of the new tables below the first grain: zeroed by hand
@@ -422,8 +429,8 @@ def _plan_tables(extent: SparseExtent, sectors: int) -> _Tables | None:
     if end > MAX_FILE_SECTORS:
         raise UnsupportedFormatError("extent file would grow past 2 TiB (u32 sector numbers)",
                                      extent.filename)
-    gd = extent.gd + array("I", spots[:added])
-    rgd = None if extent.rgd is None else extent.rgd + array("I", spots[added:])
+    gd = grown_directory(extent.gd, array("I", spots[:added]))
+    rgd = None if extent.rgd is None else grown_directory(extent.rgd, array("I", spots[added:]))
     return _Tables(gd, rgd, gd_at, rgd_at, in_slack, end)
 
 

@@ -18,7 +18,9 @@ the file, never a table that points at garbage.
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
+import mmap
 import os
 import struct
 import sys
@@ -64,6 +66,7 @@ from .base import (
     pread_exact,
     pwrite_all,
     pwritev_all,
+    stored_ranges,
     zero_fill,
 )
 
@@ -90,6 +93,8 @@ _UNALLOC, _ZERO, _DATA, _COMPRESSED = 0, 1, 2, 3
 
 #: Directories longer than this are validated with numpy (only tiny grains get there).
 _BULK_ENTRIES = 1 << 20
+#: Bulk work on a directory goes this many entries at a time: temporaries stay bounded.
+_BULK_CHUNK = 1 << 20
 
 if array("I").itemsize != 4:  # pragma: no cover - every platform Python runs on today
     raise ImportError("vmdk needs a 4-byte C unsigned int for its grain tables")
@@ -108,7 +113,32 @@ def u32_array(raw: bytes) -> array[int]:
     return table
 
 
-def u32_bytes(table: array[int]) -> bytes:
+#: A grain directory in memory: native u32 entries (``len``, indexing, ``np.frombuffer``).
+Directory = memoryview
+
+
+def zeroed_directory(count: int) -> Directory:
+    """``count`` u32 zeros whose memory the system supplies only where entries are written.
+
+    A directory's claimed size is a number in a header; what the file stores of it
+    may be a few KiB (the rest are holes, reading as zeros).  Untouched pages of a
+    private anonymous mapping cost nothing, so memory follows the stored entries.
+    """
+    if count == 0:
+        return memoryview(array("I"))
+    return memoryview(mmap.mmap(-1, count * 4, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+                      ).cast("I")
+
+
+def grown_directory(directory: Directory, more: array[int]) -> Directory:
+    """A new directory: ``directory``'s entries followed by ``more``."""
+    out = zeroed_directory(len(directory) + len(more))
+    out[:len(directory)] = directory
+    out[len(directory):] = memoryview(more)
+    return out
+
+
+def u32_bytes(table: array[int] | Directory) -> bytes:
     """The entries as they are stored: little-endian u32."""
     if sys.byteorder == "big":
         table = array("I", table)
@@ -116,21 +146,23 @@ def u32_bytes(table: array[int]) -> bytes:
     return table.tobytes()
 
 
-def u32_view(table: array[int]) -> np.ndarray:
+def u32_view(table: array[int] | Directory) -> np.ndarray:
     """A numpy view of a directory or table, for bulk work (writes go through to it)."""
     return np.frombuffer(table, dtype=np.uint32)
 
 
-def _misplaced(entries: array[int], limit: int, areas: list[tuple[int, int]],
+def _misplaced(entries: array[int] | Directory, limit: int, areas: list[tuple[int, int]],
                span: int) -> list[int]:
     """Indexes of the non-zero entries whose ``span`` sectors pass ``limit`` or overlap
     one of ``areas`` (half-open sector ranges)."""
     if len(entries) > _BULK_ENTRIES:
-        v = u32_view(entries).astype(np.int64)
-        wrong = v + span > limit
-        for a, b in areas:
-            wrong |= (v < b) & (v + span > a)
-        found: list[int] = np.flatnonzero(wrong & (v != 0)).tolist()
+        found: list[int] = []
+        for at in range(0, len(entries), _BULK_CHUNK):  # bounded temporaries
+            v = u32_view(entries[at:at + _BULK_CHUNK]).astype(np.int64)
+            wrong = v + span > limit
+            for a, b in areas:
+                wrong |= (v < b) & (v + span > a)
+            found += (np.flatnonzero(wrong & (v != 0)) + at).tolist()
         return found
     values = sorted(entries)  # one pass in C for the usual ascending directory
     nonzero = bisect.bisect_right(values, 0)
@@ -141,17 +173,30 @@ def _misplaced(entries: array[int], limit: int, areas: list[tuple[int, int]],
     return [i for i, v in enumerate(entries) if v in bad] if bad else []
 
 
-def _mismatched(gd: array[int], rgd: array[int]) -> list[int]:
+def _mismatched(gd: Directory, rgd: Directory) -> list[int]:
     """Indexes where one directory has a table and the other has none."""
     if len(gd) > _BULK_ENTRIES:
-        found: list[int] = np.flatnonzero((u32_view(gd) == 0) != (u32_view(rgd) == 0)).tolist()
+        found: list[int] = []
+        for at in range(0, len(gd), _BULK_CHUNK):  # bounded temporaries
+            a, b = u32_view(gd[at:at + _BULK_CHUNK]), u32_view(rgd[at:at + _BULK_CHUNK])
+            found += (np.flatnonzero((a == 0) != (b == 0)) + at).tolist()
         return found
     if not _has_zero(gd) and not _has_zero(rgd):
         return []
     return [i for i, (a, b) in enumerate(zip(gd, rgd)) if (a == 0) != (b == 0)]
 
 
-def _has_zero(table: array[int]) -> bool:
+def nonzero_slots(directory: Directory) -> list[int]:
+    """Indexes of the directory's non-zero entries (the tables it has)."""
+    if len(directory) > _BULK_ENTRIES:
+        found: list[int] = []
+        for at in range(0, len(directory), _BULK_CHUNK):
+            found += (np.flatnonzero(u32_view(directory[at:at + _BULK_CHUNK])) + at).tolist()
+        return found
+    return [i for i, sector in enumerate(directory) if sector]
+
+
+def _has_zero(table: array[int] | Directory) -> bool:
     # Four zero bytes in a row are rare in sector numbers: memchr-speed ruling out first.
     return b"\0\0\0\0" in table.tobytes() and 0 in table
 
@@ -159,6 +204,71 @@ def _has_zero(table: array[int]) -> bool:
 def _sequence(first: int, count: int, step: int) -> array[int]:
     """``first, first + step, ...`` (``count`` u32 entries): contiguous grains or tables."""
     return array("I", range(first, first + count * step, step))
+
+
+def _union(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Half-open ranges sorted and merged where they touch or overlap."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+#: Tables any single operation may still be holding: never evicted below this many.
+_MIN_CACHED_TABLES = 4
+_serials = itertools.count()
+
+
+class TableCache:
+    """Grain tables in memory for the extents of one image, least recently used out first,
+    within one budget of bytes however many extents share it.
+
+    A table changed in memory (dirty) leaves only after its extent wrote it back,
+    which syncs the grain data first: eviction never loses a write or reorders it.
+    """
+
+    def __init__(self, budget: int = DEFAULT_GT_CACHE_BYTES) -> None:
+        self.budget = budget
+        self._tables: OrderedDict[tuple[int, int], tuple[SparseExtent, array[int]]] = (
+            OrderedDict())
+        self._bytes = 0
+
+    def get(self, extent: SparseExtent, index: int) -> array[int] | None:
+        key = (extent._serial, index)
+        hit = self._tables.get(key)
+        if hit is None:
+            return None
+        self._tables.move_to_end(key)
+        return hit[1]
+
+    def put(self, extent: SparseExtent, index: int, table: array[int]) -> None:
+        self.pop(extent, index)
+        self._tables[(extent._serial, index)] = (extent, table)
+        self._bytes += table.itemsize * len(table)
+        self._evict()
+
+    def pop(self, extent: SparseExtent, index: int) -> None:
+        hit = self._tables.pop((extent._serial, index), None)
+        if hit is not None:
+            self._bytes -= hit[1].itemsize * len(hit[1])
+
+    def indexes(self, extent: SparseExtent) -> list[int]:
+        return [index for serial, index in self._tables if serial == extent._serial]
+
+    def drop(self, extent: SparseExtent) -> None:
+        """Forget every table of a closed extent."""
+        for index in self.indexes(extent):
+            self.pop(extent, index)
+
+    def _evict(self) -> None:
+        while self._bytes > self.budget and len(self._tables) > _MIN_CACHED_TABLES:
+            (_serial, index), (extent, _table) = next(iter(self._tables.items()))
+            if index in extent._gt_dirty:
+                extent._write_back_tables()
+            self.pop(extent, index)
 
 
 _pool: ThreadPoolExecutor | None = None
@@ -186,6 +296,7 @@ class SparseExtent(Extent):
         read_only: bool,
         nominal_sectors: int | None,
         gt_cache_bytes: int = DEFAULT_GT_CACHE_BYTES,
+        table_cache: TableCache | None = None,
         strict: bool = True,
         defer_writes: bool = False,
     ) -> None:
@@ -219,19 +330,26 @@ class SparseExtent(Extent):
         #: Faults found in the directories and worked around with the redundant copy;
         #: ``vmdk check`` reports them as corruptions and ``check -r all`` rewrites them.
         self.directory_faults: list[str] = []
-        self.gd, gd_bad = self._read_directory(self.header.gd_offset, "grain directory")
-        self.rgd: array[int] | None = None
+        if self.gd_entries > MAX_GD_ENTRIES:
+            raise InvalidHeaderError(
+                f"grain directory of {self.gd_entries} entries is larger than any tool "
+                f"accepts ({MAX_GD_ENTRIES}; capacity {header.capacity} sectors in tables "
+                f"of {header.num_gtes_per_gt} grains of {header.grain_size} sectors)", filename)
+        self.gd, gd_bad, stored = self._read_directory(self.header.gd_offset, "grain directory")
+        self.rgd: Directory | None = None
         rgd_bad: list[int] = []
         if header.has(SparseFlags.REDUNDANT_GT) and header.rgd_offset and not self.compressed:
-            self.rgd, rgd_bad = self._read_directory(header.rgd_offset,
-                                                     "redundant grain directory")
+            self.rgd, rgd_bad, rstored = self._read_directory(header.rgd_offset,
+                                                              "redundant grain directory")
+            stored = _union(stored + rstored)
         self._use_redundant_for(gd_bad, rgd_bad)
         if self.rgd is not None:
-            self._compare_directories()
-        self._gt_cache: OrderedDict[int, array[int]] = OrderedDict()
+            self._compare_directories(stored)
+        #: Grain tables in memory: the image's cache, shared by all its extents.
+        self._tables = table_cache if table_cache is not None else TableCache(gt_cache_bytes)
+        self._serial = next(_serials)
         self._gt_dirty: set[int] = set()
         self._gd_dirty: set[int] = set()
-        self._max_gts = max(4, gt_cache_bytes // (header.num_gtes_per_gt * 4))
         self._grain_cache: OrderedDict[int, bytes] = OrderedDict()
         self._data_unsynced = False
         self._end = _ceil_div(self.file_size, SECTOR_SIZE)  # next free sector
@@ -266,6 +384,7 @@ class SparseExtent(Extent):
         read_only: bool = True,
         nominal_sectors: int | None = None,
         gt_cache_bytes: int = DEFAULT_GT_CACHE_BYTES,
+        table_cache: TableCache | None = None,
         strict: bool = True,
         defer_writes: bool = False,
     ) -> SparseExtent:
@@ -281,7 +400,7 @@ class SparseExtent(Extent):
             header = SparseHeader.unpack(raw)
             return cls(filename, fd, header, read_only=read_only,
                        nominal_sectors=nominal_sectors, gt_cache_bytes=gt_cache_bytes,
-                       strict=strict, defer_writes=defer_writes)
+                       table_cache=table_cache, strict=strict, defer_writes=defer_writes)
         except BaseException:
             os.close(fd)
             raise
@@ -345,19 +464,33 @@ class SparseExtent(Extent):
         self.header.gd_offset = footer.gd_offset
         self.header.rgd_offset = footer.rgd_offset
 
-    def _read_directory(self, sector: int, what: str) -> tuple[array[int], list[int]]:
-        """The directory at ``sector`` and the indexes of its entries past the file's end
-        or inside the header, the descriptor or a directory (a table there would be
-        written over them)."""
+    def _read_directory(self, sector: int, what: str
+                        ) -> tuple[Directory, list[int], list[tuple[int, int]]]:
+        """The directory at ``sector``, the indexes of its entries past the file's end or
+        inside the header, the descriptor or a directory (a table there would be written
+        over them), and the index ranges the file stores (elsewhere it has holes: zeros).
+
+        Only what the file stores is read and checked, so a directory that is mostly
+        holes costs what it holds, not what its header claims.
+        """
         count = self.gd_entries
         gd_sectors = _ceil_div(count * 4, SECTOR_SIZE)
         if count == 0:
-            return array("I"), []
+            return zeroed_directory(0), [], []
         self._check_area(sector, gd_sectors, what)
-        raw = os.pread(self.fd, count * 4, sector * SECTOR_SIZE)
-        if len(raw) != count * 4:
-            raise CorruptImageError(f"{what} is truncated", self.filename)
-        gd = u32_array(raw)
+        gd = zeroed_directory(count)
+        raw = gd.cast("B")
+        start = sector * SECTOR_SIZE
+        stored: list[tuple[int, int]] = []
+        for lo, hi in stored_ranges(self.fd, start, start + count * 4):
+            a, b = (lo - start) // 4, _ceil_div(hi - start, 4)
+            if pread_exact(self.fd, raw[a * 4:b * 4], start + a * 4, self.filename) < (b - a) * 4:
+                raise CorruptImageError(f"{what} is truncated", self.filename)
+            if sys.byteorder == "big":
+                swapped = array("I", gd[a:b])
+                swapped.byteswap()
+                gd[a:b] = memoryview(swapped)
+            stored.append((a, b))
         h = self.header
         fixed = [(0, 1), (h.gd_offset, h.gd_offset + gd_sectors)]
         if h.descriptor_offset:
@@ -365,7 +498,9 @@ class SparseExtent(Extent):
         if h.has(SparseFlags.REDUNDANT_GT) and h.rgd_offset:
             fixed.append((h.rgd_offset, h.rgd_offset + gd_sectors))
         gt_sectors = _ceil_div(h.num_gtes_per_gt * 4, SECTOR_SIZE)
-        return gd, _misplaced(gd, _ceil_div(self.file_size, SECTOR_SIZE), fixed, gt_sectors)
+        limit = _ceil_div(self.file_size, SECTOR_SIZE)
+        bad = [a + i for a, b in stored for i in _misplaced(gd[a:b], limit, fixed, gt_sectors)]
+        return gd, bad, stored
 
     def _use_redundant_for(self, gd_bad: list[int], rgd_bad: list[int]) -> None:
         """Directory entries pointing past the end: fall back on the other copy where it can."""
@@ -392,9 +527,11 @@ class SparseExtent(Extent):
             raise CorruptImageError(msg + "; run 'vmdk check -r all'", name)
         log.warning("%s: %s; reading the redundant copy", name, msg)
 
-    def _compare_directories(self) -> None:
+    def _compare_directories(self, stored: list[tuple[int, int]]) -> None:
+        """Where either directory stores entries, both must agree on which tables exist
+        (elsewhere both read as zeros)."""
         assert self.rgd is not None
-        mismatch = _mismatched(self.gd, self.rgd)
+        mismatch = [a + i for a, b in stored for i in _mismatched(self.gd[a:b], self.rgd[a:b])]
         if mismatch:
             msg = (f"grain directory and its redundant copy disagree at entry {mismatch[0]} "
                    f"({len(mismatch)} entries); run 'vmdk check -r all'")
@@ -508,24 +645,33 @@ class SparseExtent(Extent):
 
     def _gt(self, index: int) -> array[int]:
         """The grain table of GD slot ``index`` (all zeros when the slot is empty)."""
-        table = self._gt_cache.get(index)
+        table = self._tables.get(self, index)
         if table is not None:
-            self._gt_cache.move_to_end(index)
             return table
         n = self.header.num_gtes_per_gt
         sector = int(self.gd[index])
         if sector == 0:
             return self._absent_table()  # not cached: it holds nothing
-        else:
-            raw = os.pread(self.fd, n * 4, sector * SECTOR_SIZE)
-            if len(raw) != n * 4:
-                raise CorruptImageError(f"grain table {index} at sector {sector} is truncated",
-                                        self.filename)
-            table = u32_array(raw)
-            self._compare_redundant_table(index, raw)
-        self._gt_cache[index] = table
-        self._evict_tables()
+        raw = os.pread(self.fd, n * 4, sector * SECTOR_SIZE)
+        if len(raw) != n * 4:
+            raise CorruptImageError(f"grain table {index} at sector {sector} is truncated",
+                                    self.filename)
+        table = u32_array(raw)
+        self._compare_redundant_table(index, raw)
+        self._tables.put(self, index, table)
         return table
+
+    def _cached_table(self, index: int) -> array[int] | None:
+        """The table of slot ``index`` if it is in memory (it may be newer than the file's)."""
+        return self._tables.get(self, index)
+
+    def _forget_table(self, index: int) -> None:
+        """Drop the in-memory table of slot ``index`` unwritten (the file's is right)."""
+        self._tables.pop(self, index)
+        self._gt_dirty.discard(index)
+
+    def _cached_tables(self) -> list[int]:
+        return self._tables.indexes(self)
 
     def _compare_redundant_table(self, index: int, raw: bytes) -> None:
         """A grain table must equal its redundant copy (checked as each table is first used)."""
@@ -547,13 +693,6 @@ class SparseExtent(Extent):
         if table is None:
             table = self._absent = array("I", bytes(4 * self.header.num_gtes_per_gt))
         return table
-
-    def _evict_tables(self) -> None:
-        while len(self._gt_cache) > self._max_gts:
-            oldest = next(iter(self._gt_cache))
-            if oldest in self._gt_dirty:
-                self._write_back_tables()
-            self._gt_cache.popitem(last=False)
 
     def _entries(self, first: int, last: int) -> array[int]:
         """Grain table entries for grains ``first .. last`` inclusive, as a new array."""
@@ -845,7 +984,7 @@ class SparseExtent(Extent):
             areas.append((h.rgd_offset, h.rgd_offset + gd_sectors))
         for table in (self.gd, self.rgd):
             if table is not None:
-                areas += [(t, t + gt_sectors) for t in table if t]
+                areas += [(table[i], table[i] + gt_sectors) for i in nonzero_slots(table)]
         return areas
 
     def _metadata_areas(self) -> tuple[list[int], list[int]]:
@@ -1039,7 +1178,7 @@ class SparseExtent(Extent):
             self._data_unsynced = False
         n = self.header.num_gtes_per_gt
         for index in sorted(self._gt_dirty):
-            table = self._gt_cache.get(index)
+            table = self._tables.get(self, index)
             if table is not None:
                 raw = u32_bytes(table)
                 pwrite_all(self.fd, raw, int(self.gd[index]) * SECTOR_SIZE)
@@ -1088,6 +1227,7 @@ class SparseExtent(Extent):
                 self.flush()
                 self._mark_unclean(False)
         finally:
+            self._tables.drop(self)
             os.close(self.fd)
             self.fd = -1
 
@@ -1131,10 +1271,9 @@ class SparseExtent(Extent):
     @property
     def allocated_grains(self) -> int:
         total = 0
-        for index, sector in enumerate(self.gd):
-            if sector:
-                table = self._gt(index)
-                total += len(table) - table.count(0) - (table.count(1) if self.zeroed_gte else 0)
+        for index in nonzero_slots(self.gd):
+            table = self._gt(index)
+            total += len(table) - table.count(0) - (table.count(1) if self.zeroed_gte else 0)
         return total
 
     def info(self) -> dict[str, object]:
