@@ -89,7 +89,7 @@ def test_a_directory_at_the_limit_costs_what_the_file_holds(tmp_path: Path,
     for verb in (["info"], ["info", "--output=json"], ["map", "--output=json"]):
         code, err, peak = run_measured(*verb, str(path))
         assert code == 0, err
-        assert peak < PEAK_LIMIT, f"{verb}: {peak >> 20} MiB"
+        assert peak < 64 * MiB, f"{verb}: {peak >> 20} MiB"
     with vmdk.open(path) as disk:
         assert disk.size == MAX_GD_ENTRIES * 512
         assert disk.read_at(disk.size - 4096, 4096) == bytes(4096)
@@ -133,3 +133,25 @@ def test_tables_of_many_extents_share_one_cache_budget(tmp_path: Path) -> None:
         cached = sum(len(e._cached_tables()) for e in extents)
         table_bytes = extents[0].header.num_gtes_per_gt * 4
         assert 0 < cached * table_bytes <= DEFAULT_GT_CACHE_BYTES
+
+
+def test_a_sesparse_directory_costs_what_the_file_holds(tmp_path: Path) -> None:
+    """A seSparse header claiming 64 TiB: a 32 MiB directory, all holes in a file of a few
+    KiB on disk.  It was read whole and checked with temporaries of several times its
+    size (175 MiB for ``info``)."""
+    capacity = (64 << 40) // 512 - 8
+    entries = -(-capacity // (4096 * 8))
+    gd_sectors = -(-entries * 8 // 512)
+    tables = 8 + gd_sectors
+    const = struct.pack("<6Q32x16Q304x", 0xCAFEBABE, 0x0000000200000001, capacity, 8, 64, 0,
+                        1, 1, 2, 2, 4, 4, 8, gd_sectors, tables, 128, tables + 128, 8,
+                        tables + 136, 8, tables + 144, 8)
+    volatile = struct.pack("<4Q480x", 0xCAFECAFE, 1, 1, 0)
+    path = tmp_path / "ses.vmdk"
+    with open(path, "wb") as f:
+        f.write(const + volatile)
+        f.truncate((tables + 200) * 512)
+    assert on_disk(path) < 64 * KiB
+    code, err, peak = run_measured("info", str(path))
+    assert code == 0, err
+    assert peak < 64 * MiB, f"{peak >> 20} MiB"

@@ -457,3 +457,23 @@ def test_a_new_table_past_the_2tib_file_limit_is_refused_cleanly(tmp_path: Path)
     finally:
         extent._end = os.path.getsize(tmp_path / "e.vmdk") // 512
         extent.close()
+
+
+@given(st.lists(st.sampled_from([0, 0, 0, 1, 0x100, 0x1000000, 0xFFFFFFFF]), max_size=80),
+       st.integers(0, 90), st.integers(0, 90), st.sampled_from([1, 3, 8, 1 << 14]))
+def test_next_table_matches_definition(entries: list[int], start: int, stop: int,
+                                       block: int) -> None:
+    """Skipping empty directory slots a block at a time finds the same slot as looking at
+    each entry, whatever bytes of the entries are zero and wherever blocks end."""
+    from vmdk.extents import sparse
+
+    stop = min(stop, len(entries))
+    start = min(start, stop)
+    gd = memoryview(array("I", entries))
+    expected = next((i for i in range(start, stop) if entries[i]), stop)
+    skip, zeros = sparse._SKIP_SLOTS, sparse._ZERO_SLOTS
+    sparse._SKIP_SLOTS, sparse._ZERO_SLOTS = block, bytes(4 * block)
+    try:
+        assert sparse.next_table(gd, start, stop) == expected
+    finally:
+        sparse._SKIP_SLOTS, sparse._ZERO_SLOTS = skip, zeros

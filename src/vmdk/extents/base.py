@@ -18,7 +18,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 
-from ..errors import OutOfRangeError, ReadOnlyError
+from ..errors import CorruptImageError, OutOfRangeError, ReadOnlyError
 
 SECTOR_SIZE = 512
 
@@ -253,3 +253,30 @@ def stored_ranges(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
             hole = end
         yield data, hole
         pos = hole
+
+
+def zeroed_buffer(size: int) -> memoryview:
+    """``size`` zero bytes whose memory the system supplies only where they are written.
+
+    Untouched pages of a private anonymous mapping cost nothing (reads see the
+    shared zero page): a table whose size is a number in a header costs what is
+    written into it, not what the header claims.
+    """
+    if size == 0:
+        return memoryview(bytearray())
+    return memoryview(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
+
+
+def read_stored(fd: int, offset: int, size: int, filename: str | None, what: str
+                ) -> tuple[memoryview, list[tuple[int, int]]]:
+    """Bytes ``offset .. offset+size`` of the file, reading only what it stores (its holes
+    read as zeros), and the (start, end) ranges of the result that were read.  A short
+    read means a truncated ``what``."""
+    out = zeroed_buffer(size)
+    stored: list[tuple[int, int]] = []
+    for lo, hi in stored_ranges(fd, offset, offset + size):
+        a, b = lo - offset, hi - offset
+        if pread_exact(fd, out[a:b], lo, filename) < b - a:
+            raise CorruptImageError(f"{what} is truncated", filename)
+        stored.append((a, b))
+    return out, stored

@@ -32,7 +32,7 @@ from .._structs import (
     SESparseVolatileHeader,
 )
 from ..errors import CorruptImageError, InvalidHeaderError, UnsupportedFormatError
-from .base import SECTOR_SIZE, pread_exact
+from .base import SECTOR_SIZE, pread_exact, read_stored
 from .cowd import DATA, HOLE, ZERO, GrainMappedExtent
 
 VERSION = 0x0000000200000001
@@ -223,6 +223,34 @@ def _read_volatile_header(fd: int, path: str, h: SESparseConstHeader) -> SESpars
     return v
 
 
+#: Directory entries checked at a time: temporaries stay bounded.
+_CHECK_CHUNK = 1 << 18
+
+
+def _check_gd_entries(gd: np.ndarray, lo: int, hi: int, h: SESparseConstHeader,
+                      file_sectors: int, path: str) -> None:
+    """Entries ``lo .. hi`` must be 0 or name a table inside the tables area and the file."""
+    part = gd[lo:hi]
+    index = (part & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    table_end = h.grain_tables_offset + (index + 1) * GT_SECTORS
+    bad = np.flatnonzero(
+        (part != 0)
+        & (
+            ((part >> np.uint64(32)) != GD_ENTRY_TAG)
+            | ((index + 1) * GT_SECTORS > h.grain_tables_size)
+            | (table_end > file_sectors)
+        )
+    )
+    if bad.size:
+        i = lo + int(bad[0])
+        raise CorruptImageError(
+            f"grain directory entry {i} is {int(gd[i]):#018x}: not a table reference inside the "
+            f"grain tables area ({h.grain_tables_size} sectors) and the file "
+            f"({file_sectors} sectors)",
+            path,
+        )
+
+
 def _read_gd(fd: int, path: str, h: SESparseConstHeader, file_sectors: int) -> np.ndarray:
     needed = _ceil_div(h.capacity, GT_ENTRIES * GRAIN_SECTORS)
     if needed * 8 > h.grain_dir_size * SECTOR_SIZE:
@@ -235,25 +263,11 @@ def _read_gd(fd: int, path: str, h: SESparseConstHeader, file_sectors: int) -> n
             f"({file_sectors} sectors)",
             path,
         )
-    raw = bytearray(needed * 8)
-    pread_exact(fd, memoryview(raw), h.grain_dir_offset * SECTOR_SIZE, path)
+    raw, stored = read_stored(fd, h.grain_dir_offset * SECTOR_SIZE, needed * 8, path,
+                              "grain directory")
     gd = np.frombuffer(raw, dtype="<u8")
-    index = (gd & np.uint64(0xFFFFFFFF)).astype(np.int64)
-    table_end = h.grain_tables_offset + (index + 1) * GT_SECTORS
-    bad = np.flatnonzero(
-        (gd != 0)
-        & (
-            ((gd >> np.uint64(32)) != GD_ENTRY_TAG)
-            | ((index + 1) * GT_SECTORS > h.grain_tables_size)
-            | (table_end > file_sectors)
-        )
-    )
-    if bad.size:
-        i = int(bad[0])
-        raise CorruptImageError(
-            f"grain directory entry {i} is {int(gd[i]):#018x}: not a table reference inside the "
-            f"grain tables area ({h.grain_tables_size} sectors) and the file "
-            f"({file_sectors} sectors)",
-            path,
-        )
+    for a, b in stored:  # holes hold no entries: only what the file stores is checked
+        for at in range(a // 8, -(-b // 8), _CHECK_CHUNK):
+            _check_gd_entries(gd, at, min(at + _CHECK_CHUNK, -(-b // 8)), h, file_sectors,
+                              path)
     return gd
