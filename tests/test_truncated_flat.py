@@ -8,7 +8,9 @@ missing part as zeros.
 
 from __future__ import annotations
 
+import io
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,3 +73,23 @@ def test_a_whole_flat_file_with_holes_still_reads_zeros_in_them(tmp_path: Path) 
         disk.write_at(MiB, b"\x77" * 4096)  # the rest stays holes of a full-size file
     with vmdk.open(path) as disk:
         assert disk.read() == bytes(MiB) + b"\x77" * 4096 + bytes(SIZE - MiB - 4096)
+
+
+def test_the_cli_has_the_opt_in_its_error_names(cut_flat: tuple[Path, bytes],
+                                                capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The refusal points at --missing-as-zeros: convert, cat and compare take it."""
+    path, content = cut_flat
+    keep = 3 * MiB + 1000
+    expected = content[:keep] + bytes(SIZE - keep)
+    out = path.parent / "out.raw"
+    assert main(["convert", "-O", "raw", str(path), str(out)]) == 1
+    assert "--missing-as-zeros" in capsys.readouterr().err
+    assert main(["convert", "--missing-as-zeros", "-O", "raw", str(path), str(out)]) == 0
+    assert out.read_bytes() == expected
+    assert main(["compare", "--missing-as-zeros", str(path), str(out)]) == 0
+    assert main(["compare", str(path), str(out)]) == 4
+    stdout = io.TextIOWrapper(io.BytesIO())
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert main(["cat", "--missing-as-zeros", str(path)]) == 0
+    assert stdout.buffer.getvalue() == expected  # type: ignore[attr-defined]

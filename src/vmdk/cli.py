@@ -153,6 +153,8 @@ def _open_flags(args: argparse.Namespace) -> dict[str, Any]:
              "force_share": getattr(args, "force_share", False)}
     if getattr(args, "ignore_cid", False):
         flags["ignore_cid"] = True
+    if getattr(args, "missing_as_zeros", False):
+        flags["missing_as_zeros"] = True
     return flags
 
 
@@ -259,7 +261,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 out_format=args.output_format, sparse_size=_sparse_size(args.sparse_size),
                 progress=bar,
                 allow_external=args.allow_external, force_share=args.force_share,
-                ignore_cid=args.ignore_cid, disk=args.disk, durable=args.cache != "unsafe", recover=args.recover, **kwargs)
+                ignore_cid=args.ignore_cid, disk=args.disk, durable=args.cache != "unsafe",
+                recover=args.recover, missing_as_zeros=args.missing_as_zeros, **kwargs)
     return 0
 
 
@@ -556,6 +559,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                         "snapshot"):
             p.add_argument("--ignore-cid", action="store_true",
                            help="read a snapshot whose parent changed since (CID mismatch)")
+        if name in ("convert", "cat", "compare"):
+            p.add_argument("--missing-as-zeros", action="store_true",
+                           help="read the missing end of a flat extent file shorter than its "
+                                "descriptor says as zeros (refused by default: a cut copy)")
         return p
 
     if only in (None, "info"):
