@@ -414,17 +414,19 @@ def cmd_cat(args: argparse.Namespace) -> int:
 def cmd_snapshot(args: argparse.Namespace) -> int:
     from .chain import snapshot
 
-    snapshot(args.parent, args.child, overwrite=True)
+    snapshot(args.parent, args.child, overwrite=True, allow_external=args.allow_external,
+             force_share=args.force_share)
     return 0
 
 
 def cmd_commit(args: argparse.Namespace) -> int:
     from .chain import commit
 
-    with Image.open(args.image, "r", force_share=True) as image:
+    with Image.open(args.image, "r", force_share=True,
+                    allow_external=args.allow_external) as image:
         size = image.size
     with progress_bar(args.progress, size, "commit") as bar:
-        commit(args.image, progress=bar)
+        commit(args.image, progress=bar, allow_external=args.allow_external)
     if not args.quiet:
         print("Image committed.")
     return 0
@@ -552,7 +554,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         p.add_argument("--allow-external", action="store_true",
                        help="trust descriptor paths outside the image's folder, and devices")
-        if name not in ("create", "serve"):
+        if name not in ("create", "serve", "commit", "rebase", "resize", "compact"):
+            # (verbs that write an existing image hold its lock: there is nothing to share)
             p.add_argument("-U", "--force-share", action="store_true",
                            help="read an image another process has open for writing")
         if name not in ("create", "check", "commit", "rebase", "resize", "compact",

@@ -207,6 +207,7 @@ def create(  # type: ignore[overload-overlap]  # a stream is written front to ba
     partitions: Sequence[RawRange] | Sequence[int] | None = None,
     overwrite: bool = False,
     allow_external: bool = False,
+    force_share: bool = False,
 ) -> StreamFile: ...
 
 
@@ -230,6 +231,7 @@ def create(
     partitions: Sequence[RawRange] | Sequence[int] | None = None,
     overwrite: bool = False,
     allow_external: bool = False,
+    force_share: bool = False,
 ) -> VmdkFile: ...
 
 
@@ -252,6 +254,7 @@ def create(
     partitions: Sequence[RawRange] | Sequence[int] | None = None,
     overwrite: bool = False,
     allow_external: bool = False,
+    force_share: bool = False,
 ) -> VmdkFile | StreamFile:
     """Create an image and return it opened for writing.
 
@@ -263,7 +266,9 @@ def create(
 
     The files are made under a hidden staging folder beside ``path`` and get
     their names only when complete (a stream: when it is closed); an image
-    they replace stays as it was, and locked, until then.
+    they replace stays as it was, and locked, until then.  ``allow_external``
+    trusts a parent (and devices) outside the new image's folder;
+    ``force_share`` reads a parent that another process has open for writing.
     """
     from ._file import VmdkFile
     from ._output import StagedOutput
@@ -271,7 +276,7 @@ def create(
     opts = CreateOptions(adapter_type, hwversion, geometry, comment, preallocate, cluster_size,
                          zeroed_grain, toolsversion, compression_level)
     plan = _plan(os.fspath(path), size, subformat, parent, opts, raw_device, partitions,
-                 allow_external)
+                 allow_external, force_share)
     try:
         with io_errors(plan.path):
             stage = StagedOutput(plan.path, overwrite=overwrite, keep=plan.keep())
@@ -285,7 +290,8 @@ def create(
     with io_errors(plan.path):
         stage.commit()
     # The image is whole and in place: if opening it fails now, it stays.
-    return VmdkFile(Image.open(plan.path, "r+", allow_external=plan.open_external))
+    return VmdkFile(Image.open(plan.path, "r+", allow_external=plan.open_external,
+                               share_parents=force_share))
 
 
 def create_in(stage: StagedOutput, size: int, subformat: str = "monolithicSparse", *,
@@ -332,7 +338,8 @@ class _Plan:
 
 def _plan(path: str, size: int | None, subformat: str, parent: str | os.PathLike[str] | None,
           opts: CreateOptions, raw_device: str | None,
-          partitions: Sequence[RawRange] | Sequence[int] | None, allow_external: bool) -> _Plan:
+          partitions: Sequence[RawRange] | Sequence[int] | None, allow_external: bool,
+          force_share: bool = False) -> _Plan:
     """Check a request before anything is written; opens the parent, if any."""
     if raw_device is not None:  # like open(): relative to the current folder, not the image's
         raw_device = os.path.abspath(raw_device)
@@ -345,7 +352,8 @@ def _plan(path: str, size: int | None, subformat: str, parent: str | os.PathLike
         if subformat not in ("monolithicSparse", "twoGbMaxExtentSparse", "vmfsSparse"):
             raise UnsupportedFormatError(f"a snapshot cannot be {subformat}; use a sparse subformat",
                                          path)
-        parent_image = Image.open(parent, "r", allow_external=allow_external)
+        parent_image = Image.open(parent, "r", allow_external=allow_external,
+                                  force_share=force_share)
     try:
         if parent_image is not None:
             refuse_replacing(image_files(parent_image), path, subformat)

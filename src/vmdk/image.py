@@ -208,8 +208,14 @@ class Image:
              allow_external: bool = False, ignore_cid: bool = False, force_share: bool = False,
              open_parent: bool = True, repair: bool = False,
              drop_change_tracking: bool = False, missing_as_zeros: bool = False,
+             share_parents: bool = False,
              _depth: int = 0, _seen: frozenset[str] = frozenset()) -> Image:
+        """Open an image; ``force_share`` reads it (and its parents) without locks, and
+        ``share_parents`` only its parents (a snapshot made of a parent in use)."""
         path = os.fspath(path)
+        if force_share and "+" in mode:
+            raise ValueError("force_share reads without locks: a writer must hold its lock "
+                             "(open with mode 'r' to read an image in use)")
         for attempt in range(REPLACED_RETRIES + 1):
             try:
                 with io_errors(path):
@@ -217,8 +223,9 @@ class Image:
                                       ignore_cid=ignore_cid, force_share=force_share,
                                       open_parent=open_parent, repair=repair,
                                       drop_change_tracking=drop_change_tracking,
-                                      missing_as_zeros=missing_as_zeros, _depth=_depth,
-                                      _seen=_seen)
+                                      missing_as_zeros=missing_as_zeros,
+                                      share_parents=share_parents or force_share,
+                                      _depth=_depth, _seen=_seen)
             except _Replaced:
                 if attempt == REPLACED_RETRIES:
                     raise ImageInUseError("image is in use: it was replaced again and again "
@@ -231,7 +238,8 @@ class Image:
     @classmethod
     def _open(cls, path: str, mode: str, *, allow_external: bool, ignore_cid: bool,
               force_share: bool, open_parent: bool, repair: bool, drop_change_tracking: bool,
-              missing_as_zeros: bool, _depth: int, _seen: frozenset[str]) -> Image:
+              missing_as_zeros: bool, share_parents: bool, _depth: int,
+              _seen: frozenset[str]) -> Image:
         if mode not in ("r", "r+", "rb", "r+b", "rb+"):
             raise ValueError(f"invalid mode {mode!r}: use 'r' or 'r+'")
         read_only = "+" not in mode
@@ -273,7 +281,7 @@ class Image:
                     raise _Replaced
             if open_parent:
                 parent = _open_parent(path, descriptor, allow_external, ignore_cid,
-                                      _depth, _seen | {real}, force_share,
+                                      _depth, _seen | {real}, share_parents,
                                       missing_as_zeros=missing_as_zeros)
                 if (parent is not None and parent.cid != descriptor.parent_cid and not read_only
                         and parent.cid not in pending_parent_cids(descriptor)):
