@@ -21,7 +21,13 @@ else:
 
 from ._structs import SparseFlags
 from .compact import defragment, next_grain_sector, unused_sectors
-from .errors import UnsupportedFormatError, VmdkError
+from .errors import (
+    ChainError,
+    MissingExtentError,
+    UnsafePathError,
+    UnsupportedFormatError,
+    VmdkError,
+)
 from .extents.base import SECTOR_SIZE, pread_exact, pwrite_all
 from .extents.flat import FlatExtent
 from .extents.sparse import MAX_FILE_SECTORS, SparseExtent, u32_bytes, u32_view
@@ -31,7 +37,7 @@ from .image import Image
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-    kind: str  # "corruption", "leak" or "warning"
+    kind: str  # "corruption", "leak", "chain", "warning" or "error" (it could not be opened)
     message: str
     filename: str | None = None
 
@@ -49,6 +55,10 @@ class CheckResult:
     corruptions_fixed: int = 0
     leaks_fixed: int = 0
     unclean_cleared: bool = False  # a repair cleared the unclean-shutdown flag
+    #: Breaks in the snapshot chain: a missing parent, a parent that changed (CID
+    #: mismatch), a loop.  The image's content is not what it should be, as with a
+    #: corruption, and no repair of the image's own structures mends it.
+    chain_errors: int = 0
 
     def add(self, kind: str, message: str, filename: str | None, count: int = 1) -> None:
         self.problems.append(Problem(kind, message, filename))
@@ -56,12 +66,14 @@ class CheckResult:
             self.corruptions += count
         elif kind == "leak":
             self.leaks += count
+        elif kind == "chain":
+            self.chain_errors += count
 
     @property
     def exit_code(self) -> int:
         if self.check_errors:
             return 1
-        if self.corruptions:
+        if self.corruptions or self.chain_errors:
             return 2
         if self.leaks:
             return 3
@@ -80,6 +92,8 @@ class CheckResult:
         }
         if self.corruptions:
             out["corruptions"] = self.corruptions
+        if self.chain_errors:
+            out["chain-errors"] = self.chain_errors
         if self.leaks:
             out["leaks"] = self.leaks
         if self.corruptions_fixed:
@@ -209,7 +223,23 @@ def _inspect(path: str, allow_external: bool, force_share: bool,
                 progress(extent.size - done)  # virtual bytes checked
     finally:
         image.close()
+    _check_chain(path, allow_external, result)
     return result
+
+
+def _check_chain(path: str, allow_external: bool, result: CheckResult) -> None:
+    """A snapshot's parents must be there, unchanged since it was taken, and not loop
+    (read without locks: only their descriptors and headers are looked at)."""
+    try:
+        Image.open(path, "r", allow_external=allow_external, force_share=True).close()
+    except (ChainError, MissingExtentError, UnsafePathError) as exc:
+        hint = ("'vmdk rebase -u -b PARENT' names the right parent" if
+                isinstance(exc, (ChainError, MissingExtentError)) else
+                "--allow-external trusts it")
+        result.add("chain", f"the snapshot chain is broken: {exc.reason}; {hint}",
+                   exc.filename or path)
+    except VmdkError as exc:  # a parent that cannot be read is a break in the chain too
+        result.add("chain", f"a parent cannot be opened: {exc.reason}", exc.filename or path)
 
 
 def _check_flat(extent: FlatExtent, result: CheckResult) -> None:

@@ -176,7 +176,10 @@ def cmd_info(args: argparse.Namespace) -> int:
             shown = f"{_human_size(size)} ({size} bytes)" if size is not None else "not a VMDK"
             print(f"disk {disk['name']}: virtual size {shown}")
         return 0
-    with Image.open(args.image, "r", **_open_flags(args)) as image:
+    # As qemu-img info: the image is shown without its parent (which may be missing or
+    # changed); --backing-chain opens the whole chain, and a break in it is an error.
+    with Image.open(args.image, "r", open_parent=args.backing_chain,
+                    **_open_flags(args)) as image:
         infos = [img.info() for img in (image.chain() if args.backing_chain else [image])]
     if args.output == "json":
         print(_json(infos if args.backing_chain else infos[0], indent=4))
@@ -302,6 +305,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     elif result.corruptions:
         print(f"\n{result.corruptions} errors were found on the image.\n"
               "Data may be corrupted, or further writes to the image may corrupt it.")
+    elif result.chain_errors:
+        print("\nThe image's snapshot chain is broken: it does not read as it should.")
     elif result.leaks:
         print(f"\n{result.leaks} leaked clusters were found on the image.\n"
               "This means waste of disk space, but no harm to data.")

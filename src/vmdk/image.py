@@ -685,9 +685,12 @@ class Image:
         }
         if self.cluster_size:
             out["cluster-size"] = self.cluster_size
-        if self.parent is not None:
+        if hint and self.descriptor.parent_cid != NO_PARENT_CID:
+            # Shown whether or not the parent opens (or exists), as qemu-img info does.
             out["backing-filename"] = hint
-            out["full-backing-filename"] = self.parent.path
+            full = self.parent.path if self.parent is not None else self.parent_path()
+            if full is not None:
+                out["full-backing-filename"] = full
             out["backing-filename-format"] = "vmdk"
         c, h, s = self.geometry
         out["geometry"] = {"cylinders": c, "heads": h, "sectors": s}
@@ -699,6 +702,17 @@ class Image:
             if value is not None:
                 out[key] = str(value)
         return out
+
+    def parent_path(self) -> str | None:
+        """Where the parent named by ``parentFileNameHint`` is, whether or not it was opened
+        (or exists); None without a parent or when the name may not be followed."""
+        hint = self.descriptor.parent_file_name_hint
+        if self.descriptor.parent_cid == NO_PARENT_CID or not hint:
+            return None
+        try:
+            return find_parent(self.path, hint, allow_external=self.allow_external)
+        except UnsafePathError:
+            return None
 
     def _extent_info(self, extent: Extent) -> dict[str, Any]:
         info = dict(extent.info())
@@ -1058,17 +1072,17 @@ def pending_parent_cids(descriptor: Descriptor) -> set[int]:
     return out - {NO_PARENT_CID}
 
 
-def _open_parent(path: str, descriptor: Descriptor, allow_external: bool, ignore_cid: bool,
-                 depth: int, seen: frozenset[str], force_share: bool = False, *,
-                 missing_as_zeros: bool = False) -> Image | None:
-    hint = descriptor.parent_file_name_hint
-    if descriptor.parent_cid == NO_PARENT_CID or not hint:
-        return None
+def find_parent(path: str, hint: str, *, allow_external: bool) -> str:
+    """Where the parent a child at ``path`` names by ``hint`` lives (it may not exist).
+
+    Windows and absolute hints are tried next to the child first (images travel
+    between machines); the hint as written next.
+    """
     candidates = [hint]
     base = hint.replace("\\", "/").rsplit("/", 1)[-1]
     if base != hint:
-        candidates.insert(0, base)  # Windows and absolute hints: try next to the child first
-    target = None
+        candidates.insert(0, base)
+    resolved: str | None = None
     for name in candidates:
         try:
             resolved = resolve_extent_path(path, name, allow_external=allow_external)
@@ -1077,9 +1091,19 @@ def _open_parent(path: str, descriptor: Descriptor, allow_external: bool, ignore
                 raise
             continue
         if os.path.exists(resolved):
-            target = resolved
-            break
-    if target is None:
+            return resolved
+    assert resolved is not None
+    return resolved
+
+
+def _open_parent(path: str, descriptor: Descriptor, allow_external: bool, ignore_cid: bool,
+                 depth: int, seen: frozenset[str], force_share: bool = False, *,
+                 missing_as_zeros: bool = False) -> Image | None:
+    hint = descriptor.parent_file_name_hint
+    if descriptor.parent_cid == NO_PARENT_CID or not hint:
+        return None
+    target = find_parent(path, hint, allow_external=allow_external)
+    if not os.path.exists(target):
         raise ChainError(f"parent image {hint!r} was not found", path)
     parent = Image.open(target, "r", allow_external=allow_external, ignore_cid=ignore_cid,
                         force_share=force_share, missing_as_zeros=missing_as_zeros,
