@@ -8,11 +8,13 @@ errors were found": the chain is part of what a snapshot is.
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
 
 import vmdk
+import vmdk.convert
 from vmdk.check import check
 from vmdk.chain import snapshot
 from vmdk.cli import main
@@ -92,3 +94,24 @@ def test_a_whole_chain_checks_clean(tmp_path: Path) -> None:
     _base, child = _chain(tmp_path)
     result = check(child)
     assert result.exit_code == 0 and not result.problems
+
+
+def test_check_repair_of_a_damaged_stream_points_at_what_works(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A streamOptimized image is never changed in place: neither -r leaks nor -r all may
+    send the user to the other; both name convert --recover, which then works."""
+    src = tmp_path / "src.raw"
+    src.write_bytes(random.Random(5).randbytes(4 * MiB))  # incompressible: grain 0 is 64 KiB
+    stream = tmp_path / "s.vmdk"
+    vmdk.convert.convert(src, stream, subformat="streamOptimized")
+    data = bytearray(stream.read_bytes())
+    data[70000:70100] = b"\xff" * 100  # inside the first grain's compressed data
+    stream.write_bytes(bytes(data))
+    for mode in ("leaks", "all"):
+        assert main(["check", "-r", mode, str(stream)]) == 2
+        out = capsys.readouterr().out
+        assert "convert --recover" in out and "check -r all" not in out, out
+    assert main(["convert", "--recover", "-O", "raw", str(stream),
+                 str(tmp_path / "saved.raw")]) == 0
+    saved = (tmp_path / "saved.raw").read_bytes()
+    assert saved[65536:] == src.read_bytes()[65536:]  # all but the damaged first grain

@@ -59,6 +59,9 @@ class CheckResult:
     #: mismatch), a loop.  The image's content is not what it should be, as with a
     #: corruption, and no repair of the image's own structures mends it.
     chain_errors: int = 0
+    #: False for a streamOptimized image: written once, front to back, it is never
+    #: changed in place; ``convert --recover`` makes a new one from what is readable.
+    repairable: bool = True
 
     def add(self, kind: str, message: str, filename: str | None, count: int = 1) -> None:
         self.problems.append(Problem(kind, message, filename))
@@ -132,6 +135,12 @@ def _check(path: str, repair: str | None, allow_external: bool, force_share: boo
             raise ValueError("repair must be None, 'leaks' or 'all'")
         before = _inspect(path, allow_external, force_share=False)
         if before.check_errors or not (before.corruptions or before.leaks or before.problems):
+            return before
+        if not before.repairable:
+            before.problems.append(Problem(
+                "warning", "not repaired: a streamOptimized image is written once and never "
+                "changed in place; 'vmdk convert --recover IMAGE NEW.vmdk' makes a new image "
+                "of every grain that reads", path))
             return before
         if repair == "leaks" and before.corruptions:
             # Moving grains around a corrupt table could make things worse: as qemu-img,
@@ -263,6 +272,7 @@ def _check_sparse(extent: SparseExtent, result: CheckResult,
     result.total_clusters += -(-h.capacity // h.grain_size)
     result.allocated_clusters += int(grains.size)
     if extent.compressed:
+        result.repairable = False
         beyond = grains[grains >= file_sectors]
         if beyond.size:
             result.add("corruption", f"{beyond.size} grain entries point past the end of the file",

@@ -605,7 +605,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         p.add_argument("--disk", default=None, help="which disk of an OVA (default: the first)")
         p.add_argument("--recover", action="store_true",
                        help="salvage a truncated or damaged streamOptimized source: keep every "
-                            "grain before the damage")
+                            "grain that reads (a damaged grain reads as zeros), up to where the "
+                            "stream is cut or its structure breaks")
         p.add_argument("--target-is-zero", action="store_true",
                        help="accepted for qemu-img compatibility: zeros are never written anyway")
         p.add_argument("-O", dest="output_format", choices=("raw", "vmdk"), default="vmdk",

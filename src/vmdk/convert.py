@@ -372,7 +372,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     complete; what ``dst`` held before stays as it was until then, and after
     any failure (a device or pipe output is written where it is).  ``recover=True``
     salvages a damaged or truncated streamOptimized source: its grain markers
-    are walked front to back and every grain before the damage is kept.
+    are walked front to back and every grain that reads is kept (a damaged grain
+    reads as zeros), up to where the stream is cut or its structure breaks.
     ``missing_as_zeros=True`` reads the missing end of a cut flat extent file as
     zeros instead of failing.
     """
