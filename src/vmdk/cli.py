@@ -20,7 +20,7 @@ from typing import Any
 from . import __version__
 from ._output import discard_all
 from .convert import DEFAULT_SPARSE_SIZE, convert, open_source
-from .create import SUBFORMATS, create
+from .create import PREALLOCATION_MODES, SUBFORMATS, create
 from .errors import UnsupportedFormatError, VmdkError
 from .extents.base import SECTOR_SIZE
 from .image import Image
@@ -38,11 +38,18 @@ def _json(value: object, indent: int | None = None) -> str:
 
 
 def parse_size(text: str) -> int:
-    """Sizes as qemu-img takes them: bytes, or a number with K, M, G, T, P or E (powers of 1024)."""
+    """Sizes as qemu-img takes them: bytes, or a number with K, M, G, T, P or E (powers of
+    1024), which may have a fraction (truncated to whole bytes: 1.1k is 1126)."""
+    from fractions import Fraction
+
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([bkmgtpe]?)(?:i?b)?\s*", text, re.IGNORECASE)
     if not m:
         raise ValueError(f"invalid size {text!r}: use bytes or a number with k, M, G, T, P or E")
-    value = float(m.group(1)) * _SUFFIXES[m.group(2).lower()]
+    unit = _SUFFIXES[m.group(2).lower()]
+    value = Fraction(m.group(1)) * unit
+    if unit == 1 and value.denominator != 1:
+        raise ValueError(f"invalid size {text!r}: a size in bytes is a whole number of bytes "
+                         "(a fraction needs a unit: 1.5k, 2.5G)")
     return int(value)
 
 
@@ -86,9 +93,6 @@ def _geometry(value: str) -> tuple[int, int, int]:
     return c, h, s
 
 
-_PREALLOCATION = {"off": False, "metadata": False, "falloc": True, "full": True}
-
-
 def create_kwargs(options: dict[str, str]) -> dict[str, Any]:
     """Translate qemu-img's create options (``-o``) into ``vmdk.create`` arguments."""
     kwargs: dict[str, Any] = {}
@@ -103,10 +107,10 @@ def create_kwargs(options: dict[str, str]) -> dict[str, Any]:
         elif key == "zeroed_grain":
             kwargs["zeroed_grain"] = _flag(key, value)
         elif key == "preallocation":
-            if value not in _PREALLOCATION:
+            if value not in PREALLOCATION_MODES:
                 raise VmdkError(f"option preallocation: {value!r} is not one of "
-                                f"{', '.join(_PREALLOCATION)}")
-            kwargs["preallocate"] = _PREALLOCATION[value]
+                                f"{', '.join(PREALLOCATION_MODES)}")
+            kwargs["preallocate"] = value
         elif key == "cluster_size":
             kwargs["cluster_size"] = parse_size(value)
         elif key == "compression_level":

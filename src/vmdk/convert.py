@@ -380,6 +380,11 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     from .ova import copy_from_ova, is_ova, ova_disk_size
 
     src, dst = os.fspath(src), os.fspath(dst)
+    if out_format == "raw" and (create_options or subformat != "monolithicSparse"):
+        named = ", ".join(sorted(create_options) + (["subformat"] if subformat !=
+                                                     "monolithicSparse" else []))
+        raise VmdkError(f"a raw output has no VMDK options ({named}): they apply to -O vmdk",
+                        dst)
     if src == "-":
         if src_format not in (None, "vmdk"):
             raise VmdkError(f"{src_format} input from a pipe is not supported: pipe a "

@@ -111,6 +111,27 @@ def _ddb(size: int, opts: CreateOptions, parent: Image | None = None) -> dict[st
 MAX_DISK_BYTES = (1 << 63) - 1
 
 
+#: The subformats whose grain tables are preallocated (always, as VMware lays them out).
+HOSTED_SPARSE = ("monolithicSparse", "twoGbMaxExtentSparse")
+PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
+
+
+def _refuse_metadata_preallocation(path: str | os.PathLike[str], subformat: str,
+                                   preallocate: bool | str) -> str:
+    """``preallocate`` as qemu-img names it ("off", "metadata", "falloc", "full") or a
+    bool (True: "falloc"); "metadata" asks for the grain tables, which hosted sparse
+    images always have, and which no other kind has."""
+    if not isinstance(preallocate, bool) and preallocate not in PREALLOCATION_MODES:
+        raise ValueError(f"preallocation {preallocate!r} is not one of "
+                         f"{', '.join(PREALLOCATION_MODES)}")
+    if preallocate == "metadata" and subformat not in HOSTED_SPARSE:
+        raise UnsupportedFormatError(
+            f"preallocation=metadata preallocates grain tables, which {subformat} has none "
+            f"of (hosted sparse images always have them); flat images take falloc or full",
+            path)
+    return subformat
+
+
 def _check_options(size: int, opts: CreateOptions) -> None:
     if size < 0:
         raise ValueError("size must not be negative")
@@ -198,7 +219,7 @@ def create(  # type: ignore[overload-overlap]  # a stream is written front to ba
     hwversion: str = "4",
     geometry: tuple[int, int, int] | None = None,
     comment: str | None = None,
-    preallocate: bool = False,
+    preallocate: bool | str = False,
     cluster_size: int = 65536,
     zeroed_grain: bool = False,
     toolsversion: str = DEFAULT_TOOLS_VERSION,
@@ -222,7 +243,7 @@ def create(
     hwversion: str = "4",
     geometry: tuple[int, int, int] | None = None,
     comment: str | None = None,
-    preallocate: bool = False,
+    preallocate: bool | str = False,
     cluster_size: int = 65536,
     zeroed_grain: bool = False,
     toolsversion: str = DEFAULT_TOOLS_VERSION,
@@ -245,7 +266,7 @@ def create(
     hwversion: str = "4",
     geometry: tuple[int, int, int] | None = None,
     comment: str | None = None,
-    preallocate: bool = False,
+    preallocate: bool | str = False,
     cluster_size: int = 65536,
     zeroed_grain: bool = False,
     toolsversion: str = DEFAULT_TOOLS_VERSION,
@@ -273,7 +294,10 @@ def create(
     from ._file import VmdkFile
     from ._output import StagedOutput
 
-    opts = CreateOptions(adapter_type, hwversion, geometry, comment, preallocate, cluster_size,
+    subformat = _refuse_metadata_preallocation(path, ALIASES.get(subformat, subformat),
+                                               preallocate)
+    opts = CreateOptions(adapter_type, hwversion, geometry, comment,
+                         preallocate in (True, "falloc", "full"), cluster_size,
                          zeroed_grain, toolsversion, compression_level)
     plan = _plan(os.fspath(path), size, subformat, parent, opts, raw_device, partitions,
                  allow_external, force_share)
@@ -367,6 +391,15 @@ def _plan(path: str, size: int | None, subformat: str, parent: str | os.PathLike
                 raise ValueError("size is required")
         size = operator.index(size)  # a float size is a mistake, not a number of bytes
         _check_options(size, opts)
+        if opts.zeroed_grain and subformat not in HOSTED_SPARSE:
+            raise UnsupportedFormatError(
+                f"zeroed_grain marks zeroed grains in the tables of a hosted sparse image "
+                f"({', '.join(HOSTED_SPARSE)}); {subformat} has no such tables", path)
+        if parent_image is not None and size < parent_image.size:
+            raise UnsupportedFormatError(
+                f"a snapshot of {size} bytes would be smaller than its parent "
+                f"({parent_image.size} bytes) and hide the parent's end; give no size (the "
+                "parent's) or a larger one", path)
         if opts.preallocate and subformat not in ("monolithicFlat", "twoGbMaxExtentFlat", "vmfs"):
             raise UnsupportedFormatError(
                 f"preallocation applies to flat subformats (monolithicFlat, twoGbMaxExtentFlat, "
