@@ -1,4 +1,4 @@
-"""The NBD server under clients that stall, hoard or crowd it.
+"""The NBD server under clients that stall, hoard or crowd it, and its Unix socket after a crash.
 
 Everything runs on 127.0.0.1 or a Unix socket in tmp_path, with bounded client counts, short
 server timeouts where a test waits for one, and a socket timeout on every client, so each test
@@ -9,9 +9,11 @@ its peak resident size from /proc.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import selectors
+import signal
 import socket
 import struct
 import subprocess
@@ -549,3 +551,80 @@ def test_serve_handshake_timeout_option(image: Path) -> None:
           Client(server.address) as client):
         client.greeting()
         assert client.closed_by_server()
+
+
+# -- stale Unix sockets ----------------------------------------------------------------------------
+
+
+def _leave_a_dead_socket(path: Path) -> None:
+    """What a SIGKILLed server leaves: a socket file nothing listens on."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen()
+    sock.close()  # closing does not remove the file
+
+
+def test_dead_socket_file_is_replaced(device: MemoryDevice, tmp_path: Path) -> None:
+    path = tmp_path / "nbd.sock"
+    _leave_a_dead_socket(path)
+    with NbdServer(device, unix_socket=str(path)) as server:
+        with Client(str(path)) as client:
+            client.negotiate()
+            client.request(Cmd.READ, 0, 4)
+            assert client.reply(4) == (0, bytes(4))
+        assert server.address == str(path)
+    assert not path.exists()
+
+
+def test_live_socket_is_refused_and_left_alone(device: MemoryDevice, tmp_path: Path) -> None:
+    path = tmp_path / "nbd.sock"
+    with NbdServer(device, unix_socket=str(path)):
+        second = NbdServer(MemoryDevice(), unix_socket=str(path))
+        with pytest.raises(OSError, match="another server is listening") as refused:
+            second.start()
+        assert refused.value.errno == errno.EADDRINUSE and refused.value.filename == str(path)
+        with Client(str(path)) as client:  # the first server still has it
+            client.negotiate()
+
+
+def test_a_file_that_is_not_a_socket_is_never_removed(device: MemoryDevice,
+                                                      tmp_path: Path) -> None:
+    path = tmp_path / "precious"
+    path.write_bytes(b"keep me")
+    with pytest.raises(OSError, match="not a socket") as refused:
+        NbdServer(device, unix_socket=str(path)).start()
+    assert refused.value.filename == str(path)
+    assert path.read_bytes() == b"keep me"
+
+
+def _serve_socket(image: Path, path: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "vmdk", "serve", "--read-only", "--socket",
+                             str(path), str(image)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=ENV, text=True)
+
+
+def test_serve_restarts_after_a_sigkill_and_refuses_a_live_socket(image: Path,
+                                                                  tmp_path: Path) -> None:
+    path = tmp_path / "s.sock"
+    first = _serve_socket(image, path)
+    try:
+        assert first.stdout is not None and "serving" in first.stdout.readline()
+        second = _serve_socket(image, path)  # the first one is alive: refused
+        _out, err = second.communicate(timeout=60)
+        assert second.returncode == 1
+        assert err.strip().splitlines() == [
+            f"vmdk: error: cannot listen on {path}: another server is listening on this socket"]
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+        assert path.exists()  # left behind
+        third = _serve_socket(image, path)
+        try:
+            assert third.stdout is not None and "serving" in third.stdout.readline()
+            with Client(str(path)) as client:
+                client.negotiate()
+        finally:
+            third.terminate()
+            third.communicate(timeout=60)
+    finally:
+        first.kill()
+        first.communicate(timeout=60)

@@ -714,7 +714,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         p.add_argument("--read-only", "-r", action="store_true", help="refuse writes")
         p.add_argument("--bind", default="127.0.0.1", help="address to listen on (default loopback)")
         p.add_argument("--port", type=_port, default=10809)
-        p.add_argument("--socket", default=None, help="listen on this Unix socket instead of TCP")
+        p.add_argument("--socket", default=None,
+                       help="listen on this Unix socket instead of TCP (one a killed server "
+                            "left behind is replaced)")
         p.add_argument("--export-name", default="", help="export name (default empty)")
         p.add_argument("--max-connections", "-e", type=_positive_int, metavar="N",
                        default=nbd.DEFAULT_MAX_CONNECTIONS,

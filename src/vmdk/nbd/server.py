@@ -34,6 +34,7 @@ import logging
 import os
 import selectors
 import socket
+import stat
 import threading
 import time
 import urllib.parse
@@ -629,6 +630,7 @@ def _listen_tcp(host: str, port: int) -> socket.socket:
 
 
 def _listen_unix(path: str) -> socket.socket:
+    _remove_dead_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
@@ -639,6 +641,39 @@ def _listen_unix(path: str) -> socket.socket:
     return sock
 
 
+def _remove_dead_socket(path: str) -> None:
+    """Clear the way for a new server at ``path`` if a killed one left its socket file there.
+
+    Nothing listening (connect is refused) means dead: remove it.  A socket that
+    accepts belongs to a live server, and anything else is not ours to remove: refuse both.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise FileExistsError(errno.EEXIST, "exists and is not a socket (left alone)", path)
+    if _someone_listens(path):
+        raise OSError(errno.EADDRINUSE, "another server is listening on this socket", path)
+    log.info("removing %s, a socket no server listens on", path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _someone_listens(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.setblocking(False)  # a live server with a full backlog answers EAGAIN: still live
+        error = probe.connect_ex(path)
+    finally:
+        probe.close()
+    if error in (0, errno.EAGAIN, errno.EINPROGRESS):
+        return True
+    if error == errno.ECONNREFUSED:
+        return False
+    raise OSError(error, os.strerror(error), path)
+
+
 # -- the public server --------------------------------------------------------------------
 
 
@@ -646,8 +681,10 @@ class NbdServer:
     """Serve one device as one export; ``start()``, then ``stop()``.
 
     ``port=0`` picks a free port; :attr:`address` and :attr:`uri` tell
-    which.  With ``unix_socket`` the server listens there instead of TCP.  The
-    limits are described in the module's docstring.
+    which.  With ``unix_socket`` the server listens there instead of TCP (a
+    socket file left by a server that was killed is replaced; a live server's
+    socket or any other file is refused with an ``OSError``).  The limits are
+    described in the module's docstring.
     """
 
     def __init__(
