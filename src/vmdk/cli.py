@@ -503,6 +503,26 @@ def _port(text: str) -> int:
     return port
 
 
+def _positive_int(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return number
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return seconds
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -535,8 +555,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     with disk:
         try:
             serve(disk, host=args.bind, port=args.port, unix_socket=args.socket,
-                  export_name=args.export_name, read_only=args.read_only, ready=ready,
-                  stop_event=stop)
+                  export_name=args.export_name, read_only=args.read_only,
+                  max_connections=args.max_connections,
+                  handshake_timeout=args.handshake_timeout,
+                  request_timeout=args.request_timeout, ready=ready, stop_event=stop)
         except OSError as exc:
             if listening:
                 raise
@@ -706,12 +728,28 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         p.add_argument("ova")
 
     if only in (None, "serve"):
+        from .nbd import server as nbd
+
         p = verb("serve", cmd_serve, "export the image over NBD until SIGINT or SIGTERM")
         p.add_argument("--read-only", "-r", action="store_true", help="refuse writes")
         p.add_argument("--bind", default="127.0.0.1", help="address to listen on (default loopback)")
         p.add_argument("--port", type=_port, default=10809)
-        p.add_argument("--socket", default=None, help="listen on this Unix socket instead of TCP")
+        p.add_argument("--socket", default=None,
+                       help="listen on this Unix socket instead of TCP (one a killed server "
+                            "left behind is replaced)")
         p.add_argument("--export-name", default="", help="export name (default empty)")
+        p.add_argument("--max-connections", "-e", type=_positive_int, metavar="N",
+                       default=nbd.DEFAULT_MAX_CONNECTIONS,
+                       help="clients served at once (default %(default)s); more wait until "
+                            "one leaves")
+        p.add_argument("--handshake-timeout", type=_seconds, metavar="SECONDS",
+                       default=nbd.DEFAULT_HANDSHAKE_TIMEOUT,
+                       help="drop a client still negotiating after this long (default "
+                            "%(default)g)")
+        p.add_argument("--request-timeout", type=_seconds, metavar="SECONDS",
+                       default=nbd.DEFAULT_REQUEST_TIMEOUT,
+                       help="drop a client that takes longer to send a request or to take its "
+                            "reply (default %(default)g)")
         p.add_argument("image")
     return parser
 
