@@ -88,3 +88,41 @@ def test_a_snapshot_is_not_smaller_than_its_parent(tmp_path: Path,
     one_line_error(capsys, "smaller than its parent")
     assert not child.exists()
     assert main(["create", "-b", str(parent), str(child), "20M"]) == 0  # larger is fine
+
+
+def _foreign(tmp_path: Path) -> dict[str, Path]:
+    """Files of other disk formats, made by their magic numbers."""
+    made = {}
+    for name, offset, magic in (("qcow2", 0, b"QFI\xfb"), ("VHDX", 0, b"vhdxfile"),
+                                ("VDI", 0x40, b"\x7f\x10\xda\xbe"), ("QED", 0, b"QED\0")):
+        path = tmp_path / f"disk.{name.lower()}"
+        data = bytearray(4096)
+        data[offset:offset + len(magic)] = magic
+        path.write_bytes(bytes(data))
+        made[name] = path
+    return made
+
+
+@pytest.mark.parametrize("verb", ["info", "check", "map", "convert", "compare", "cat"])
+def test_every_verb_names_another_format(tmp_path: Path, verb: str,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """info, check and map used to call a qcow2 file "not a VMDK image" where convert
+    named its format: one sniffing path for every verb."""
+    for name, path in _foreign(tmp_path).items():
+        args = {"convert": [str(path), str(tmp_path / "out.vmdk")],
+                "compare": [str(path), str(path)]}.get(verb, [str(path)])
+        assert main([verb, *args]) in (1, 2), (verb, name)
+        one_line_error(capsys, f"a {name} image", "qemu-img")
+
+
+def test_an_empty_vmdk_is_not_converted_as_a_raw_disk(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "cut.vmdk"
+    path.write_bytes(b"")
+    out = tmp_path / "out.raw"
+    assert main(["convert", "-O", "raw", str(path), str(out)]) == 1
+    one_line_error(capsys, "empty")
+    assert not out.exists()
+    assert main(["info", str(path)]) == 1
+    one_line_error(capsys, "empty")
+    assert main(["convert", "-f", "raw", "-O", "raw", str(path), str(out)]) == 0  # when asked

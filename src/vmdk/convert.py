@@ -30,7 +30,7 @@ else:
 from ._output import StagedOutput, output_errors
 from .errors import UnsupportedFormatError, VmdkError
 from .extents.base import pread_exact, stored_ranges
-from .image import Image, foreign_format, io_errors, sniff
+from .image import Image, foreign_format, io_errors, not_vmdk, sniff
 
 #: Bytes moved per read/write system call.
 CHUNK = 8 << 20
@@ -127,11 +127,11 @@ def open_source(path: str, fmt: str | None = None, **open_args: Any) -> Source:
                 raise UnsupportedFormatError(
                     "an OVA package is read front to back only: 'vmdk convert' it first", path)
             fmt = "raw" if sniff(path) == "raw" else "vmdk"
-            other = foreign_format(path) if fmt == "raw" else None
-            if other:
+            if fmt == "raw" and (foreign_format(path) or path.lower().endswith(".vmdk")):
+                # Only a file of no known kind is a raw disk: one named .vmdk that is no
+                # VMDK (an empty or cut download) or another format would copy as garbage.
                 raise UnsupportedFormatError(
-                    f"a {other} image, not VMDK or raw: convert it with qemu-img first (or "
-                    "say -f raw to take its bytes as they are)", path)
+                    f"{not_vmdk(path)} (-f raw takes its bytes as they are)", path)
         if fmt == "raw":
             return RawSource(path)
     if fmt == "vmdk":

@@ -144,6 +144,22 @@ def foreign_format(path: str) -> str | None:
     return "VHD" if tail == b"conectix" else None
 
 
+def not_vmdk(path: str) -> str:
+    """Why ``path`` (which ``sniff`` calls raw) is no VMDK image, in words a user can act on:
+    what it is instead, when that can be told."""
+    other = foreign_format(path)
+    if other:
+        return f"a {other} image, not VMDK: convert it with qemu-img first"
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return "an empty file, not a VMDK image"
+    if len(head) == 512 and head[257:262] == b"ustar":
+        return ("a tar archive (an OVA package?), not a VMDK image: 'vmdk info' shows a "
+                "package and 'vmdk convert' reads its disk")
+    return "not a VMDK image (no descriptor or known header)"
+
+
 def _check_openable(path: str) -> None:
     """Refuse what would hang or mislead a reader: pipes, sockets, folders."""
     mode = os.stat(path).st_mode
@@ -266,8 +282,7 @@ class Image:
             elif kind in ("cowd", "sesparse"):
                 descriptor = _synthesize_descriptor(path, kind)
             else:
-                raise UnsupportedFormatError("not a VMDK image (no descriptor or known header)",
-                                             path)
+                raise UnsupportedFormatError(not_vmdk(path), path)
             if canonical_create_type(descriptor.create_type) is None:
                 raise UnsupportedFormatError(
                     f"unknown createType {descriptor.create_type!r}", path)
