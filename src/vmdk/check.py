@@ -40,6 +40,11 @@ class Problem:
     kind: str  # "corruption", "leak", "chain", "warning" or "error" (it could not be opened)
     message: str
     filename: str | None = None
+    #: The keyword that would let a refused open through, and what it does (see VmdkError).
+    opt_in: tuple[str, str] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "message": self.message, "filename": self.filename}
 
 
 @dataclasses.dataclass
@@ -91,7 +96,7 @@ class CheckResult:
             "image-end-offset": self.image_end_offset,
             "allocated-clusters": self.allocated_clusters,
             "total-clusters": self.total_clusters,
-            "problems": [dataclasses.asdict(p) for p in self.problems],
+            "problems": [p.to_json() for p in self.problems],
         }
         if self.corruptions:
             out["corruptions"] = self.corruptions
@@ -212,7 +217,7 @@ def _inspect(path: str, allow_external: bool, force_share: bool,
                            force_share=force_share)
     except VmdkError as exc:
         result.check_errors += 1
-        result.problems.append(Problem("error", str(exc), path))
+        result.problems.append(Problem("error", str(exc), path, exc.opt_in))
         return result
     try:
         for extent in image.extents:

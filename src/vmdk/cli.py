@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -287,7 +288,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     opening = [p for p in result.problems if p.kind == "error"]
     if result.check_errors and opening and not result.allocated_clusters:
         # The image could not even be opened: an error like any other verb's.
-        print(f"vmdk: error: {opening[0].message}", file=sys.stderr)
+        print(f"vmdk: error: {_problem_text(opening[0], args)}", file=sys.stderr)
         return 1
     if args.output == "json":
         print(_json(result.to_json(), indent=4))
@@ -296,7 +297,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         label = {"corruption": "ERROR", "leak": "Leaked", "warning": "Warning"}.get(
             problem.kind, "ERROR")
         where = problem.filename or result.filename
-        message = problem.message
+        message = _problem_text(problem, args)
         print(f"{label}: {message}" if message.startswith(where) else f"{label}: {where}: {message}")
     if result.corruptions_fixed or result.leaks_fixed:
         print(f"The following inconsistencies were found and repaired:\n\n"
@@ -541,11 +542,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     where = args.socket or f"{args.bind}:{args.port}"
     try:
         disk = open_image(args.image, mode, allow_external=args.allow_external)
-    except UnsupportedFormatError as exc:
-        if mode == "r" or "streamOptimized" not in str(exc):
+    except VmdkError as exc:
+        if mode == "r" or not _read_only_would_serve(exc):
             raise
-        raise UnsupportedFormatError(f"{exc.reason}; or serve it as it is with --read-only",
-                                     exc.filename) from exc
+        raise type(exc)(f"{exc.reason}; --read-only serves it as it is",
+                        exc.filename) from exc
     listening = []
 
     def ready(uri: str) -> None:
@@ -564,6 +565,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 raise
             raise VmdkError(f"cannot listen on {where}: {exc.strerror or exc}") from exc
     return 0
+
+
+def _problem_text(problem: Any, args: argparse.Namespace) -> str:
+    """A problem check found, its hint spelled for this verb."""
+    from .errors import respell
+
+    return respell(problem.message, problem.opt_in, _verb_flags(args))
+
+
+def _read_only_would_serve(exc: VmdkError) -> bool:
+    """Whether what refused to open an image for writing lets it be read: a file or folder
+    without write permission, a write-once stream, change tracking, other readers."""
+    from .errors import ImageInUseError, ImageIOError
+
+    if isinstance(exc, ImageIOError):
+        return exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+    if isinstance(exc, ImageInUseError):
+        return "open for reading elsewhere" in exc.reason
+    return isinstance(exc, UnsupportedFormatError) and (
+        "streamOptimized" in exc.reason
+        or (exc.opt_in is not None and exc.opt_in[0] == "drop_change_tracking"))
 
 
 # ---------------------------------------------------------------------- parser
@@ -754,9 +776,24 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _message(exc: BaseException) -> str:
-    """"FILE: fault", also for the system's own errors ("[Errno 30] ...: 'x'" otherwise)."""
-    if isinstance(exc, OSError) and not isinstance(exc, VmdkError) and exc.strerror:
+#: The command line's spelling of the library's opt-ins (keyword -> option), offered in a
+#: hint only by the verbs that have the option.
+_OPT_IN_FLAGS = {"allow_external": "--allow-external", "force_share": "-U",
+                 "ignore_cid": "--ignore-cid", "missing_as_zeros": "--missing-as-zeros",
+                 "shrink": "--shrink"}
+
+
+def _verb_flags(args: argparse.Namespace | None) -> dict[str, str]:
+    """The opt-ins this verb's command line has, in its spelling."""
+    return {k: v for k, v in _OPT_IN_FLAGS.items() if hasattr(args, k)}
+
+
+def _message(exc: BaseException, args: argparse.Namespace | None = None) -> str:
+    """"FILE: fault", also for the system's own errors ("[Errno 30] ...: 'x'" otherwise);
+    a hint names an option only when this verb has it."""
+    if isinstance(exc, VmdkError):
+        return exc.with_flags(_verb_flags(args))
+    if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
     return str(exc)
 
@@ -848,7 +885,7 @@ def _run(args: argparse.Namespace) -> int:
         discard_all()
         if args.debug:
             raise
-        print(f"vmdk: error: {_message(exc)}", file=sys.stderr)
+        print(f"vmdk: error: {_message(exc, args)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
         return _interrupted(isinstance(exc, Terminated))

@@ -861,6 +861,10 @@ def _synthesize_descriptor(path: str, kind: str, extent: SparseExtent | None = N
     return Descriptor.new(create_type, [line], cid=0xFFFFFFFE)
 
 
+#: What allow_external does for a name outside the image's folder.
+_TRUST_IT = ("allow_external", "trusts it")
+
+
 def resolve_extent_path(image_path: str, name: str, *, allow_external: bool) -> str:
     """Where an extent or parent named in a descriptor lives; refuses escapes by default."""
     folder = os.path.dirname(os.path.abspath(image_path))
@@ -870,23 +874,20 @@ def resolve_extent_path(image_path: str, name: str, *, allow_external: bool) -> 
     if allow_external:
         return target
     if os.path.isabs(name):
-        raise UnsafePathError(
-            f"refers to the absolute path {name!r}; pass allow_external=True "
-            "(--allow-external) to trust it", image_path)
+        raise UnsafePathError(f"refers to the absolute path {name!r}", image_path,
+                              opt_in=_TRUST_IT)
     real_folder = os.path.realpath(folder)
     real = os.path.realpath(target)
     if os.path.commonpath([real_folder, real]) != real_folder:
-        raise UnsafePathError(
-            f"refers to {name!r}, outside the image's folder; pass allow_external=True "
-            "(--allow-external) to trust it", image_path)
+        raise UnsafePathError(f"refers to {name!r}, outside the image's folder", image_path,
+                              opt_in=_TRUST_IT)
     try:
         mode = os.stat(real).st_mode
     except FileNotFoundError:
         return target
     if not stat.S_ISREG(mode):
-        raise UnsafePathError(
-            f"refers to {name!r}, which is not a regular file; pass allow_external=True "
-            "(--allow-external) to trust it", image_path)
+        raise UnsafePathError(f"refers to {name!r}, which is not a regular file", image_path,
+                              opt_in=_TRUST_IT)
     return target
 
 
@@ -950,9 +951,8 @@ def _open_extent(path: str, line: ExtentLine, descriptor: Descriptor, read_only:
                   or line.type in ("VMFSRDM", "VMFSRAW"))
     target = resolve_extent_path(path, line.filename, allow_external=allow_external)
     if raw_device and not allow_external and not os.path.isfile(target):
-        raise UnsafePathError(
-            f"raw-disk extent {line.filename!r} names a device; pass allow_external=True "
-            "(--allow-external) to open it", path)
+        raise UnsafePathError(f"raw-disk extent {line.filename!r} names a device", path,
+                              opt_in=("allow_external", "opens it"))
     if line.type in ("FLAT", "VMFS", "VMFSRDM", "VMFSRAW"):
         return FlatExtent(target, line.sectors, line.offset or 0, read_only=ro,
                           missing_as_zeros=missing_as_zeros)
@@ -981,6 +981,11 @@ def _open_extent(path: str, line: ExtentLine, descriptor: Descriptor, read_only:
 CHANGE_TRACK_KEY = "changeTrackPath"
 
 
+#: The way to write a tracked image anyway, and what it costs.
+_DROP_TRACKING = ("drop_change_tracking",
+                  "writes and drops the tracking (the next backup must then be a full one)")
+
+
 def _refuse_tracked_write(descriptor: Descriptor, path: str) -> None:
     """Writes would leave VMware's changed block tracking stale: backups would miss them."""
     tracking = descriptor.get(CHANGE_TRACK_KEY)
@@ -988,9 +993,9 @@ def _refuse_tracked_write(descriptor: Descriptor, path: str) -> None:
         raise UnsupportedFormatError(
             f"the image has changed block tracking (changeTrackPath {tracking!r}), which this "
             "package cannot update: a write would leave the tracking file stale and the next "
-            "incremental backup would miss the change. Read it, convert it to a new image "
-            "('vmdk convert'), or open it with drop_change_tracking=True to write and drop "
-            "the tracking (the next backup must then be a full one)", path)
+            "incremental backup would miss the change. Read it, or convert it to a new image "
+            "('vmdk convert')", path,
+            opt_in=_DROP_TRACKING)
 
 
 def _sparse_size(line: ExtentLine, extent: SparseExtent) -> int:
@@ -1130,8 +1135,8 @@ def _open_parent(path: str, descriptor: Descriptor, allow_external: bool, ignore
         parent.close()
         raise ChainError(
             f"parentCID {descriptor.parent_cid:08x} does not match the CID {parent.cid:08x} of "
-            f"parent {target!r}: the parent changed after this snapshot was taken "
-            "(ignore_cid=True opens it anyway)", path)
+            f"parent {target!r}: the parent changed after this snapshot was taken", path,
+            opt_in=("ignore_cid", "opens it anyway, read-only"))
     return parent
 
 
