@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import io
 import os
 import struct
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,9 +22,10 @@ from typing import Any
 import pytest
 
 import vmdk
-from conftest import qemu_data_ranges, run
+from conftest import pattern, qemu_data_ranges, run
 from vmdk._structs import SparseHeader
 from vmdk.check import check
+from vmdk.cli import main
 from vmdk.convert import convert
 from vmdk.image import Image
 
@@ -54,9 +57,10 @@ class Reads:
 def reads(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Reads]:
     """``reads(*paths)`` starts counting, with a budget of what ``paths`` store plus SLACK."""
 
+    real_pread, real_preadv, real_readinto = os.pread, os.preadv, Image.readinto_at
+
     def start(*paths: Path) -> Reads:
         counter = Reads(stored(*paths) + SLACK)
-        real_pread, real_preadv, real_readinto = os.pread, os.preadv, Image.readinto_at
 
         def pread(fd: int, n: int, offset: int) -> bytes:
             counter.count("system", n)
@@ -99,7 +103,203 @@ def raw(path: Path, size: int, pieces: dict[int, bytes] | None = None) -> Path:
     return path
 
 
-# -- convert ----------------------------------------------------------------------------------
+def out_of(capsys: pytest.CaptureFixture[str]) -> list[str]:
+    return capsys.readouterr().out.splitlines()
+
+
+DATA = pattern(MiB, seed=7, zero_every=0)
+
+
+# -- compare ------------------------------------------------------------------------------------
+
+
+def test_compare_two_empty_images_reads_nothing(tmp_path: Path, reads: Callable[..., Reads],
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = image(tmp_path / "a.vmdk", BIG), image(tmp_path / "b.vmdk", BIG)
+    counter = reads(a, b)
+    assert main(["compare", os.fspath(a), os.fspath(b)]) == 0
+    assert out_of(capsys) == ["Images are identical."]
+    assert counter.image == 0
+
+
+def test_compare_reads_the_data_present_once(tmp_path: Path, reads: Callable[..., Reads],
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    at = 5 * GiB + 3 * 65536
+    a = image(tmp_path / "a.vmdk", BIG, {at: DATA})
+    b = raw(tmp_path / "b.raw", BIG, {at: DATA})
+    counter = reads(a, b)
+    assert main(["compare", os.fspath(a), os.fspath(b)]) == 0
+    assert out_of(capsys) == ["Images are identical."]
+    assert counter.image <= len(DATA) + SLACK
+
+
+def test_compare_finds_data_stored_in_one_side_only(tmp_path: Path, reads: Callable[..., Reads],
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    at = 7 * GiB + 777
+    a = image(tmp_path / "a.vmdk", BIG)
+    b = raw(tmp_path / "b.raw", BIG, {at: b"\1"})
+    reads(a, b)
+    assert main(["compare", os.fspath(a), os.fspath(b)]) == 1
+    assert out_of(capsys) == [f"Content mismatch at offset {at}!"]
+    assert main(["compare", os.fspath(b), os.fspath(a)]) == 1
+    assert out_of(capsys) == [f"Content mismatch at offset {at}!"]
+
+
+def test_compare_stored_zeros_equal_unallocated(tmp_path: Path, reads: Callable[..., Reads],
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    a = image(tmp_path / "a.vmdk", BIG)
+    b = raw(tmp_path / "b.raw", BIG, {3 * GiB: bytes(MiB)})  # written zeros: stored
+    assert stored(b) >= MiB
+    counter = reads(a, b)
+    assert main(["compare", os.fspath(b), os.fspath(a)]) == 0
+    assert out_of(capsys) == ["Images are identical."]
+    assert counter.system <= stored(a, b) + SLACK
+
+
+def test_compare_size_mismatch_walks_the_longer_tail(tmp_path: Path,
+                                                     reads: Callable[..., Reads],
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    big = image(tmp_path / "big.vmdk", BIG, {100 * MiB: DATA})
+    small = raw(tmp_path / "small.raw", 512 * MiB, {100 * MiB: DATA})
+    counter = reads(big, small)
+    assert main(["compare", os.fspath(small), os.fspath(big)]) == 0
+    assert out_of(capsys) == ["Warning: Image size mismatch!", "Images are identical."]
+    assert counter.image <= len(DATA) + SLACK
+    with vmdk.open(big, "r+") as disk:
+        disk.write_at(40 * GiB + 5, b"\1")
+    counter = reads(big, small)
+    assert main(["compare", os.fspath(big), os.fspath(small)]) == 1
+    # As qemu-img: the tail of the longer image is compared as content, after the warning.
+    assert out_of(capsys) == ["Warning: Image size mismatch!",
+                              f"Content mismatch at offset {40 * GiB + 5}!"]
+    assert counter.image <= len(DATA) + 65536 + SLACK
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """Two small disks and the options to compare them with."""
+
+    name: str
+    first: dict[int, bytes]
+    second: dict[int, bytes]
+    first_size: int = 4 * MiB
+    second_size: int = 4 * MiB
+    options: tuple[str, ...] = ()
+    second_raw: bool = True
+
+
+X = pattern(3 * 65536, seed=3, zero_every=0)
+PAIRS = [
+    Pair("same data", {65536: X}, {65536: X}),
+    Pair("a byte differs", {65536: X}, {65536: X[:70000] + b"\0" + X[70001:]}),
+    Pair("a byte differs, two images", {65536: X}, {65536: X[:1000] + b"?" + X[1001:]},
+         second_raw=False),
+    Pair("data in the first only", {2 * MiB + 4096: X}, {}),
+    Pair("data in the second only", {}, {3 * MiB + 513: b"\7"}),
+    Pair("data in the second only, two images", {}, {3 * MiB + 513: b"\7"}, second_raw=False),
+    Pair("stored zeros against unallocated", {}, {MiB: bytes(MiB)}),
+    Pair("data against other data elsewhere", {0: X}, {MiB: X}, second_raw=False),
+    Pair("longer second, zeros in its tail", {65536: X}, {65536: X, 5 * MiB: bytes(4096)},
+         second_size=6 * MiB),
+    Pair("longer second, data in its tail", {65536: X}, {65536: X, 5 * MiB + 100: b"\1"},
+         second_size=6 * MiB),
+    Pair("longer first image, data in its tail", {65536: X, 5 * MiB + 9: b"\1"}, {65536: X},
+         first_size=6 * MiB, second_raw=False),
+    Pair("sizes and content differ", {65536: X}, {65536: X[::-1]}, second_size=6 * MiB),
+    Pair("strict, sizes differ", {65536: X}, {65536: X}, second_size=6 * MiB,
+         options=("-s",)),
+    Pair("strict, same sizes", {65536: X}, {65536: X}, options=("-s",), second_raw=False),
+]
+
+
+def _normalized(lines: list[str]) -> list[str]:
+    """qemu-img names the sector a mismatch is in, we name the byte; and we add the sizes
+    to the strict mode's size mismatch."""
+    out = []
+    for line in lines:
+        if line.startswith("Content mismatch at offset "):
+            offset = int(line.rsplit(" ", 1)[1].rstrip("!"))
+            line = f"Content mismatch at offset {offset // 512 * 512}!"
+        out.append(line.split(" (")[0])
+    return out
+
+
+@pytest.mark.parametrize("swap", [False, True], ids=["forward", "swapped"])
+@pytest.mark.parametrize("pair", PAIRS, ids=[p.name for p in PAIRS])
+def test_compare_agrees_with_qemu(qemu_img: str, tmp_path: Path, pair: Pair, swap: bool,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    first = image(tmp_path / "first.vmdk", pair.first_size, pair.first)
+    make = raw if pair.second_raw else image
+    second = make(tmp_path / ("second.raw" if pair.second_raw else "second.vmdk"),
+                  pair.second_size, pair.second)
+    formats = ["-f", "vmdk", "-F", "raw" if pair.second_raw else "vmdk"]
+    paths = [first, second]
+    if swap:
+        formats = [formats[0], formats[3], formats[2], formats[1]]
+        paths.reverse()
+    theirs = run(qemu_img, "compare", *pair.options, *formats, *paths, check=False)
+    ours = main(["compare", *pair.options, *formats, *map(os.fspath, paths)])
+    assert ours == theirs.returncode
+    assert _normalized(out_of(capsys)) == _normalized(theirs.stdout.splitlines())
+
+
+def test_compare_of_a_snapshot_reads_its_parent_where_it_has_no_data(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = image(tmp_path / "base.vmdk", 8 * MiB, {0: X, 4 * MiB: X})
+    child = tmp_path / "child.vmdk"
+    with vmdk.create(child, parent=base) as disk:
+        disk.write_at(4 * MiB + 65536, bytes(65536))  # zeros over the parent's data
+    expected = bytearray(8 * MiB)
+    expected[:len(X)] = X
+    expected[4 * MiB:4 * MiB + len(X)] = X
+    expected[4 * MiB + 65536:4 * MiB + 2 * 65536] = bytes(65536)
+    same = raw(tmp_path / "same.raw", 8 * MiB, {0: bytes(expected)})
+    assert main(["compare", os.fspath(child), os.fspath(same)]) == 0
+    expected[4 * MiB + 65536] = 1
+    other = raw(tmp_path / "other.raw", 8 * MiB, {0: bytes(expected)})
+    assert main(["compare", "-q", os.fspath(child), os.fspath(other)]) == 1
+    assert main(["compare", os.fspath(other), os.fspath(child)]) == 1
+    assert out_of(capsys)[-1] == f"Content mismatch at offset {4 * MiB + 65536}!"
+
+
+# -- cat and convert ----------------------------------------------------------------------------
+
+
+def test_cat_writes_holes_without_reading_them(tmp_path: Path, reads: Callable[..., Reads],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    disk = image(tmp_path / "a.vmdk", GiB, {300 * MiB + 4096: DATA})
+    sparse = raw(tmp_path / "a.raw", GiB, {300 * MiB + 4096: DATA})
+    with open(os.devnull, "wb") as sink:
+        stdout = io.TextIOWrapper(sink, write_through=True)
+        monkeypatch.setattr(sys, "stdout", stdout)  # (in the test: pytest sets its own before)
+        counter = reads(disk)
+        assert main(["cat", os.fspath(disk)]) == 0
+        assert counter.image <= len(DATA) + SLACK
+        counter = reads(sparse)
+        assert main(["cat", os.fspath(sparse)]) == 0
+        assert counter.system <= len(DATA) + SLACK
+        stdout.detach()  # the sink closes first
+
+
+@pytest.mark.parametrize("kind", ["vmdk", "raw", "snapshot"])
+def test_cat_gives_every_byte(tmp_path: Path, kind: str,
+                              capfdbinary: pytest.CaptureFixture[bytes]) -> None:
+    content = bytearray(6 * MiB + 512)
+    content[65536 + 5:65536 + 5 + len(X)] = X
+    content[5 * MiB:5 * MiB + 3] = b"end"
+    if kind == "raw":
+        path = raw(tmp_path / "a.raw", len(content), {0: bytes(content)})
+    else:
+        path = image(tmp_path / "a.vmdk", len(content), {0: bytes(content)})
+        if kind == "snapshot":
+            child = tmp_path / "child.vmdk"
+            with vmdk.create(child, parent=path) as disk:
+                disk.write_at(5 * MiB + 1, b"N")
+            content[5 * MiB + 1] = ord("N")
+            path = child
+    capfdbinary.readouterr()
+    assert main(["cat", os.fspath(path)]) == 0
+    assert capfdbinary.readouterr().out == bytes(content)
 
 
 def test_convert_of_an_empty_image_reads_nothing(tmp_path: Path,
