@@ -26,7 +26,8 @@ from conftest import pattern, qemu_data_ranges, run
 from vmdk._structs import SparseHeader
 from vmdk.check import check
 from vmdk.cli import main
-from vmdk.convert import convert
+from vmdk.compare import first_difference
+from vmdk.convert import convert, open_source
 from vmdk.image import Image
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
@@ -173,6 +174,18 @@ def test_compare_size_mismatch_walks_the_longer_tail(tmp_path: Path,
     assert out_of(capsys) == ["Warning: Image size mismatch!",
                               f"Content mismatch at offset {40 * GiB + 5}!"]
     assert counter.image <= len(DATA) + 65536 + SLACK
+
+
+def test_compare_progress_covers_the_longer_disk(tmp_path: Path) -> None:
+    a = open_source(os.fspath(image(tmp_path / "a.vmdk", 64 * MiB, {MiB: DATA, 40 * MiB: DATA})))
+    b = open_source(os.fspath(raw(tmp_path / "b.raw", 48 * MiB, {MiB: DATA, 40 * MiB: DATA})))
+    steps: list[int] = []
+    try:
+        assert first_difference(a, b, steps.append) is None
+    finally:
+        a.close()
+        b.close()
+    assert sum(steps) == 64 * MiB and all(n > 0 for n in steps) and len(steps) >= 5
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,10 +33,10 @@ def first_difference(a: Source, b: Source,
     for lo, hi, in_a, in_b in _pieces(a, b):
         if in_a or in_b:
             sides = [s for s, stored in ((a, in_a), (b, in_b)) if stored]
-            found = _first_difference_in(sides, lo, hi, buffers)
+            found = _first_difference_in(sides, lo, hi, buffers, progress)
             if found is not None:
                 return found
-        if progress:
+        elif progress:
             progress(hi - lo)
     return None
 
@@ -63,7 +63,8 @@ def _spans_to(source: Source, size: int) -> Iterator[Span]:
 
 
 def _first_difference_in(sides: list[Source], lo: int, hi: int,
-                         buffers: tuple[memoryview, memoryview]) -> int | None:
+                         buffers: tuple[memoryview, memoryview],
+                         progress: Callable[[int], None] | None) -> int | None:
     """Compare ``lo .. hi`` of two sides, or check it holds only zeros when one side is
     given (the other stores nothing there), a chunk at a time."""
     for pos in range(lo, hi, CHUNK):
@@ -74,6 +75,8 @@ def _first_difference_in(sides: list[Source], lo: int, hi: int,
         found = _first_nonzero(views[0]) if len(views) == 1 else _first_unequal(*views)
         if found is not None:
             return pos + found
+        if progress:
+            progress(n)
     return None
 
 
