@@ -11,16 +11,17 @@ import argparse
 import contextlib
 import errno
 import logging
+import mmap
 import os
 import re
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 from . import __version__
 from ._output import discard_all
-from .convert import DEFAULT_SPARSE_SIZE, convert, open_source
+from .convert import DEFAULT_SPARSE_SIZE, Source, convert, open_source
 from .create import PREALLOCATION_MODES, SUBFORMATS, create
 from .errors import UnsupportedFormatError, VmdkError
 from .extents.base import SECTOR_SIZE
@@ -357,68 +358,49 @@ def cmd_compare(args: argparse.Namespace) -> int:
         b.close()
 
 
-def _compare(a: Any, b: Any, strict: bool, quiet: bool,
+def _compare(a: Source, b: Source, strict: bool, quiet: bool,
              progress: Callable[[int], None] | None = None) -> int:
+    """Messages and exit code as qemu-img compare's, except that a mismatch is placed at
+    its first differing byte, not at the start of that byte's sector."""
+    from .compare import first_difference
+
+    say = (lambda line: None) if quiet else print
     if strict and a.size != b.size:
-        if not quiet:
-            print(f"Strict mode: Image size mismatch! ({a.size} vs {b.size})")
+        say(f"Strict mode: Image size mismatch! ({a.size} vs {b.size})")
         return 1
-    chunk = 8 << 20
-    common = min(a.size, b.size)
-    if a.size != b.size and not quiet:
-        print("Warning: Image size mismatch!")
-    buf_a, buf_b = bytearray(chunk), bytearray(chunk)
-    pos = 0
-    while pos < max(a.size, b.size):
-        n = min(chunk, max(a.size, b.size) - pos)
-        va, vb = memoryview(buf_a)[:n], memoryview(buf_b)[:n]
-        _read_padded(a, pos, va)
-        _read_padded(b, pos, vb)
-        if va != vb:
-            first = next(i for i in range(n) if va[i] != vb[i]) if n < 65536 else _first_diff(va, vb)
-            if not quiet:
-                where = "Content mismatch" if pos + first < common else "Image size mismatch"
-                print(f"{where} at offset {pos + first}!")
-            return 1
-        pos += n
-        if progress:
-            progress(n)
-    if not quiet:
-        print("Images are identical.")
+    found = first_difference(a, b, progress)
+    if a.size != b.size and (found is None or found >= min(a.size, b.size)):
+        # qemu-img warns once the common part compared equal, before the longer tail.
+        say("Warning: Image size mismatch!")
+    if found is not None:
+        say(f"Content mismatch at offset {found}!")
+        return 1
+    say("Images are identical.")
     return 0
-
-
-def _first_diff(a: memoryview, b: memoryview) -> int:
-    import numpy as np
-
-    diff = np.flatnonzero(np.frombuffer(a, dtype=np.uint8) != np.frombuffer(b, dtype=np.uint8))
-    return int(diff[0])
-
-
-def _read_padded(src: Any, pos: int, view: memoryview) -> None:
-    n = max(0, min(len(view), src.size - pos))
-    if n:
-        src.readinto_at(pos, view[:n])
-    if n < len(view):
-        view[n:] = bytes(len(view) - n)
 
 
 def cmd_cat(args: argparse.Namespace) -> int:
     source = open_source(args.image, args.format, **_open_flags(args))
-    out = sys.stdout.buffer
     try:
-        chunk = bytearray(4 << 20)
-        pos = 0
-        while pos < source.size:
-            n = min(len(chunk), source.size - pos)
-            view = memoryview(chunk)[:n]
-            source.readinto_at(pos, view)
-            out.write(view)
-            pos += n
-        out.flush()
+        _write_disk(source, sys.stdout.buffer)
     finally:
         source.close()
     return 0
+
+
+def _write_disk(source: Source, out: BinaryIO) -> None:
+    """Every byte of the disk to ``out``; ranges the source does not store are written as
+    zeros without reading them."""
+    chunk = 4 << 20
+    buf, zeros = memoryview(mmap.mmap(-1, chunk)), memoryview(bytes(chunk))
+    for span in source.spans():
+        end = span.start + span.length
+        for pos in range(span.start, end, chunk):
+            n = min(chunk, end - pos)
+            if span.data:
+                source.readinto_at(pos, buf[:n])
+            out.write(buf[:n] if span.data else zeros[:n])
+    out.flush()
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
