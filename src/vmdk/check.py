@@ -235,9 +235,11 @@ def _inspect(path: str, allow_external: bool, force_share: bool,
                 _check_flat(extent, result)
             if progress:
                 progress(extent.size - done)  # virtual bytes checked
+        has_parent = bool(image.descriptor.parent_file_name_hint)
     finally:
         image.close()
-    _check_chain(path, allow_external, result)
+    if has_parent:
+        _check_chain(path, allow_external, result)
     return result
 
 
