@@ -411,6 +411,14 @@ def cmd_cat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_amend(args: argparse.Namespace) -> int:
+    from .amend import amend, amend_options
+
+    amend(args.image, allow_external=args.allow_external,
+          **amend_options(parse_options(args.options)))
+    return 0
+
+
 def cmd_measure(args: argparse.Namespace) -> int:
     from .measure import measure
 
@@ -576,11 +584,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         p.add_argument("--allow-external", action="store_true",
                        help="trust descriptor paths outside the image's folder, and devices")
-        if name not in ("create", "serve"):
+        if name not in ("create", "serve", "amend"):
             p.add_argument("-U", "--force-share", action="store_true",
                            help="read an image another process has open for writing")
         if name not in ("create", "check", "commit", "rebase", "resize", "compact",
-                        "snapshot"):
+                        "snapshot", "amend"):
             p.add_argument("--ignore-cid", action="store_true",
                            help="read a snapshot whose parent changed since (CID mismatch)")
         if name in ("convert", "cat", "compare", "measure"):
@@ -668,6 +676,16 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     if only in (None, "cat"):
         p = verb("cat", cmd_cat, "write the disk's contents to standard output")
         p.add_argument("-f", dest="format", choices=("raw", "vmdk"), default=None)
+        p.add_argument("image")
+
+    if only in (None, "amend"):
+        p = verb("amend", cmd_amend, "change an image's metadata in place (not its content "
+                 "or CID): adapter type, hardware version, geometry, UUID, comment")
+        p.add_argument("-f", dest="format", choices=("vmdk",), default="vmdk")
+        p.add_argument("-o", dest="options", action="append", required=True, metavar="OPTIONS",
+                       help="adapter_type=ide|buslogic|lsilogic|legacyESX|pvscsi|lsisas1068, "
+                            "hwversion=N, compat6=on, toolsversion=N, geometry=C/H/S, "
+                            "uuid=UUID|new, comment=TEXT; all are changed or none")
         p.add_argument("image")
 
     if only in (None, "measure"):
@@ -768,7 +786,7 @@ def _relative_sizes(argv: list[str]) -> list[str]:
 #: Every verb build_parser knows (a test keeps the two in step).
 _VERB_NAMES = frozenset({"info", "create", "convert", "check", "map", "compare", "cat", "snapshot",
                          "commit", "rebase", "resize", "compact", "export-ova", "serve",
-                         "measure"})
+                         "amend", "measure"})
 
 
 def _verb_of(argv: list[str]) -> str | None:
