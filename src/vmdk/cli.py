@@ -419,6 +419,16 @@ def cmd_amend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rename(args: argparse.Namespace) -> int:
+    from .rename import rename
+
+    children = rename(args.source, args.target, allow_external=args.allow_external)
+    if not args.quiet:
+        for child in children:
+            print(f"{child}: now names {args.target} as its parent")
+    return 0
+
+
 def cmd_measure(args: argparse.Namespace) -> int:
     from .measure import measure
 
@@ -584,11 +594,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         p.add_argument("--allow-external", action="store_true",
                        help="trust descriptor paths outside the image's folder, and devices")
-        if name not in ("create", "serve", "amend"):
+        if name not in ("create", "serve", "amend", "rename"):
             p.add_argument("-U", "--force-share", action="store_true",
                            help="read an image another process has open for writing")
         if name not in ("create", "check", "commit", "rebase", "resize", "compact",
-                        "snapshot", "amend"):
+                        "snapshot", "amend", "rename"):
             p.add_argument("--ignore-cid", action="store_true",
                            help="read a snapshot whose parent changed since (CID mismatch)")
         if name in ("convert", "cat", "compare", "measure"):
@@ -688,6 +698,14 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                             "uuid=UUID|new, comment=TEXT; all are changed or none")
         p.add_argument("image")
 
+    if only in (None, "rename"):
+        p = verb("rename", cmd_rename, "move an image and all its files to a new name, pointing "
+                 "its snapshots in the same folder at it (vmware-vdiskmanager -n)")
+        p.add_argument("-q", dest="quiet", action="store_true")
+        p.add_argument("source", help="the image (its descriptor, or the one file)")
+        p.add_argument("target", help="the new name, or a folder on the same file system; "
+                                      "never replaced")
+
     if only in (None, "measure"):
         p = verb("measure", cmd_measure, "how many bytes of files an image needs: converting "
                  "SOURCE, or creating one of --size; 'required' for the content, 'fully "
@@ -786,7 +804,7 @@ def _relative_sizes(argv: list[str]) -> list[str]:
 #: Every verb build_parser knows (a test keeps the two in step).
 _VERB_NAMES = frozenset({"info", "create", "convert", "check", "map", "compare", "cat", "snapshot",
                          "commit", "rebase", "resize", "compact", "export-ova", "serve",
-                         "amend", "measure"})
+                         "amend", "rename", "measure"})
 
 
 def _verb_of(argv: list[str]) -> str | None:

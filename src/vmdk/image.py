@@ -1050,17 +1050,13 @@ def pending_parent_cids(descriptor: Descriptor) -> set[int]:
     return out - {NO_PARENT_CID}
 
 
-def _open_parent(path: str, descriptor: Descriptor, allow_external: bool, ignore_cid: bool,
-                 depth: int, seen: frozenset[str], force_share: bool = False, *,
-                 missing_as_zeros: bool = False) -> Image | None:
-    hint = descriptor.parent_file_name_hint
-    if descriptor.parent_cid == NO_PARENT_CID or not hint:
-        return None
+def find_parent(path: str, hint: str, *, allow_external: bool) -> str | None:
+    """The file a child at ``path`` finds as its parent through ``hint`` (its
+    parentFileNameHint), or None when there is none; UnsafePathError as for extents."""
     candidates = [hint]
     base = hint.replace("\\", "/").rsplit("/", 1)[-1]
     if base != hint:
         candidates.insert(0, base)  # Windows and absolute hints: try next to the child first
-    target = None
     for name in candidates:
         try:
             resolved = resolve_extent_path(path, name, allow_external=allow_external)
@@ -1069,8 +1065,17 @@ def _open_parent(path: str, descriptor: Descriptor, allow_external: bool, ignore
                 raise
             continue
         if os.path.exists(resolved):
-            target = resolved
-            break
+            return resolved
+    return None
+
+
+def _open_parent(path: str, descriptor: Descriptor, allow_external: bool, ignore_cid: bool,
+                 depth: int, seen: frozenset[str], force_share: bool = False, *,
+                 missing_as_zeros: bool = False) -> Image | None:
+    hint = descriptor.parent_file_name_hint
+    if descriptor.parent_cid == NO_PARENT_CID or not hint:
+        return None
+    target = find_parent(path, hint, allow_external=allow_external)
     if target is None:
         raise ChainError(f"parent image {hint!r} was not found", path)
     parent = Image.open(target, "r", allow_external=allow_external, ignore_cid=ignore_cid,
