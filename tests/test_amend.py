@@ -125,14 +125,14 @@ def test_stream_images_are_written_once(tmp_path: Path) -> None:
 
 def test_image_in_use_is_refused(tmp_path: Path) -> None:
     path = make(tmp_path / "disk.vmdk")
-    with vmdk.open(path):  # a reader elsewhere: its view must not change under it
-        with pytest.raises(ImageInUseError, match="image is in use"):
-            amend(path, adapter_type="lsilogic")
+    # A reader elsewhere: its view must not change under it
+    with vmdk.open(path), pytest.raises(ImageInUseError, match="image is in use"):
+        amend(path, adapter_type="lsilogic")
     base, child = make(tmp_path / "base.vmdk"), tmp_path / "child.vmdk"
     snapshot(base, child)
-    with vmdk.open(child):  # the parent is read through its snapshot
-        with pytest.raises(ImageInUseError, match="image is in use"):
-            amend(base, comment="x")
+    # The parent is read through its snapshot
+    with vmdk.open(child), pytest.raises(ImageInUseError, match="image is in use"):
+        amend(base, comment="x")
 
 
 def test_qemu_in_use_is_refused(qemu_img: str, tmp_path: Path) -> None:
@@ -146,9 +146,10 @@ def test_qemu_in_use_is_refused(qemu_img: str, tmp_path: Path) -> None:
     proc = subprocess.Popen(["qemu-io", "-f", "vmdk", str(path)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        proc.stdin.write("read 0 512\n")  # type: ignore[union-attr]
-        proc.stdin.flush()  # type: ignore[union-attr]
-        proc.stdout.readline()  # type: ignore[union-attr]  # it has the image open now
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write("read 0 512\n")
+        proc.stdin.flush()
+        proc.stdout.readline()  # it has the image open now
         with pytest.raises(ImageInUseError, match="image is in use"):
             amend(path, comment="x")
     finally:

@@ -58,7 +58,7 @@ def hint_of(path: Path) -> str | None:
 
 def family(folder: Path, subformat: str = "monolithicSparse") -> dict[str, str]:
     """base.vmdk with two snapshots, one with a snapshot of its own; what each reads."""
-    base = make(folder / "base.vmdk", subformat)
+    make(folder / "base.vmdk", subformat)
     for child, parent in (("a.vmdk", "base.vmdk"), ("b.vmdk", "base.vmdk"),
                           ("a2.vmdk", "a.vmdk")):
         snapshot(folder / parent, folder / child)
@@ -158,22 +158,22 @@ def test_refused_when_a_chain_would_break(tmp_path: Path) -> None:
 def test_snapshot_in_use_refuses_naming_it(tmp_path: Path) -> None:
     family(tmp_path)
     before = contents(tmp_path)
-    with Image.open(tmp_path / "b.vmdk", open_parent=False):
-        with pytest.raises(ChainError, match=r"b\.vmdk \(image is in use"):
-            rename(tmp_path / "base.vmdk", tmp_path / "gold.vmdk")
+    with Image.open(tmp_path / "b.vmdk", open_parent=False), \
+            pytest.raises(ChainError, match=r"b\.vmdk \(image is in use"):
+        rename(tmp_path / "base.vmdk", tmp_path / "gold.vmdk")
     assert contents(tmp_path) == before
 
 
 def test_image_in_use_is_refused(tmp_path: Path) -> None:
     src = make(tmp_path / "disk.vmdk")
-    with vmdk.open(src):
-        with pytest.raises(ImageInUseError, match="image is in use"):
-            rename(src, tmp_path / "new.vmdk")
+    with vmdk.open(src), pytest.raises(ImageInUseError, match="image is in use"):
+        rename(src, tmp_path / "new.vmdk")
     assert sorted(os.listdir(tmp_path)) == ["disk.vmdk"]
     snapshot(src, tmp_path / "child.vmdk")
-    with vmdk.open(tmp_path / "child.vmdk"):  # reads its parent: the parent is in use too
-        with pytest.raises(ImageInUseError, match="image is in use"):
-            rename(src, tmp_path / "new.vmdk")
+    # Reads its parent: the parent is in use too
+    with vmdk.open(tmp_path / "child.vmdk"), \
+            pytest.raises(ImageInUseError, match="image is in use"):
+        rename(src, tmp_path / "new.vmdk")
     assert sorted(os.listdir(tmp_path)) == ["child.vmdk", "disk.vmdk"]
 
 
