@@ -423,9 +423,12 @@ def cmd_rename(args: argparse.Namespace) -> int:
     from .rename import rename
 
     children = rename(args.source, args.target, allow_external=args.allow_external)
+    target = args.target
+    if os.path.isdir(target):  # moved into it, under its own name
+        target = os.path.join(target, os.path.basename(args.source))
     if not args.quiet:
         for child in children:
-            print(f"{child}: now names {args.target} as its parent")
+            print(f"{child}: now names {target} as its parent")
     return 0
 
 
