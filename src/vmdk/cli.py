@@ -403,6 +403,51 @@ def _write_disk(source: Source, out: BinaryIO) -> None:
     out.flush()
 
 
+def cmd_amend(args: argparse.Namespace) -> int:
+    from .amend import amend, amend_options
+
+    amend(args.image, allow_external=args.allow_external,
+          **amend_options(parse_options(args.options)))
+    return 0
+
+
+def cmd_rename(args: argparse.Namespace) -> int:
+    from .rename import rename
+
+    children = rename(args.source, args.target, allow_external=args.allow_external)
+    target = args.target
+    if os.path.isdir(target):  # moved into it, under its own name
+        target = os.path.join(target, os.path.basename(args.source))
+    if not args.quiet:
+        for child in children:
+            print(f"{child}: now names {target} as its parent")
+    return 0
+
+
+def cmd_measure(args: argparse.Namespace) -> int:
+    from .measure import measure
+
+    kwargs = create_kwargs(parse_options(args.options))
+    if (args.size is None) == (args.source is None):
+        raise VmdkError("measure takes either --size SIZE or a source image")
+    size = parse_size(args.size) if args.size is not None else None
+    total = 0
+    if args.source is not None and args.progress:
+        source = open_source(args.source, args.source_format, **_open_flags(args))
+        total = source.size
+        source.close()
+    with progress_bar(args.progress, total, "measure") as bar:
+        result = measure(args.source, size=size, src_format=args.source_format,
+                         out_format=args.output_format, target=args.target, progress=bar,
+                         **_open_flags(args), **kwargs)
+    if args.output == "json":
+        print(_json(result.to_json(), indent=4))
+    else:
+        print(f"required size: {result.required}\n"
+              f"fully allocated size: {result.fully_allocated}")
+    return 0
+
+
 def cmd_snapshot(args: argparse.Namespace) -> int:
     from .chain import snapshot
 
@@ -589,15 +634,16 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         p.add_argument("--allow-external", action="store_true",
                        help="trust descriptor paths outside the image's folder, and devices")
-        if name not in ("create", "serve", "commit", "rebase", "resize", "compact"):
+        if name not in ("create", "serve", "commit", "rebase", "resize", "compact", "amend",
+                        "rename"):
             # (verbs that write an existing image hold its lock: there is nothing to share)
             p.add_argument("-U", "--force-share", action="store_true",
                            help="read an image another process has open for writing")
         if name not in ("create", "check", "commit", "rebase", "resize", "compact",
-                        "snapshot"):
+                        "snapshot", "amend", "rename"):
             p.add_argument("--ignore-cid", action="store_true",
                            help="read a snapshot whose parent changed since (CID mismatch)")
-        if name in ("convert", "cat", "compare"):
+        if name in ("convert", "cat", "compare", "measure"):
             p.add_argument("--missing-as-zeros", action="store_true",
                            help="read the missing end of a flat extent file shorter than its "
                                 "descriptor says as zeros (refused by default: a cut copy)")
@@ -684,6 +730,45 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         p = verb("cat", cmd_cat, "write the disk's contents to standard output")
         p.add_argument("-f", dest="format", choices=("raw", "vmdk"), default=None)
         p.add_argument("image")
+
+    if only in (None, "amend"):
+        p = verb("amend", cmd_amend, "change an image's metadata in place (not its content "
+                 "or CID): adapter type, hardware version, geometry, UUID, comment")
+        p.add_argument("-f", dest="format", choices=("vmdk",), default="vmdk")
+        p.add_argument("-o", dest="options", action="append", required=True, metavar="OPTIONS",
+                       help="adapter_type=ide|buslogic|lsilogic|legacyESX|pvscsi|lsisas1068, "
+                            "hwversion=N, compat6=on, toolsversion=N, geometry=C/H/S, "
+                            "uuid=UUID|new, comment=TEXT; all are changed or none")
+        p.add_argument("image")
+
+    if only in (None, "rename"):
+        p = verb("rename", cmd_rename, "move an image and all its files to a new name, pointing "
+                 "its snapshots in the same folder at it (vmware-vdiskmanager -n)")
+        p.add_argument("-q", dest="quiet", action="store_true")
+        p.add_argument("source", help="the image (its descriptor, or the one file)")
+        p.add_argument("target", help="the new name, or a folder on the same file system; "
+                                      "never replaced")
+
+    if only in (None, "measure"):
+        p = verb("measure", cmd_measure, "how many bytes of files an image needs: converting "
+                 "SOURCE, or creating one of --size; 'required' for the content, 'fully "
+                 "allocated' with every byte stored (streamOptimized: 'required' is an upper "
+                 "bound, compression decides the rest)")
+        p.add_argument("--output", choices=("human", "json"), default="human")
+        p.add_argument("--size", default=None, help="measure a new empty image of this size")
+        p.add_argument("-f", dest="source_format", choices=("raw", "vmdk"), default=None,
+                       help="source format (detected when omitted)")
+        p.add_argument("-O", dest="output_format", choices=("raw", "vmdk"), default="vmdk",
+                       help="target format (default vmdk, as convert's)")
+        p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                       help="create options of the target, as for 'create'; subformat="
+                            "monolithicSparse (default), twoGbMaxExtentSparse, monolithicFlat, "
+                            "twoGbMaxExtentFlat, vmfs or streamOptimized")
+        p.add_argument("--target", default="disk.vmdk", metavar="NAME",
+                       help="the output's file name: descriptors name their extent files after "
+                            "it, so a few bytes depend on it (default disk.vmdk)")
+        p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
+        p.add_argument("source", nargs="?", help="raw file or VMDK (a snapshot is flattened)")
 
     if only in (None, "snapshot"):
         p = verb("snapshot", cmd_snapshot, "create CHILD as a new snapshot on top of PARENT")
@@ -792,7 +877,8 @@ def _relative_sizes(argv: list[str]) -> list[str]:
 
 #: Every verb build_parser knows (a test keeps the two in step).
 _VERB_NAMES = frozenset({"info", "create", "convert", "check", "map", "compare", "cat", "snapshot",
-                         "commit", "rebase", "resize", "compact", "export-ova", "serve"})
+                         "commit", "rebase", "resize", "compact", "export-ova", "serve",
+                         "amend", "rename", "measure"})
 
 
 def _verb_of(argv: list[str]) -> str | None:

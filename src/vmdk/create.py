@@ -463,14 +463,46 @@ def _parent_fields(path: str, parent: Image | None) -> dict[str, Any]:
     return {"parent_cid": parent.cid, "parent_file_name_hint": hint}
 
 
+#: createType -> the extent type of its lines (flat ones carry an offset, VMFS ones none).
+_EXTENT_TYPES = {"monolithicSparse": "SPARSE", "streamOptimized": "SPARSE",
+                 "twoGbMaxExtentSparse": "SPARSE", "monolithicFlat": "FLAT",
+                 "twoGbMaxExtentFlat": "FLAT", "vmfs": "VMFS", "vmfsSparse": "VMFSSPARSE"}
+
+
+def extent_layout(subformat: str, path: str, sectors: int) -> list[tuple[str, ExtentLine]]:
+    """The extent files of a new ``subformat`` image at ``path`` and the line naming each:
+    the image file itself for monolithic sparse and stream images, else the files beside it."""
+    kind = _EXTENT_TYPES[subformat]
+    offset = 0 if kind == "FLAT" else None
+    if subformat in ("monolithicSparse", "streamOptimized"):
+        names = [(path, os.path.basename(path))]
+        sizes = [sectors]
+    elif subformat in ("twoGbMaxExtentSparse", "twoGbMaxExtentFlat"):
+        sizes = _split_sizes(sectors)
+        letter = "s" if kind == "SPARSE" else "f"
+        names = [_sibling(path, f"-{letter}{i + 1:03d}") for i in range(len(sizes))]
+    else:
+        names = [_sibling(path, "-delta" if kind == "VMFSSPARSE" else "-flat")]
+        sizes = [sectors]
+    return [(full, ExtentLine("RW", n, kind, base, offset))
+            for (full, base), n in zip(names, sizes)]
+
+
+def new_descriptor(subformat: str, lines: list[ExtentLine], sectors: int, opts: CreateOptions,
+                   parent: Image | None = None, final: str = "") -> Descriptor:
+    """The descriptor a new image gets (a snapshot's names its ``parent`` as seen from
+    ``final``, the image's final name)."""
+    return Descriptor.new(subformat, lines, cid=new_cid(),
+                          ddb=_ddb(sectors * SECTOR_SIZE, opts, parent),
+                          **_parent_fields(final, parent))
+
+
 def _create_monolithic_sparse(stage: StagedOutput, sectors: int, opts: CreateOptions,
                               parent: Image | None, *_: Any) -> None:
     path = stage.path
     stage.claim([path])
-    name = os.path.basename(path)
-    descriptor = Descriptor.new("monolithicSparse", [ExtentLine("RW", sectors, "SPARSE", name, None)],
-                                cid=new_cid(), ddb=_ddb(sectors * SECTOR_SIZE, opts, parent),
-                                **_parent_fields(stage.final, parent))
+    lines = [line for _, line in extent_layout("monolithicSparse", path, sectors)]
+    descriptor = new_descriptor("monolithicSparse", lines, sectors, opts, parent, stage.final)
     extent = SparseExtent.create(path, sectors, grain_size=opts.cluster_size // SECTOR_SIZE,
                                  descriptor=descriptor.to_bytes(),
                                  zeroed_grain=opts.zeroed_grain)
@@ -480,52 +512,36 @@ def _create_monolithic_sparse(stage: StagedOutput, sectors: int, opts: CreateOpt
 def _create_split_sparse(stage: StagedOutput, sectors: int, opts: CreateOptions,
                          parent: Image | None, *_: Any) -> None:
     path = stage.path
-    sizes = _split_sizes(sectors)
-    names = [_sibling(path, f"-s{i + 1:03d}") for i in range(len(sizes))]
-    stage.claim([path] + [full for full, _ in names])
-    lines = []
-    for (full, base), n in zip(names, sizes):
-        SparseExtent.create(full, n, grain_size=opts.cluster_size // SECTOR_SIZE,
+    layout = extent_layout("twoGbMaxExtentSparse", path, sectors)
+    stage.claim([path] + [full for full, _ in layout])
+    for full, line in layout:
+        SparseExtent.create(full, line.sectors, grain_size=opts.cluster_size // SECTOR_SIZE,
                             zeroed_grain=opts.zeroed_grain).close()
-        lines.append(ExtentLine("RW", n, "SPARSE", base, None))
-    descriptor = Descriptor.new("twoGbMaxExtentSparse", lines, cid=new_cid(),
-                                ddb=_ddb(sectors * SECTOR_SIZE, opts, parent),
-                                **_parent_fields(stage.final, parent))
-    _write_text_descriptor(path, descriptor)
+    _write_text_descriptor(path, new_descriptor("twoGbMaxExtentSparse",
+                                                [line for _, line in layout], sectors, opts,
+                                                parent, stage.final))
 
 
 def _create_flat(stage: StagedOutput, sectors: int, opts: CreateOptions,
-                 parent: Image | None, *_: Any, create_type: str = "monolithicFlat",
-                 extent_type: str = "FLAT") -> None:
+                 parent: Image | None, *_: Any, create_type: str = "monolithicFlat") -> None:
+    """monolithicFlat, twoGbMaxExtentFlat and vmfs (whose lines carry no offset)."""
     path = stage.path
-    full, base = _sibling(path, "-flat")
-    stage.claim([path, full])
-    FlatExtent.create(full, sectors, preallocate=opts.preallocate).close()
-    # ESX (VMFS) extent lines carry no offset; hosted FLAT lines always do.
-    offset = None if extent_type == "VMFS" else 0
-    descriptor = Descriptor.new(create_type, [ExtentLine("RW", sectors, extent_type, base, offset)],
-                                cid=new_cid(), ddb=_ddb(sectors * SECTOR_SIZE, opts))
-    _write_text_descriptor(path, descriptor)
+    layout = extent_layout(create_type, path, sectors)
+    stage.claim([path] + [full for full, _ in layout])
+    for full, line in layout:
+        FlatExtent.create(full, line.sectors, preallocate=opts.preallocate).close()
+    _write_text_descriptor(path, new_descriptor(create_type, [line for _, line in layout],
+                                                sectors, opts))
 
 
 def _create_vmfs(stage: StagedOutput, sectors: int, opts: CreateOptions,
                  parent: Image | None, *rest: Any) -> None:
-    _create_flat(stage, sectors, opts, parent, create_type="vmfs", extent_type="VMFS")
+    _create_flat(stage, sectors, opts, parent, create_type="vmfs")
 
 
 def _create_split_flat(stage: StagedOutput, sectors: int, opts: CreateOptions,
                        parent: Image | None, *_: Any) -> None:
-    path = stage.path
-    sizes = _split_sizes(sectors)
-    names = [_sibling(path, f"-f{i + 1:03d}") for i in range(len(sizes))]
-    stage.claim([path] + [full for full, _ in names])
-    lines = []
-    for (full, base), n in zip(names, sizes):
-        FlatExtent.create(full, n, preallocate=opts.preallocate).close()
-        lines.append(ExtentLine("RW", n, "FLAT", base, 0))
-    descriptor = Descriptor.new("twoGbMaxExtentFlat", lines, cid=new_cid(),
-                                ddb=_ddb(sectors * SECTOR_SIZE, opts))
-    _write_text_descriptor(path, descriptor)
+    _create_flat(stage, sectors, opts, parent, create_type="twoGbMaxExtentFlat")
 
 
 def _create_stream(stage: StagedOutput, sectors: int, opts: CreateOptions,
@@ -539,8 +555,8 @@ def _stream_file(target: Any, name: str, sectors: int, opts: CreateOptions) -> A
     from when the writer is closed."""
     from ._output import StagedOutput
 
-    descriptor = Descriptor.new("streamOptimized", [ExtentLine("RW", sectors, "SPARSE", name, None)],
-                                cid=new_cid(), ddb=_ddb(sectors * SECTOR_SIZE, opts))
+    descriptor = new_descriptor("streamOptimized", [ExtentLine("RW", sectors, "SPARSE", name, None)],
+                                sectors, opts)
     writer: type[StreamFile]
     if isinstance(target, StagedOutput):
         from ._staged_stream import StagedStreamFile
@@ -577,14 +593,12 @@ def _create_vmfs_sparse(stage: StagedOutput, sectors: int, opts: CreateOptions,
     from .extents.cowd import CowdExtent
 
     path = stage.path
-    full, base = _sibling(path, "-delta")
+    [(full, line)] = extent_layout("vmfsSparse", path, sectors)
     stage.claim([path, full])
     parent_name = os.path.basename(parent.path) if parent is not None else None
     CowdExtent.create(full, sectors, grain_size=1, parent_file_name=parent_name).close()
-    descriptor = Descriptor.new("vmfsSparse", [ExtentLine("RW", sectors, "VMFSSPARSE", base, None)],
-                                cid=new_cid(), ddb=_ddb(sectors * SECTOR_SIZE, opts, parent),
-                                **_parent_fields(stage.final, parent))
-    _write_text_descriptor(path, descriptor)
+    _write_text_descriptor(path, new_descriptor("vmfsSparse", [line], sectors, opts, parent,
+                                                stage.final))
 
 
 def _extent_name(image: str, target: str) -> str:

@@ -725,7 +725,9 @@ class Image:
         if self.descriptor.parent_cid == NO_PARENT_CID or not hint:
             return None
         try:
-            return find_parent(self.path, hint, allow_external=self.allow_external)
+            found = find_parent(self.path, hint, allow_external=self.allow_external)
+            return found or resolve_extent_path(self.path, hint,
+                                                allow_external=self.allow_external)
         except UnsafePathError:
             return None
 
@@ -1092,17 +1094,13 @@ def pending_parent_cids(descriptor: Descriptor) -> set[int]:
     return out - {NO_PARENT_CID}
 
 
-def find_parent(path: str, hint: str, *, allow_external: bool) -> str:
-    """Where the parent a child at ``path`` names by ``hint`` lives (it may not exist).
-
-    Windows and absolute hints are tried next to the child first (images travel
-    between machines); the hint as written next.
-    """
+def find_parent(path: str, hint: str, *, allow_external: bool) -> str | None:
+    """The file a child at ``path`` finds as its parent through ``hint`` (its
+    parentFileNameHint), or None when there is none; UnsafePathError as for extents."""
     candidates = [hint]
     base = hint.replace("\\", "/").rsplit("/", 1)[-1]
     if base != hint:
-        candidates.insert(0, base)
-    resolved: str | None = None
+        candidates.insert(0, base)  # Windows and absolute hints: try next to the child first
     for name in candidates:
         try:
             resolved = resolve_extent_path(path, name, allow_external=allow_external)
@@ -1112,8 +1110,7 @@ def find_parent(path: str, hint: str, *, allow_external: bool) -> str:
             continue
         if os.path.exists(resolved):
             return resolved
-    assert resolved is not None
-    return resolved
+    return None
 
 
 def _open_parent(path: str, descriptor: Descriptor, allow_external: bool, ignore_cid: bool,
@@ -1123,7 +1120,7 @@ def _open_parent(path: str, descriptor: Descriptor, allow_external: bool, ignore
     if descriptor.parent_cid == NO_PARENT_CID or not hint:
         return None
     target = find_parent(path, hint, allow_external=allow_external)
-    if not os.path.exists(target):
+    if target is None:
         raise ChainError(f"parent image {hint!r} was not found", path)
     parent = Image.open(target, "r", allow_external=allow_external, ignore_cid=ignore_cid,
                         force_share=force_share, missing_as_zeros=missing_as_zeros,

@@ -18,6 +18,7 @@ the file, never a table that points at garbage.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 import logging
 import os
@@ -327,6 +328,53 @@ def _inflate_pool() -> ThreadPoolExecutor:
     return _pool
 
 
+@dataclasses.dataclass(frozen=True)
+class SparseLayout:
+    """Where :meth:`SparseExtent.create` puts each structure (sectors), and the overhead
+    before the first grain: a new extent's file is exactly ``overhead`` sectors long."""
+
+    gd_entries: int
+    gt_sectors: int
+    descriptor_offset: int
+    descriptor_sectors: int
+    rgd_offset: int
+    rgts: int
+    gd_offset: int
+    gts: int
+    overhead: int
+
+    @classmethod
+    def plan(cls, capacity: int, *, grain_size: int = 128, num_gtes_per_gt: int = 512,
+             descriptor_bytes: int | None = None, descriptor_sectors: int = 20,
+             redundant: bool = True, filename: str | None = None) -> SparseLayout:
+        """Header, embedded descriptor, redundant GD, redundant GTs, GD, GTs, then grains
+        from the first grain-aligned sector, as VMware lays it out."""
+        gt_sectors = _ceil_div(num_gtes_per_gt * 4, SECTOR_SIZE)
+        gd_entries = _ceil_div(capacity, num_gtes_per_gt * grain_size)
+        if gd_entries > MAX_GD_ENTRIES:
+            limit = MAX_GD_ENTRIES * num_gtes_per_gt * grain_size * SECTOR_SIZE
+            raise UnsupportedFormatError(
+                f"a sparse extent of this grain size holds at most {limit >> 40} TiB (qemu and "
+                "VMware refuse larger grain directories); use a larger cluster size", filename)
+        gd_sectors = _ceil_div(gd_entries * 4, SECTOR_SIZE)
+        sector = 1
+        desc_offset = desc_size = 0
+        if descriptor_bytes is not None:
+            desc_size = max(descriptor_sectors, _ceil_div(descriptor_bytes, SECTOR_SIZE))
+            desc_offset, sector = sector, sector + desc_size
+        rgd_offset = rgts = 0
+        if redundant:
+            rgd_offset, sector = sector, sector + gd_sectors
+            rgts, sector = sector, sector + gd_entries * gt_sectors
+        gd_offset, sector = sector, sector + gd_sectors
+        gts, sector = sector, sector + gd_entries * gt_sectors
+        overhead = _ceil_div(sector, grain_size) * grain_size
+        if overhead > MAX_FILE_SECTORS:
+            raise UnsupportedFormatError("disk is too large for one sparse extent", filename)
+        return cls(gd_entries, gt_sectors, desc_offset, desc_size, rgd_offset, rgts, gd_offset,
+                   gts, overhead)
+
+
 class SparseExtent(Extent):
     """One hosted sparse extent file."""
 
@@ -616,47 +664,31 @@ class SparseExtent(Extent):
         left as holes of zeros in the file, so even a 2 TiB extent is created
         at once.
         """
-        gt_sectors = _ceil_div(num_gtes_per_gt * 4, SECTOR_SIZE)
-        gd_entries = _ceil_div(capacity, num_gtes_per_gt * grain_size)
-        if gd_entries > MAX_GD_ENTRIES:
-            limit = MAX_GD_ENTRIES * num_gtes_per_gt * grain_size * SECTOR_SIZE
-            raise UnsupportedFormatError(
-                f"a sparse extent of this grain size holds at most {limit >> 40} TiB (qemu and "
-                "VMware refuse larger grain directories); use a larger cluster size", filename)
-        gd_sectors = _ceil_div(gd_entries * 4, SECTOR_SIZE)
-        sector = 1
-        desc_offset = desc_size = 0
-        if descriptor is not None:
-            desc_size = max(descriptor_sectors, _ceil_div(len(descriptor), SECTOR_SIZE))
-            desc_offset, sector = sector, sector + desc_size
-        rgd_offset = 0
+        lay = SparseLayout.plan(capacity, grain_size=grain_size, num_gtes_per_gt=num_gtes_per_gt,
+                                descriptor_bytes=None if descriptor is None else len(descriptor),
+                                descriptor_sectors=descriptor_sectors, redundant=redundant,
+                                filename=filename)
         flags = SparseFlags.VALID_NEWLINE
         if redundant:
             flags |= SparseFlags.REDUNDANT_GT
-            rgd_offset, sector = sector, sector + gd_sectors
-            rgts, sector = sector, sector + gd_entries * gt_sectors
-        gd_offset, sector = sector, sector + gd_sectors
-        gts, sector = sector, sector + gd_entries * gt_sectors
-        overhead = _ceil_div(sector, grain_size) * grain_size
         if zeroed_grain:
             flags |= SparseFlags.ZEROED_GTE
         header = SparseHeader(
             version=2 if zeroed_grain else 1, flags=int(flags), capacity=capacity,
-            grain_size=grain_size, descriptor_offset=desc_offset, descriptor_size=desc_size,
-            num_gtes_per_gt=num_gtes_per_gt, rgd_offset=rgd_offset, gd_offset=gd_offset,
-            overhead=overhead)
-        if overhead > MAX_FILE_SECTORS:
-            raise UnsupportedFormatError("disk is too large for one sparse extent", filename)
+            grain_size=grain_size, descriptor_offset=lay.descriptor_offset,
+            descriptor_size=lay.descriptor_sectors, num_gtes_per_gt=num_gtes_per_gt,
+            rgd_offset=lay.rgd_offset, gd_offset=lay.gd_offset, overhead=lay.overhead)
         fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
-            os.ftruncate(fd, overhead * SECTOR_SIZE)
+            os.ftruncate(fd, lay.overhead * SECTOR_SIZE)
             if descriptor is not None:
-                pwrite_all(fd, descriptor.ljust(desc_size * SECTOR_SIZE, b"\0"), SECTOR_SIZE)
+                pwrite_all(fd, descriptor.ljust(lay.descriptor_sectors * SECTOR_SIZE, b"\0"),
+                           SECTOR_SIZE)
             if redundant:
-                pwrite_all(fd, u32_bytes(_sequence(rgts, gd_entries, gt_sectors)),
-                           rgd_offset * SECTOR_SIZE)
-            pwrite_all(fd, u32_bytes(_sequence(gts, gd_entries, gt_sectors)),
-                       gd_offset * SECTOR_SIZE)
+                pwrite_all(fd, u32_bytes(_sequence(lay.rgts, lay.gd_entries, lay.gt_sectors)),
+                           lay.rgd_offset * SECTOR_SIZE)
+            pwrite_all(fd, u32_bytes(_sequence(lay.gts, lay.gd_entries, lay.gt_sectors)),
+                       lay.gd_offset * SECTOR_SIZE)
             pwrite_all(fd, header.pack(), 0)
             os.fsync(fd)
         finally:
