@@ -927,12 +927,19 @@ def _signals_as_interrupts() -> Iterator[None]:
 def main(argv: Sequence[str] | None = None) -> int:
     del _interrupted_by[:]
     with _signals_as_interrupts():
-        words = _relative_sizes(list(sys.argv[1:] if argv is None else argv))
-        args = build_parser(_verb_of(words)).parse_args(words)
-        if args.verbose:
-            logging.basicConfig(level=logging.INFO, format="vmdk: %(message)s")
-        else:
-            logging.basicConfig(level=logging.WARNING, format="vmdk: warning: %(message)s")
+        try:
+            words = _relative_sizes(list(sys.argv[1:] if argv is None else argv))
+            args = build_parser(_verb_of(words)).parse_args(words)
+            if args.verbose:
+                logging.basicConfig(level=logging.INFO, format="vmdk: %(message)s")
+            else:
+                logging.basicConfig(level=logging.WARNING, format="vmdk: warning: %(message)s")
+        except KeyboardInterrupt as exc:  # still starting: nothing to clean up yet
+            return _interrupted(isinstance(exc, Terminated))
+        except Exception:
+            if not _interrupted_by:
+                raise
+            return _interrupted(_interrupted_by[0] == signal.SIGTERM)
         return _run(args)
 
 
