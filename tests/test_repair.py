@@ -339,7 +339,7 @@ def test_repair_says_which_copy_it_kept_and_why(bases: dict[bool, Base], tmp_pat
     path = _damage(base, tmp_path, _u32(lay.gte(1, False), 0))
     before = check(path)
     assert before.exit_code == 2
-    assert any("differ from their redundant copies" in p.message for p in before.problems)
+    assert any("1 grain table differs from its redundant copy" in p.message for p in before.problems)
     result = check(path, repair="all")
     assert result.exit_code == 0 and result.corruptions_fixed >= 1
     assert (f"grain table 0 entry 1: kept the redundant copy's grain at sector "
@@ -375,7 +375,7 @@ def test_unclean_image_with_a_lost_primary_entry_keeps_the_data(
     path = _damage(base, tmp_path, [*_u32(lay.gte(LAST, False), 0), (72, b"\x01")])
     found = check(path)
     assert found.exit_code == 0  # after a crash, stale copies are warnings
-    assert any("differ from their redundant copies" in p.message for p in found.problems)
+    assert any("1 grain table differs from its redundant copy" in p.message for p in found.problems)
     refused = check(path, repair="leaks")  # would give the last grain's space away
     assert any("not repaired" in p.message for p in refused.problems)
     assert os.path.getsize(path) == lay.file_sectors * 512

@@ -439,5 +439,5 @@ def test_check_compares_a_table_with_a_copy_lying_in_a_hole(tmp_path: Path, copy
     _punch(disk, block, 4096)  # (its neighbour in the block is an empty table: zeros too)
     result = check(disk)
     assert result.exit_code == 2
-    assert any("grain tables differ from their redundant copies" in p.message
+    assert any("1 grain table differs from its redundant copy" in p.message
                for p in result.problems), result.problems

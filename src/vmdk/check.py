@@ -177,12 +177,14 @@ def _unclean(result: CheckResult) -> bool:
 
 
 def _copies_disagree(result: CheckResult) -> bool:
-    return any(_TABLES_DIFFER in p.message or _DIRECTORIES_DIFFER in p.message
+    return any(_TABLES_DIFFER in p.message or _TABLE_DIFFERS in p.message
+               or _DIRECTORIES_DIFFER in p.message
                for p in result.problems)
 
 
 _UNCLEAN = "the image was not closed cleanly"
-_TABLES_DIFFER = "grain tables differ from their redundant copies"
+_TABLES_DIFFER = "differ from their redundant copies"  # after "N grain tables"
+_TABLE_DIFFERS = "differs from its redundant copy"  # after "1 grain table"
 _DIRECTORIES_DIFFER = "grain directory and its redundant copy disagree"
 
 
@@ -275,39 +277,49 @@ def _check_sparse(extent: SparseExtent, result: CheckResult,
         result.add("warning", f"{_UNCLEAN} (unclean-shutdown flag set)", name)
     file_sectors = -(-extent.file_size // SECTOR_SIZE)
     _compare_directories(extent, result)
-    grains, backup_only = _scan_tables(extent, result, progress)
+    grains, disputed, backup_only = _scan_tables(extent, result, progress)
     result.total_clusters += -(-h.capacity // h.grain_size)
     result.allocated_clusters += int(grains.size)
     if extent.compressed:
         result.repairable = False
         beyond = grains[grains >= file_sectors]
         if beyond.size:
-            result.add("corruption", f"{beyond.size} grain entries point past the end of the file",
-                       name, int(beyond.size))
+            result.add("corruption", f"{_count(beyond.size, 'grain entry points', 'grain entries point')}"
+                       " past the end of the file", name, int(beyond.size))
         damaged, first = extent.verify_compressed()
         if damaged:
-            result.add("corruption", f"{damaged} compressed grains cannot be read ({first})",
-                       name, damaged)
+            result.add("corruption", f"{_count(damaged, 'compressed grain', 'compressed grains')} "
+                       f"cannot be read ({first})", name, damaged)
         result.image_end_offset = max(result.image_end_offset, extent.file_size)
         return
     grain_end = grains + h.grain_size
-    beyond = grains[grain_end > file_sectors]
+    past_end = (grain_end > file_sectors) & ~disputed  # a disputed entry is counted once
+    beyond = grains[past_end]
     if beyond.size:
-        result.add("corruption", f"{beyond.size} grain entries point past the end of the file "
-                   f"(first at sector {int(beyond[0])})", name, int(beyond.size))
-    # Every used area of the file, as sector intervals: metadata first, then grains.
+        result.add("corruption", f"{_count(beyond.size, 'grain entry points', 'grain entries point')}"
+                   f" past the end of the file (first at sector {int(beyond[0])})", name,
+                   int(beyond.size))
+    # Every used area of the file, as sector intervals: metadata first, then grains.  Each
+    # entry is counted once, under its first fault: one table of bad pointers is not also
+    # a table of shared grains.
     meta_arr = _metadata(extent)
-    into_meta = int(np.count_nonzero(_in_areas(grains, grain_end, _merged(meta_arr))))
-    if into_meta:
-        result.add("corruption", f"{into_meta} grain entries point into metadata", name, into_meta)
-    order = np.argsort(grains, kind="stable")
-    s, e = grains[order], grain_end[order]
+    in_meta = _in_areas(grains, grain_end, _merged(meta_arr)) & ~past_end & ~disputed
+    if in_meta.any():
+        n = int(np.count_nonzero(in_meta))
+        result.add("corruption", f"{_count(n, 'grain entry points', 'grain entries point')} into "
+                   "metadata", name, n)
+    inside = ~(past_end | in_meta) & (grain_end <= file_sectors)
+    order = np.argsort(grains[inside], kind="stable")
+    s, e = grains[inside][order], grain_end[inside][order]
     shared = int(np.count_nonzero(s[1:] < e[:-1])) if s.size > 1 else 0
     if shared:
-        result.add("corruption", f"{shared} grains are referenced by more than one entry "
-                   "or overlap", name, shared)
+        result.add("corruption", f"{_count(shared, 'grain is', 'grains are')} referenced by more "
+                   "than one entry or overlap", name, shared)
+    # Where the image's used space ends, as far as the file holds it (a corrupt pointer
+    # past the end names no space in use).
     used_end = max(int(e.max()) if e.size else 0, int(meta_arr[:, 1].max()))
-    result.image_end_offset = max(result.image_end_offset, used_end * SECTOR_SIZE)
+    result.image_end_offset = max(result.image_end_offset,
+                                  min(used_end, file_sectors) * SECTOR_SIZE)
     _count_leaks(extent, result, meta_arr, np.concatenate((s, backup_only)),
                  np.concatenate((e, backup_only + h.grain_size)), file_sectors)
 
@@ -322,8 +334,14 @@ def _count_leaks(extent: SparseExtent, result: CheckResult, meta: np.ndarray,
     leaked = unused_sectors(extent.header.overhead, starts, ends, file_sectors) // (
         extent.header.grain_size)
     if leaked:
-        result.add("leak", f"{leaked} grains of file space are not referenced by any table",
+        result.add("leak", f"{_count(leaked, 'grain', 'grains')} of file space "
+                   f"{'is' if leaked == 1 else 'are'} not referenced by any table",
                    extent.filename, leaked)
+
+
+def _count(n: int, one: str, many: str) -> str:
+    """"1 grain", "2 grains": a number and its noun as English has them."""
+    return f"{n} {one if n == 1 else many}"
 
 
 def _copies_kind(extent: SparseExtent) -> str:
@@ -340,33 +358,42 @@ def _compare_directories(extent: SparseExtent, result: CheckResult) -> None:
         result.add("corruption", fault, name)
     if extent.rgd is None or not extent.header.has(SparseFlags.REDUNDANT_GT):
         return
-    gd, rgd = u32_view(extent.gd), u32_view(extent.rgd)
-    shared = np.flatnonzero((gd != 0) & (gd == rgd))
-    if shared.size and not extent.directory_faults:
-        result.add("corruption", f"{shared.size} grain tables have no separate redundant copy "
-                   "(both directories point at the same table)", name, int(shared.size))
-    mismatch = np.flatnonzero((gd == 0) != (rgd == 0))
-    if mismatch.size:
-        result.add(_copies_kind(extent), f"{_DIRECTORIES_DIFFER} in {mismatch.size} entries",
-                   name, int(mismatch.size))
+    shared = mismatch = 0
+    for at in range(0, len(extent.gd), 1 << 20):  # bounded temporaries, however long
+        gd = u32_view(extent.gd[at:at + (1 << 20)])
+        rgd = u32_view(extent.rgd[at:at + (1 << 20)])
+        shared += int(np.count_nonzero((gd != 0) & (gd == rgd)))
+        mismatch += int(np.count_nonzero((gd == 0) != (rgd == 0)))
+    if shared and not extent.directory_faults:
+        result.add("corruption", f"{_count(shared, 'grain table has', 'grain tables have')} no "
+                   "separate redundant copy (both directories point at the same table)", name,
+                   shared)
+    if mismatch:
+        result.add(_copies_kind(extent), f"{_DIRECTORIES_DIFFER} in "
+                   f"{_count(mismatch, 'entry', 'entries')}", name, mismatch)
 
 
 def _scan_tables(extent: SparseExtent, result: CheckResult,
-                 progress: Callable[[int], None] | None) -> tuple[np.ndarray, np.ndarray]:
+                 progress: Callable[[int], None] | None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Read every grain table and its redundant copy in one pass, batch by batch (progress
     hears each batch), and report the tables that differ from their copies.  Returns the
-    sectors of the stored grains, in grain order, and those of the grains only the
-    redundant tables reference (space in use: ``check -r all`` may choose them)."""
+    sectors of the stored grains, in grain order; which of them the redundant copy gives
+    otherwise (reported already); and the sectors of the grains only the redundant tables
+    reference (space in use: ``check -r all`` may choose them)."""
     n = extent.header.num_gtes_per_gt
     first_data = 2 if extent.zeroed_gte else 1
     none = np.zeros(0, dtype=np.int64)
     numbers, grains, only = [none], [none], [none]
+    disputed = [np.zeros(0, dtype=bool)]
     tables = entries = 0
     for batch in extent.scan_tables():
         if batch.primary.any():
             rows, slots = np.nonzero(batch.primary >= first_data)
             numbers.append(batch.indexes[rows] * n + slots)
             grains.append(batch.primary[rows, slots].astype(np.int64))
+            disputed.append(batch.primary[rows, slots] != batch.backup[rows, slots]
+                            if batch.backup is not None else np.zeros(rows.size, dtype=bool))
         if batch.backup is not None and batch.differ.size:
             ours, theirs = batch.primary[batch.differ], batch.backup[batch.differ]
             differ = ours != theirs
@@ -377,10 +404,13 @@ def _scan_tables(extent: SparseExtent, result: CheckResult,
             progress(batch.covered)
     if tables:
         # Counted per entry: check -r all decides each one, and counts each as fixed.
-        result.add(_copies_kind(extent), f"{tables} {_TABLES_DIFFER} ({entries} entries)",
-                   extent.filename, entries)
-    sectors = np.concatenate(grains)
-    return sectors[np.argsort(np.concatenate(numbers), kind="stable")], np.concatenate(only)
+        result.add(_copies_kind(extent),
+                   f"{_count(tables, 'grain table', 'grain tables')} "
+                   f"{_TABLE_DIFFERS if tables == 1 else _TABLES_DIFFER} "
+                   f"({_count(entries, 'entry', 'entries')})", extent.filename, entries)
+    order = np.argsort(np.concatenate(numbers), kind="stable")
+    return (np.concatenate(grains)[order], np.concatenate(disputed)[order],
+            np.concatenate(only))
 
 
 def _read_table(extent: SparseExtent, sector: int) -> np.ndarray:

@@ -146,6 +146,10 @@ def progress_bar(enabled: bool, total: int, desc: str) -> Iterator[Callable[[int
         yield bar.update
 
 
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _human_size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if n < 1024 or unit == "PiB":
@@ -302,19 +306,22 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"{label}: {message}" if message.startswith(where) else f"{label}: {where}: {message}")
     if result.corruptions_fixed or result.leaks_fixed:
         print(f"The following inconsistencies were found and repaired:\n\n"
-              f"    {result.leaks_fixed} leaked clusters\n    {result.corruptions_fixed} corruptions\n")
+              f"    {_plural(result.leaks_fixed, 'leaked cluster')}\n"
+              f"    {_plural(result.corruptions_fixed, 'corruption')}\n")
         print("Double checking the fixed image now...")
     if result.unclean_cleared:
         print("The unclean-shutdown flag was cleared.")
     if result.check_errors:
         print("An error occurred during the check.")
     elif result.corruptions:
-        print(f"\n{result.corruptions} errors were found on the image.\n"
+        print(f"\n{_plural(result.corruptions, 'error')} "
+              f"{'was' if result.corruptions == 1 else 'were'} found on the image.\n"
               "Data may be corrupted, or further writes to the image may corrupt it.")
     elif result.chain_errors:
         print("\nThe image's snapshot chain is broken: it does not read as it should.")
     elif result.leaks:
-        print(f"\n{result.leaks} leaked clusters were found on the image.\n"
+        print(f"\n{_plural(result.leaks, 'leaked cluster')} "
+              f"{'was' if result.leaks == 1 else 'were'} found on the image.\n"
               "This means waste of disk space, but no harm to data.")
     else:
         print("No errors were found on the image.")

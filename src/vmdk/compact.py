@@ -39,6 +39,11 @@ def compact(path: str | os.PathLike[str], *, progress: Progress | None = None) -
     """Compact every sparse extent of an image in place."""
     result = CompactResult()
     with Image.open(path, "r+") as image:
+        if not any(isinstance(e, SparseExtent) for e in image.extents):
+            raise UnsupportedFormatError(
+                f"compact applies to sparse images: a {image.create_type} image stores every "
+                "byte in place and has no grains to drop (its files' holes take no space "
+                "already)", image.path)
         has_parent = image.parent is not None
         for extent in image.extents:
             if not isinstance(extent, SparseExtent):

@@ -137,8 +137,8 @@ def _plan_shrink(image: Image, lines: list[ExtentLine], sectors: int,
                                   if r.depth == 0 and r.data and not r.zero])  # not holes
     if lost is not None:
         raise VmdkError(
-            f"refusing to shrink: data is stored at offset {lost}, past the new end "
-            f"({sectors * SECTOR_SIZE} bytes)", image.path)
+            f"refusing to shrink to {sectors * SECTOR_SIZE} bytes: byte {lost} holds data, "
+            "and everything from the new size on would be lost", image.path)
     kept: list[ExtentLine] = []
     pos = 0
     for line in lines:
