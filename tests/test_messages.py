@@ -103,3 +103,38 @@ def test_the_shrink_refusal_does_not_contradict_itself(tmp_path: Path) -> None:
         resize(path, 32 * MiB, shrink=True)
     assert "byte 33554432 holds data" in str(info.value)
     assert "past the new end (33554432" not in str(info.value)
+
+
+def test_a_cut_sparse_file_is_called_cut(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A KDMV file cut to 300 bytes has a header, just not all of it."""
+    whole = tmp_path / "whole.vmdk"
+    vmdk.create(whole, MiB).close()
+    cut = tmp_path / "cut.vmdk"
+    cut.write_bytes(whole.read_bytes()[:300])
+    assert main(["info", str(cut)]) == 1
+    err = capsys.readouterr().err
+    assert "cut short: 300 bytes" in err and "no KDMV header" not in err
+
+
+def test_file_names_that_are_not_utf8(tmp_path: Path, capfdbinary: pytest.CaptureFixture[bytes]
+                                      ) -> None:
+    """Such a name used to fail with the whole descriptor printed as a Python repr; JSON
+    held lone surrogates, and messages "\\udcff" where the file name has a byte 0xff."""
+    folder = os.fsencode(tmp_path)
+    src = tmp_path / "src.raw"
+    src.write_bytes(b"\x42" * (3 * MiB))
+    for subformat in ("monolithicSparse", "twoGbMaxExtentFlat"):
+        name = os.fsdecode(folder + b"/disk\xff-" + subformat.encode() + b".vmdk")
+        assert main(["convert", "-f", "raw", "-o", f"subformat={subformat}", str(src),
+                     name]) == 0
+        with vmdk.open(name) as disk:
+            assert disk.read_at(0, 3 * MiB) == src.read_bytes()
+        capfdbinary.readouterr()
+        assert main(["info", "--output=json", name]) == 0
+        out = capfdbinary.readouterr().out
+        assert json.loads(out.decode("utf-8"))["filename"].endswith(
+            "disk\ufffd-" + subformat + ".vmdk")
+    missing = os.fsdecode(folder + b"/gone\xff.vmdk")
+    assert main(["info", missing]) == 1
+    assert b"gone\xff.vmdk" in capfdbinary.readouterr().err

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import io
 import logging
 import mmap
 import os
@@ -34,9 +35,21 @@ _SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 
 
 
 def _json(value: object, indent: int | None = None) -> str:
+    """JSON of ``value``, valid UTF-8 whatever file names it holds: the bytes of a name that
+    are not UTF-8 (surrogates after os.fsdecode) become U+FFFD, as in qemu-img's JSON."""
     import json  # only --output json needs it
 
-    return json.dumps(value, indent=indent)
+    return json.dumps(_valid_text(value), indent=indent)
+
+
+def _valid_text(value: object) -> object:
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {_valid_text(k): _valid_text(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_valid_text(v) for v in value]
+    return value
 
 
 def parse_size(text: str) -> int:
@@ -933,6 +946,10 @@ def _signals_as_interrupts() -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     del _interrupted_by[:]
+    # A file name that is not UTF-8 is shown as its own bytes, as on standard output
+    # (Python would print "\udcff" there, naming no file that exists).
+    if isinstance(sys.stderr, io.TextIOWrapper):
+        sys.stderr.reconfigure(errors="surrogateescape")
     with _signals_as_interrupts():
         try:
             words = _relative_sizes(list(sys.argv[1:] if argv is None else argv))

@@ -763,10 +763,14 @@ def _hex32(value: int, what: str) -> str:
 
 
 def _encode(text: str, codec: str, filename: str | None) -> bytes:
+    # A file name that is not valid UTF-8 comes from the system with its undecodable bytes
+    # as surrogates (os.fsdecode): written back as those bytes, it names the same file.
+    errors = "surrogateescape" if codecs.lookup(codec).name == "utf-8" else "strict"
     try:
-        return text.encode(codec)
-    except UnicodeEncodeError:
-        raise DescriptorError(f"{text!r} cannot be written in {codec}", filename) from None
+        return text.encode(codec, errors)
+    except UnicodeEncodeError as exc:
+        raise DescriptorError(f"{exc.object[exc.start:exc.end]!r} cannot be written in "
+                              f"{codec}", filename) from None
 
 
 @contextlib.contextmanager

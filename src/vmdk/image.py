@@ -863,6 +863,19 @@ def _synthesize_descriptor(path: str, kind: str, extent: SparseExtent | None = N
     return Descriptor.new(create_type, [line], cid=0xFFFFFFFE)
 
 
+def _named_by_bytes(folder: str, name: str, target: str) -> tuple[str, str]:
+    """A descriptor that names no encoding and is not UTF-8 is read as latin-1 (Windows
+    tools wrote cp1252); a name in it may still be the raw bytes of a file name that is
+    not UTF-8.  Where the name as text finds no file, the same bytes as a file name may."""
+    try:
+        raw = name.encode("latin-1")
+    except UnicodeEncodeError:
+        return name, target
+    other = os.fsdecode(raw)
+    found = os.path.normpath(os.path.join(folder, other))
+    return (other, found) if other != name and os.path.lexists(found) else (name, target)
+
+
 #: What allow_external does for a name outside the image's folder.
 _TRUST_IT = ("allow_external", "trusts it")
 
@@ -873,6 +886,8 @@ def resolve_extent_path(image_path: str, name: str, *, allow_external: bool) -> 
     if "\0" in name:
         raise UnsafePathError(f"file name {name!r} contains a NUL byte", image_path)
     target = os.path.normpath(os.path.join(folder, name))
+    if not os.path.lexists(target):
+        name, target = _named_by_bytes(folder, name, target)
     if allow_external:
         return target
     if os.path.isabs(name):

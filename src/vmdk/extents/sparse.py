@@ -486,8 +486,12 @@ class SparseExtent(Extent):
             raise MissingExtentError("extent file does not exist", filename) from exc
         try:
             raw = os.pread(fd, SparseHeader.SIZE, 0)
-            if len(raw) < SparseHeader.SIZE or raw[:4] != SPARSE_MAGIC:
+            if raw[:4] != SPARSE_MAGIC:
                 raise InvalidHeaderError("not a hosted sparse extent (no KDMV header)", filename)
+            if len(raw) < SparseHeader.SIZE:
+                raise InvalidHeaderError(
+                    f"the file is cut short: {len(raw)} bytes, less than its "
+                    f"{SparseHeader.SIZE}-byte header", filename)
             header = SparseHeader.unpack(raw)
             return cls(filename, fd, header, read_only=read_only,
                        nominal_sectors=nominal_sectors, gt_cache_bytes=gt_cache_bytes,
