@@ -169,9 +169,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(_json(package, indent=4))
             return 0
         print(f"package: {args.image}\nfile format: ova")
-        for name in package["members"]:  # type: ignore[attr-defined]
+        for name in package["members"]:
             print(f"    {name}")
-        for disk in package["disks"]:  # type: ignore[attr-defined]
+        for disk in package["disks"]:
             size = disk["virtual-size"]
             shown = f"{_human_size(size)} ({size} bytes)" if size is not None else "not a VMDK"
             print(f"disk {disk['name']}: virtual size {shown}")
@@ -692,6 +692,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         p.add_argument("source")
         p.add_argument("ova")
 
+    if only in (None, "ova"):  # its sub-verbs live with the OVA package
+        from .ova.commands import add_parser as add_ova_parser
+
+        add_ova_parser(sub)
+
     if only in (None, "serve"):
         p = verb("serve", cmd_serve, "export the image over NBD until SIGINT or SIGTERM")
         p.add_argument("--read-only", "-r", action="store_true", help="refuse writes")
@@ -722,7 +727,8 @@ def _relative_sizes(argv: list[str]) -> list[str]:
 
 #: Every verb build_parser knows (a test keeps the two in step).
 _VERB_NAMES = frozenset({"info", "create", "convert", "check", "map", "compare", "cat", "snapshot",
-                         "commit", "rebase", "resize", "compact", "export-ova", "serve"})
+                         "commit", "rebase", "resize", "compact", "export-ova", "serve",
+                         "ova"})
 
 
 def _verb_of(argv: list[str]) -> str | None:

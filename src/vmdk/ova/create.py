@@ -1,164 +1,17 @@
-"""OVA packages: read a streamOptimized disk straight out of one, and write one.
-
-An OVA is a tar of an ``.ovf`` descriptor, its disks (streamOptimized VMDK)
-and a manifest of digests.  Disks inside are read front to back by the
-sequential reader of :mod:`vmdk.stream_read`, straight from the archive, so
-nothing is extracted to a temporary file and a package cut inside its disk is
-refused as a cut stream.
-"""
+"""Writing an OVA: an OVF descriptor, streamOptimized disks and a manifest, in one tar."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
-import struct
 import time
-from collections.abc import Callable, Iterator
-from typing import IO, TYPE_CHECKING, Any, cast
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # imported where used: convert imports this module for is_ova alone
+if TYPE_CHECKING:
     import tarfile
 
-from ._structs import SECTOR_SIZE, SparseHeader
-from .errors import CorruptImageError, UnsupportedFormatError, VmdkError
-from .stream_read import StreamReader, iter_stream_grains
-
-
-def is_ova(path: str) -> bool:
-    """An uncompressed tar named .ova or .tar (the name first: reading is not free)."""
-    if not path.lower().endswith((".ova", ".tar")):
-        return False
-    try:
-        with open(path, "rb") as f:
-            block = f.read(512)
-    except OSError:
-        return False
-    # a POSIX/GNU tar header: "ustar" magic and a checksum that adds up
-    if len(block) < 512 or block[257:262] != b"ustar":
-        return False
-    try:
-        stored = int(block[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
-    except ValueError:
-        return False
-    return stored == sum(block[:148]) + 8 * 32 + sum(block[156:])
-
-
-def ova_disks(path: str) -> list[str]:
-    """Names of the VMDK members of an OVA, in archive order."""
-    with _package(path) as tar:
-        return [m.name for m in tar.getmembers() if m.isfile() and m.name.lower().endswith(".vmdk")]
-
-
-@contextlib.contextmanager
-def _package(path: str) -> Iterator[tarfile.TarFile]:
-    """The OVA as a tar; a damaged or cut archive is a VmdkError naming it, not a TarError."""
-    import tarfile
-
-    try:
-        with tarfile.open(path, "r:") as tar:
-            yield tar
-    except tarfile.TarError as exc:
-        raise CorruptImageError(f"the package is damaged or cut short ({exc})", path) from exc
-
-
-class _Member(io.RawIOBase):
-    """A member's bytes, read straight from the archive file.
-
-    Where the archive was cut inside the member, reads just end early, so the
-    stream reader can say at which byte of the disk the cut happened
-    (tarfile's own reader raises without telling).
-    """
-
-    def __init__(self, fd: int, offset: int, size: int) -> None:
-        self._fd = fd
-        self._pos = offset
-        self._end = offset + size
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        n = max(0, min(len(view), self._end - self._pos))
-        got = os.preadv(self._fd, [view[:n]], self._pos) if n else 0
-        self._pos += got
-        return got
-
-
-def _disk_member(tar: tarfile.TarFile, path: str, member: tarfile.TarInfo) -> IO[bytes]:
-    """The member's bytes as a file; a cut archive makes them end early."""
-    if member.issparse():
-        raise UnsupportedFormatError(f"{member.name} is stored as a sparse tar member", path)
-    archive = cast("IO[bytes]", tar.fileobj)  # _package opened it from a path: a real file
-    raw = _Member(archive.fileno(), member.offset_data, member.size)
-    return io.BufferedReader(raw, 1 << 20)
-
-
-@contextlib.contextmanager
-def open_ova_disk(path: str, disk: str | None = None, *, recover: bool = False
-                  ) -> Iterator[StreamReader]:
-    """A sequential reader of one disk of an OVA (the first, or the one named ``disk``)."""
-    with _package(path) as tar:
-        member = _pick_disk(tar, path, disk)
-        yield StreamReader(_disk_member(tar, path, member), f"{path}:{member.name}",
-                           recover=recover)
-
-
-def copy_from_ova(path: str, write_at: Callable[[int, memoryview], None],
-                  disk: str | None = None, progress: Callable[[int], None] | None = None) -> int:
-    """Write every grain of an OVA's disk through ``write_at``; returns the virtual size.
-
-    A disk member cut short, or damaged, raises ``CorruptImageError`` after the
-    grains before the fault were written.
-    """
-    with open_ova_disk(path, disk) as reader:
-        done = 0
-        for offset, data in reader.grains():
-            write_at(offset, memoryview(data))
-            if progress:
-                progress(offset + len(data) - done)
-                done = offset + len(data)
-        return reader.capacity
-
-
-def ova_info(path: str) -> dict[str, object]:
-    """What ``vmdk info`` shows of a package: its members and each disk's virtual size."""
-    with _package(path) as tar:
-        members = [m for m in tar.getmembers() if m.isfile()]
-        disks = []
-        for m in members:
-            if not m.name.lower().endswith(".vmdk"):
-                continue
-            head = _disk_member(tar, path, m).read(SECTOR_SIZE)
-            try:
-                header = SparseHeader.unpack(head)
-            except (ValueError, struct.error):
-                disks.append({"name": m.name, "file-size": m.size, "virtual-size": None})
-                continue
-            disks.append({"name": m.name, "file-size": m.size,
-                          "virtual-size": header.capacity * SECTOR_SIZE})
-    return {"filename": path, "format": "ova", "members": [m.name for m in members],
-            "disks": disks}
-
-
-def ova_disk_size(path: str, disk: str | None = None) -> int:
-    """The virtual size of an OVA's disk, from its header (the first, or ``disk``)."""
-    with open_ova_disk(path, disk) as reader:
-        return reader.capacity
-
-
-def _pick_disk(tar: tarfile.TarFile, path: str, disk: str | None) -> tarfile.TarInfo:
-    """The first disk member (or the one named ``disk``), found without reading further:
-    members after it may be cut off."""
-    for m in tar:
-        if not m.isfile() or not m.name.lower().endswith(".vmdk"):
-            continue
-        if disk is None or m.name == disk or os.path.basename(m.name) == disk:
-            return m
-    raise VmdkError(f"no disk {disk!r} in the package" if disk else "package holds no disk",
-                    path)
-
+from ..errors import VmdkError
 
 # ------------------------------------------------------------------------- export
 
@@ -255,7 +108,7 @@ def export_ova(src: str | os.PathLike[str], ova: str | os.PathLike[str], *,
                compression_level: int = 1, progress: Callable[[int], None] | None = None,
                allow_external: bool = False, force_share: bool = False) -> None:
     """Package the disk ``src`` (raw or any VMDK) as an OVA: OVF, streamOptimized disk, manifest."""
-    from .convert import convert
+    from ..convert import convert
 
     src, ova = os.fspath(src), os.fspath(ova)
     stem = name or os.path.splitext(os.path.basename(ova))[0]
@@ -266,8 +119,8 @@ def export_ova(src: str | os.PathLike[str], ova: str | os.PathLike[str], *,
         raise VmdkError(f"a VM needs at least one CPU and 1 MB of memory ({cpus} CPUs, "
                         f"{memory_mb} MB asked for)", ova)
     disk_name = f"{stem}-disk1.vmdk"
-    from ._output import StagedOutput
-    from .image import io_errors
+    from .._output import StagedOutput
+    from ..image import io_errors
 
     # The package is made beside its name, its disk in the same staging folder; the name
     # appears only when the package is whole, and a failure leaves nothing.
@@ -278,7 +131,7 @@ def export_ova(src: str | os.PathLike[str], ova: str | os.PathLike[str], *,
         convert(src, tmp_disk, subformat="streamOptimized", adapter_type="lsilogic",
                 compression_level=compression_level, progress=progress,
                 allow_external=allow_external, force_share=force_share, durable=False)
-        from .image import Image
+        from ..image import Image
 
         with Image.open(tmp_disk) as image:
             capacity = image.size
@@ -330,5 +183,4 @@ def _sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["copy_from_ova", "export_ova", "is_ova", "iter_stream_grains", "open_ova_disk",
-           "ova_disks", "ova_info"]
+__all__ = ["build_ovf", "export_ova"]
