@@ -105,11 +105,14 @@ def names(path: Path) -> list[str]:
 
 def lay_out(path: Path, items: Sequence[tuple[str, bytes]],
             fmt: int = tarfile.USTAR_FORMAT) -> Path:
-    """A package holding ``items`` in this order, in the tar format asked for."""
+    """A package holding ``items`` in this order, in the tar format asked for (pax: with
+    a pax record before every member, as GNU tar --format=posix writes)."""
     with tarfile.open(path, "w", format=fmt) as tar:
         for name, data in items:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             info.mode = 0o644
+            if fmt == tarfile.PAX_FORMAT:
+                info.pax_headers = {"comment": "written as pax"}
             tar.addfile(info, io.BytesIO(data))
     return path

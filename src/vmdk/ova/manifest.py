@@ -78,10 +78,11 @@ def _entry(number: int, line: str) -> Entry | None:
     if m := _ACCEPTED.fullmatch(line):
         algorithm = _canonical(m["alg"])
         entry = Entry(number, m["name"], algorithm, m["digest"].lower())
-        if m["alg"] not in ALGORITHMS:
-            problem = (f"{m['alg']} is written so by OpenSSL 3, importers take "
-                       f"{algorithm}" if algorithm else f"{m['alg']} is not SHA1, SHA256 or SHA512")
-            return _with_problem(entry, problem)
+        if algorithm is None:
+            return entry  # well formed, of an algorithm no importer takes: the caller says so
+        if m["alg"] != algorithm:
+            return _with_problem(entry, f"{m['alg']} is OpenSSL 3's spelling, importers take "
+                                        f"{algorithm}")
         return _check_length(entry)
     if m := _LOOSE.fullmatch(line):
         algorithm = _canonical(m["alg"])

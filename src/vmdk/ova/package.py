@@ -188,9 +188,11 @@ class Package:
                                     "the package does not hold", self.path)
         return ref, member
 
-    def open_disk(self, ref: DiskRef, member: Member) -> IO[bytes]:
-        """The disk's VMDK bytes, decompressed when the descriptor says gzip."""
-        raw = self.open(member)
+    def open_disk(self, ref: DiskRef, member: Member, raw: IO[bytes] | None = None
+                  ) -> IO[bytes]:
+        """The disk's VMDK bytes, decompressed when the descriptor says gzip (from ``raw``
+        when given: the member's bytes as some other reader passes them on)."""
+        raw = raw if raw is not None else self.open(member)
         if ref.compression in (None, "", "identity"):
             return raw
         if ref.compression != "gzip":
