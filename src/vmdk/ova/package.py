@@ -25,10 +25,11 @@ from .tar import BLOCK, Member, Walker, header_checks_out, open_member
 
 
 def is_ova(path: str) -> bool:
-    """A file named .ova (whatever it holds: opening it says what is wrong), or a tar named .tar.
+    """A tar named .ova or .tar, or a .ova holding anything else (opening it says what is
+    wrong: a gzipped or text ``.ova`` must be refused as a package, not read as a raw disk).
 
-    A ``.ova`` that is no plain tar must be refused as a package, not read as a
-    raw disk.
+    One block is read.  A ``.ova`` starting with a zero block (nothing at all, or only
+    the end of an empty archive) is left to the other kinds' detection.
     """
     lower = path.lower()
     if not lower.endswith((".ova", ".tar")):
@@ -40,7 +41,7 @@ def is_ova(path: str) -> bool:
             block = f.read(BLOCK)
     except OSError:
         return False
-    return lower.endswith(".ova") or header_checks_out(block)
+    return header_checks_out(block) or (lower.endswith(".ova") and any(block))
 
 
 def _not_a_tar(block: bytes) -> str:
