@@ -30,7 +30,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from .verify import iter_lines, verify
 
-    report = verify(args.package, read_disks=not args.no_disks)
+    report = verify(args.package, read_disks=not args.no_disks, target=args.target)
     if args.output == "json":
         _print_json(report.to_json())
     else:
@@ -106,6 +106,28 @@ def cmd_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fix(args: argparse.Namespace) -> int:
+    from .create import Signer
+    from .fix import fix
+
+    if args.out is None and not args.check:
+        raise ValueError("name the fixed package OUT, or say --check to only report")
+    signer = Signer.from_files(args.sign_key, args.sign_cert) if args.sign_key else None
+    report = fix(args.package, args.out, args.target, signer=signer, check_only=args.check)
+    if args.output == "json":
+        _print_json(report.to_json())
+        return report.exit_code
+    for change in report.changes:
+        print(("would fix " if args.check else "") + change.line())
+    for finding in report.left:
+        print(f"not fixed: {finding.line()}")
+    if not report.changes and not report.left:
+        print(f"Nothing to change for {report.target}.")
+    elif report.written:
+        print(f"Wrote {report.written} ({len(report.changes)} change(s)).")
+    return report.exit_code
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """The ``ova`` verb and its sub-verbs, under the CLI's verb list ``sub``."""
     p = sub.add_parser("ova", help="inspect, verify, create and fix OVA packages",
@@ -157,12 +179,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="read disks another process has open for writing")
     q.add_argument("package", help="the OVA to write (replaced if it exists)")
 
+    from .targets import describe_targets
+
+    q = verbs.add_parser("fix", help="rewrite a package so that an importer takes it",
+                         description="Rewrite a package so that TARGET takes it: manifest "
+                         "syntax and algorithm, OVF first, plain ustar, hardware version, "
+                         "controllers and items the target refuses, disks that are not "
+                         "version 3 streamOptimized, sizes and capacities; prints each change. "
+                         "Disk content never changes. Exit 0 done (or nothing to do), 2 when "
+                         "something is left that cannot be fixed, or with --check when "
+                         "something would change. Targets: " + describe_targets() + ".")
+    q.set_defaults(func=cmd_fix)
+    q.add_argument("--target", required=True, metavar="NAME")
+    q.add_argument("--check", action="store_true", help="only report what would change")
+    q.add_argument("--sign-key", metavar="PEM", help="sign the fixed manifest with this key")
+    q.add_argument("--sign-cert", metavar="PEM",
+                   help="the signer's certificate (default: the key's file holds it too)")
+    q.add_argument("--output", choices=("human", "json"), default="human")
+    q.add_argument("package")
+    q.add_argument("out", nargs="?", help="the fixed package (replaced if it exists)")
+
     q = verbs.add_parser("verify", help="check a package against what importers demand: exit 0 "
                          "clean, 2 when something is wrong (a line per finding)")
     q.set_defaults(func=cmd_verify)
     q.add_argument("--output", choices=("human", "json"), default="human")
     q.add_argument("--no-disks", action="store_true",
                    help="do not read the disks through (digests are still checked)")
+    q.add_argument("--target", default=None, metavar="NAME",
+                   help="also check what this importer refuses (see 'vmdk ova fix --help')")
     q.add_argument("package")
 
 

@@ -225,7 +225,7 @@ def is_stream_v3(path: str) -> bool:
             and header.has(SparseFlags.MARKERS))
 
 
-def _measure(path: str, **open_args: Any) -> tuple[int, int]:
+def measure(path: str, **open_args: Any) -> tuple[int, int]:
     """(virtual size, bytes of data stored) of a VMDK."""
     from ..image import Image
 
@@ -243,7 +243,7 @@ def pack_disks(app: Appliance, folder: str, *, compression_level: int = 1,
     def one(n: int, disk: Disk) -> PackedDisk:
         member = f"{app.name}-disk{n}.vmdk"
         if disk.format != "raw" and is_stream_v3(disk.source):
-            capacity, populated = _measure(disk.source, **open_args)
+            capacity, populated = measure(disk.source, **open_args)
             return PackedDisk(disk.source, member, capacity, populated,
                               os.path.getsize(disk.source))
         from ..convert import convert
@@ -252,7 +252,7 @@ def pack_disks(app: Appliance, folder: str, *, compression_level: int = 1,
         convert(disk.source, out, src_format=disk.format, subformat="streamOptimized",
                 adapter_type="lsilogic", compression_level=compression_level,
                 progress=progress, durable=False, **open_args)
-        return PackedDisk(out, member, *_measure(out), os.path.getsize(out))
+        return PackedDisk(out, member, *measure(out), os.path.getsize(out))
 
     workers = max(1, min(len(app.disks), os.cpu_count() or 1))
     with ThreadPoolExecutor(workers) as pool:
@@ -408,7 +408,7 @@ class Signer:
             return cls(key_pem, f.read())
 
 
-class _Digesting:
+class DigestingWriter:
     """The tar's writer, taking each member's digest on the way."""
 
     def __init__(self, out: IO[bytes], algorithm: str) -> None:
@@ -425,13 +425,18 @@ class _Digesting:
         self.digests.append((name, digest.hexdigest()))
 
     def add_file(self, name: str, path: str) -> None:
-        digest = manifest.hasher(self.algorithm)
         with open(path, "rb") as f:
-            self.tar.begin(name, os.fstat(f.fileno()).st_size)
-            while chunk := f.read(4 << 20):
-                digest.update(chunk)
-                self.tar.write(chunk)
-        self.tar.end()
+            self.add_stream(name, os.fstat(f.fileno()).st_size, f)
+
+    def add_stream(self, name: str, size: int, src: IO[bytes]) -> None:
+        """A member of ``size`` bytes read from ``src`` (which must hold them all)."""
+        digest = manifest.hasher(self.algorithm)
+        self.tar.begin(name, size)
+        while chunk := src.read(min(4 << 20, size)):
+            digest.update(chunk)
+            self.tar.write(chunk)
+            size -= len(chunk)
+        self.tar.end()  # raises when the source ended early
         self.digests.append((name, digest.hexdigest()))
 
 
@@ -440,7 +445,7 @@ def write_package(out: IO[bytes], name: str, descriptor: bytes, files: list[tupl
                   ) -> None:
     """OVF first, then ``files`` (member name, path) in that order, the manifest and the
     certificate last."""
-    writer = _Digesting(out, algorithm)
+    writer = DigestingWriter(out, algorithm)
     writer.add_bytes(f"{name}.ovf", descriptor)
     for member, path in files:
         writer.add_file(member, path)
@@ -501,6 +506,6 @@ def build_ovf(name: str, disk_file: str, disk_file_size: int, capacity: int, pop
                                      disk_file_size)])
 
 
-__all__ = ["Appliance", "Controller", "Disk", "Nic", "PackedDisk", "Signer",
+__all__ = ["Appliance", "Controller", "DigestingWriter", "Disk", "Nic", "PackedDisk", "Signer",
            "appliance_from_dict", "build_ovf", "create_ova", "describe", "export_ova",
-           "is_stream_v3", "load_yaml", "pack_disks", "write_package"]
+           "is_stream_v3", "load_yaml", "measure", "pack_disks", "write_package"]

@@ -52,10 +52,16 @@ class Report:
                 "findings": [f.to_json() for f in self.findings]}
 
 
-def verify(path: str | os.PathLike[str], *, read_disks: bool = True) -> Report:
-    """Check the package at ``path`` against every rule of :mod:`vmdk.ova.rules`."""
+def verify(path: str | os.PathLike[str], *, read_disks: bool = True,
+           target: str | None = None) -> Report:
+    """Check the package at ``path`` against every rule of :mod:`vmdk.ova.rules`; with
+    ``target`` (see :mod:`vmdk.ova.targets`), also what that importer refuses."""
     report = Report(os.fspath(path))
     _Verifier(report, read_disks).run()
+    if target is not None:
+        from .fix import plan_for_target
+
+        report.findings.extend(plan_for_target(report.path, target).findings())
     return report
 
 
