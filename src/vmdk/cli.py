@@ -492,11 +492,22 @@ def _port(text: str) -> int:
     return port
 
 
+def _open_served(path: str, mode: str, allow_external: bool) -> Any:
+    """The image to serve; an OVA's disk (the first) is served read-only, in place."""
+    from ._file import open as open_image
+    from .ova import is_ova
+
+    if is_ova(path):
+        from .ova.disk import open_disk
+
+        return open_disk(path, read_only=mode == "r")
+    return open_image(path, mode, allow_external=allow_external)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from ._file import open as open_image
     from .nbd.server import serve
 
     mode = "r" if args.read_only else "r+"
@@ -509,7 +520,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, on_signal)
     where = args.socket or f"{args.bind}:{args.port}"
     try:
-        disk = open_image(args.image, mode, allow_external=args.allow_external)
+        disk = _open_served(args.image, mode, args.allow_external)
     except UnsupportedFormatError as exc:
         if mode == "r" or "streamOptimized" not in str(exc):
             raise

@@ -123,9 +123,10 @@ def open_source(path: str, fmt: str | None = None, **open_args: Any) -> Source:
         if fmt is None:
             from .ova import is_ova
 
-            if is_ova(path):
-                raise UnsupportedFormatError(
-                    "an OVA package is read front to back only: 'vmdk convert' it first", path)
+            if is_ova(path):  # its first disk, indexed in one pass and read in place
+                from .ova.disk import OvaDisk
+
+                return OvaDisk(path)
             fmt = "raw" if sniff(path) == "raw" else "vmdk"
             other = foreign_format(path) if fmt == "raw" else None
             if other:
