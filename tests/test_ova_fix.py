@@ -9,7 +9,18 @@ from pathlib import Path
 import pytest
 
 from conftest import pattern, run
-from ova_support import MiB, cli, lay_out, members, names, schema_errors
+from ova_support import (  # noqa: F401 - fixtures
+    MiB,
+    Compose,
+    cli,
+    lay_out,
+    members,
+    names,
+    ova_compose,
+    raw_disk,
+    schema_errors,
+    vmdk_convert_exe,
+)
 from test_ova_verify import CASES, Parts, key_and_certificate
 from vmdk.convert import convert
 from vmdk.ova import ova_disks
@@ -281,3 +292,29 @@ def test_a_package_needing_nothing_is_said_so(tmp_path: Path) -> None:
     assert done.returncode == 0 and "Nothing to change for generic." in done.stdout, done.stdout
     done = cli("ova", "fix", "--target", "nope", tmp_path / "vm.ova", tmp_path / "x.ova")
     assert done.returncode == 1 and "unknown target 'nope' (one of esxi-6.7" in done.stderr
+
+
+def test_an_ova_compose_pax_package_with_two_families_is_fixed(
+        tmp_path: Path, ova_compose: Compose, qemu_img: str) -> None:  # noqa: F811
+    """ova-compose --tar-format posix writes a pax record before every member (vSphere
+    refuses them); its system names vmx-14 and vmx-20, more than ESXi 6.7 runs."""
+    content = raw_disk(tmp_path / "root.img", 2 * MiB, seed=34)
+    ova = ova_compose(tmp_path, """
+system: {name: pax, type: vmx-14 vmx-20, os_vmw: otherLinux64Guest, firmware: efi}
+hardware:
+    cpus: 1
+    memory: {type: memory, size: 512}
+    scsi1: {type: scsi_controller, subtype: VirtualSCSI}
+    rootdisk: {type: hard_disk, parent: scsi1, raw_image: root.img}
+networks:
+    vm_network: {name: "VM Network", description: "The VM Network"}
+""", "pax", "--tar-format", "posix")
+    assert "tar-format" in {f.rule for f in verify(ova).errors}
+    done = cli("ova", "fix", "--target", "esxi-6.7", ova, tmp_path / "fixed.ova")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "vmx-14 vmx-20 becomes vmx-14" in done.stdout
+    fixed = verify(tmp_path / "fixed.ova", target="esxi-6.7")
+    assert not fixed.findings, [f.line() for f in fixed.findings]
+    assert contents(tmp_path / "fixed.ova", tmp_path) == [content]
+    same_in_qemu(ova, tmp_path / "fixed.ova", tmp_path)
+    assert schema_errors(members(tmp_path / "fixed.ova")["pax.ovf"], tmp_path) is None
