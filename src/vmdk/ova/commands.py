@@ -63,7 +63,7 @@ def _disk(text: str) -> Any:
 
 def appliance_of(args: argparse.Namespace) -> Any:
     """The appliance the options describe (on top of --config's YAML when given)."""
-    from ..ova import ovf
+    from . import ovf
     from .create import Appliance, Controller, Nic, load_yaml
 
     app = load_yaml(args.config) if args.config else Appliance(name="", disks=[])

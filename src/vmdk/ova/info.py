@@ -112,13 +112,9 @@ def _attached_disk(env: ovf.Envelope, item: ovf.Item,
 
 
 def _size(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if n < 1024 or unit == "PiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.3g} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    raise AssertionError
+    from ..cli import _human_size  # the text is the CLI's, and so is the way sizes read
+
+    return "?" if n is None else _human_size(n)
 
 
 def format_info(info: dict[str, Any]) -> str:

@@ -296,8 +296,7 @@ class _Names:
     def __call__(self, local: str) -> str:
         return f"{{{self.ns}}}{local}"
 
-    def attr(self, local: str) -> str:
-        return f"{{{self.ns}}}{local}"
+    attr = __call__  # ovf: attributes are qualified like elements
 
 
 def _int(text: str | None) -> int | None:

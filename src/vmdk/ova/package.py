@@ -16,12 +16,14 @@ import os
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import IO, Any, Self
+from typing import IO, TYPE_CHECKING, Any, Self
 
 from ..errors import CorruptImageError, UnsupportedFormatError, VmdkError
-from ..stream_read import StreamReader
-from . import ovf
 from .tar import BLOCK, Member, Walker, header_checks_out, open_member
+
+if TYPE_CHECKING:  # is_ova is asked of every source: the rest loads when used
+    from ..stream_read import StreamReader
+    from . import ovf
 
 
 def is_ova(path: str) -> bool:
@@ -141,6 +143,8 @@ class Package:
     def envelope(self) -> ovf.Envelope | None:
         """The descriptor's model, or None when there is none or it cannot be read
         (reading disks does not need it; ``verify`` says what is wrong with it)."""
+        from . import ovf
+
         if self._envelope is False:
             self._envelope = None
             member = self.descriptor_member()
@@ -239,6 +243,8 @@ def open_ova_disk(path: str, disk: str | None = None, *, recover: bool = False
                   ) -> Iterator[StreamReader]:
     """A sequential reader of one disk of an OVA (the first, or the one ``disk`` names:
     member name, OVF disk id or 1-based index)."""
+    from ..stream_read import StreamReader
+
     with Package(path) as package:
         ref, member = package.find_disk(disk)
         yield StreamReader(package.open_disk(ref, member), f"{path}:{member.name}",
