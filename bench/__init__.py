@@ -352,6 +352,24 @@ class Workloads:
         return self._once("empty-2t.vmdk", lambda p: run_checked(
             ["qemu-img", "create", "-q", "-f", "vmdk", p, str(2 << 40)]))
 
+    def empty_pair(self) -> list[str]:
+        """Two empty 16 GiB monolithicSparse images made by qemu-img."""
+        return [self._once(name, lambda p: run_checked(
+            ["qemu-img", "create", "-q", "-f", "vmdk", p, str(16 * GiB)]))
+            for name in ("empty-16g-a.vmdk", "empty-16g-b.vmdk")]
+
+    def big_holding_raw(self) -> str:
+        """A 64 GiB monolithicSparse whose first ``size`` bytes are the raw source, by qemu-img."""
+        def make(path: str) -> None:
+            run_checked(["qemu-img", "create", "-q", "-f", "vmdk", path, str(64 * GiB)])
+            run_checked(["qemu-img", "convert", "-n", "-f", "raw", "-O", "vmdk", self.raw(),
+                         path])
+        return self._once("raw-in-64g.vmdk", make)
+
+    def empty_10t(self) -> str:
+        return self._once("empty-10t.vmdk", lambda p: run_checked(
+            ["qemu-img", "create", "-q", "-f", "vmdk", p, str(10 << 40)]))
+
     def chain(self) -> list[str]:
         """A base with the source's data and four children, each writing 2% of the disk."""
         def make(top: str) -> None:
@@ -548,6 +566,23 @@ def build_cases(w: Workloads) -> list[Case]:
          Contender("qemu-img", lambda: qemu_img("-f", "vmdk", "-O", "raw", w.chain()[-1],
                                                 chain_theirs), fresh(chain_theirs))],
         ceiling="cp-sparse", verify=lambda: raw_equal(chain_mine, chain_theirs)))
+
+    # Work that follows the data present, not the virtual size: each tool's whole process.
+    vmdk_verb = lambda *a: py("-m", "vmdk", *a)  # noqa: E731
+    cases.append(Case(
+        "compare-16g-empty", "compare two empty 16 GiB monolithicSparse", w.empty_pair,
+        [Contender("ours", lambda: vmdk_verb("compare", *w.empty_pair())),
+         Contender("qemu-img", lambda: ["qemu-img", "compare", *w.empty_pair()])]))
+    cases.append(Case(
+        "compare-64g-raw", "compare a 64 GiB monolithicSparse holding the raw source with it",
+        lambda: [w.big_holding_raw(), w.raw()],
+        [Contender("ours", lambda: vmdk_verb("compare", w.big_holding_raw(), w.raw())),
+         Contender("qemu-img", lambda: ["qemu-img", "compare", "-f", "vmdk", "-F", "raw",
+                                        w.big_holding_raw(), w.raw()])]))
+    cases.append(Case(
+        "check-10t-empty", "check an empty 10 TiB monolithicSparse", lambda: [w.empty_10t()],
+        [Contender("ours", lambda: vmdk_verb("check", w.empty_10t())),
+         Contender("qemu-img", lambda: ["qemu-img", "check", w.empty_10t()])]))
 
     cp_out = out("ceiling.raw")
     cases.append(Case(

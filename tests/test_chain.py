@@ -183,3 +183,59 @@ def test_refused_cid_mismatch_open_changes_nothing(tmp_path: Path) -> None:
     with pytest.raises(vmdk.ChainError, match="CID"):
         vmdk.open(top, "r+")
     assert top.read_bytes() == before
+
+
+def _parent_elsewhere(tmp_path: Path) -> tuple[Path, Path]:
+    """A parent in a/ and the place for its child in b/: outside the child's folder."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    parent = tmp_path / "a" / "base.vmdk"
+    with vmdk.create(parent, 4 << 20) as disk:
+        disk.write_at(0, b"base data")
+    return parent, tmp_path / "b" / "child.vmdk"
+
+
+def test_snapshot_and_commit_take_allow_external(tmp_path: Path) -> None:
+    parent, child = _parent_elsewhere(tmp_path)
+    with pytest.raises(vmdk.UnsafePathError):
+        snapshot(parent, child)
+    snapshot(parent, child, allow_external=True)
+    with vmdk.open(child, "r+", allow_external=True) as disk:
+        disk.write_at(1 << 20, b"child data")
+    with pytest.raises(vmdk.UnsafePathError):
+        commit(child)
+    commit(child, allow_external=True)
+    with vmdk.open(parent) as disk:
+        assert disk.read_at(1 << 20, 10) == b"child data"
+
+
+def test_cli_snapshot_and_commit_pass_allow_external(tmp_path: Path) -> None:
+    from vmdk.cli import main
+
+    parent, child = _parent_elsewhere(tmp_path)
+    assert main(["snapshot", "--allow-external", str(parent), str(child)]) == 0
+    with vmdk.open(child, "r+", allow_external=True) as disk:
+        disk.write_at(0, b"CHILD")
+    assert main(["commit", "-q", "--allow-external", str(child)]) == 0
+    with vmdk.open(parent) as disk:
+        assert disk.read_at(0, 9) == b"CHILD" + b"base data"[5:]
+
+
+def test_snapshot_of_a_parent_in_use_needs_force_share(tmp_path: Path) -> None:
+    parent = tmp_path / "base.vmdk"
+    vmdk.create(parent, 4 << 20).close()
+    with vmdk.open(parent, "r+"):
+        with pytest.raises(vmdk.ImageInUseError):
+            snapshot(parent, tmp_path / "child.vmdk")
+        snapshot(parent, tmp_path / "child.vmdk", force_share=True)
+    with vmdk.open(tmp_path / "child.vmdk") as disk:
+        assert disk.image.parent is not None
+
+
+def test_a_writer_never_shares(tmp_path: Path) -> None:
+    """force_share reads without locks; a writer without its lock could write under another
+    (qemu refuses it too: "force-share=on can only be used with read-only images")."""
+    path = tmp_path / "d.vmdk"
+    vmdk.create(path, 1 << 20).close()
+    with pytest.raises(ValueError, match="read"):
+        vmdk.open(path, "r+", force_share=True)

@@ -22,15 +22,17 @@ from tests.conftest import have
 import vmdk
 
 MiB = 1 << 20
-#: How long a winner keeps the image open: far longer than any opener retries, so two
-#: "wins" in one round can only mean two writers at once.
-HOLD = 0.15
 
 
 def _racers(path: Path, modes: list[str]) -> list[str]:
-    """Fork one opener per mode, release them together; each reports "win" or "lose"."""
+    """Fork one opener per mode, release them together; each reports "win" or "lose".
+
+    A winner keeps the image open until every opener has reported: however slow the
+    machine, a second "win" in one round can only mean two holders at once.
+    """
     go_r, go_w = os.pipe()
     out_r, out_w = os.pipe()
+    done_r, done_w = os.pipe()
     pids = []
     for mode in modes:
         pid = os.fork()
@@ -38,6 +40,7 @@ def _racers(path: Path, modes: list[str]) -> list[str]:
             code = 0
             try:
                 os.close(go_w)
+                os.close(done_w)
                 os.read(go_r, 1)
                 try:
                     disk = vmdk.open(path, mode)
@@ -45,7 +48,7 @@ def _racers(path: Path, modes: list[str]) -> list[str]:
                     os.write(out_w, b"L")
                 else:
                     os.write(out_w, b"W")
-                    time.sleep(HOLD)
+                    os.read(done_r, 1)  # until the parent has every report (EOF)
                     disk.close()
             except BaseException:  # noqa: BLE001 - a forked child must never return to pytest
                 code = 1
@@ -54,6 +57,7 @@ def _racers(path: Path, modes: list[str]) -> list[str]:
         pids.append(pid)
     os.close(go_r)
     os.close(out_w)
+    os.close(done_r)
     os.write(go_w, b"x" * len(modes))  # every child wakes on the same write
     os.close(go_w)
     results = b""
@@ -66,6 +70,7 @@ def _racers(path: Path, modes: list[str]) -> list[str]:
                 break
             results += chunk
     os.close(out_r)
+    os.close(done_w)  # the winner may close now
     for pid in pids:
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0, "an opener failed unexpectedly"

@@ -546,6 +546,29 @@ def test_write_on_read_only_export() -> None:
     assert pair.simple_reply() == (0, 7, b"")
 
 
+def test_incoming_payload_is_known_from_the_write_header_on(pair: Pair) -> None:
+    pair.go(structured=False, meta=False)
+    conn = pair.conn
+    assert (conn.incoming_payload, conn.mid_message) == (0, False)
+    header = w.REQUEST.pack(w.REQUEST_MAGIC, 0, Cmd.WRITE, 7, 0, 3 * BLOCK)
+    pair.feed(header[:10])
+    assert (conn.incoming_payload, conn.mid_message) == (0, True)  # not even a header yet
+    pair.feed(header[10:] + bytes(BLOCK))
+    assert (conn.incoming_payload, conn.mid_message) == (3 * BLOCK, True)
+    pair.feed(b"\xab" * (2 * BLOCK))
+    assert isinstance(pair.events[-1], Write) and pair.events[-1].data == (
+        bytes(BLOCK) + b"\xab" * (2 * BLOCK))
+    assert (conn.incoming_payload, conn.mid_message) == (0, False)
+    assert pair.simple_reply() == (0, 7, b"")
+
+
+def test_refused_write_payload_needs_no_room_but_is_mid_message(pair: Pair) -> None:
+    pair.go(structured=False, meta=False)
+    pair.request(Cmd.WRITE, 0, 64 << 20, data=bytes(100))
+    assert pair.conn.incoming_payload == 0  # dropped as it comes, never buffered
+    assert pair.conn.mid_message  # but the client still owes the rest of it
+
+
 def test_oversize_write_payload_is_dropped_not_buffered(pair: Pair) -> None:
     pair.go(structured=False, meta=False)
     length = 64 << 20

@@ -703,3 +703,18 @@ def test_an_interrupt_that_surfaces_as_another_error_still_exits_as_interrupted(
     assert capsys.readouterr().err.strip() == "vmdk: interrupted"
     monkeypatch.undo()
     assert files(tmp_path) == old
+
+
+def test_an_interrupt_while_the_command_line_is_read_exits_as_interrupted(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """SIGTERM can arrive while argparse still loads its modules: no traceback then."""
+    from vmdk import cli
+
+    def parser_interrupted(verb: str | None) -> Any:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+        raise AssertionError("the signal did not arrive")
+
+    monkeypatch.setattr(cli, "build_parser", parser_interrupted)
+    assert cli.main(["info", "x.vmdk"]) == 143
+    assert capsys.readouterr().err.strip() == "vmdk: terminated"

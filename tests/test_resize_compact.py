@@ -47,7 +47,7 @@ def test_shrink_needs_the_flag_and_refuses_to_lose_data(tmp_path: Path) -> None:
         disk.write(b"a" * MiB)
         disk.seek(6 * MiB)
         disk.write(b"b" * 10)
-    with pytest.raises(vmdk.VmdkError, match="--shrink"):
+    with pytest.raises(vmdk.VmdkError, match="shrink=True"):
         resize(path, 4 * MiB)
     with pytest.raises(vmdk.VmdkError, match="offset 6291456"):
         resize(path, 4 * MiB, shrink=True)

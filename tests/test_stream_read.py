@@ -312,6 +312,30 @@ def test_recover_keeps_the_grains_that_arrived(stream_layout: tuple[str, bytes],
     print(f"layout {name}: {len(cuts)} cuts recovered")
 
 
+def test_recover_loses_only_the_damaged_grains(stream_layout: tuple[str, bytes],
+                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Each grain is compressed on its own, with its own checksum: a damaged one is lost
+    alone.  --recover used to stop at the first, so a bad first grain lost the whole disk."""
+    name, data = stream_layout
+    grains = [(start, payload_end, disk) for start, payload_end, _e, disk in records(data)
+              if disk is not None and payload_end - start > 200]
+    damaged = {grains[0][2] // GRAIN, grains[len(grains) // 2][2] // GRAIN}
+    bad = bytearray(data)
+    for start, payload_end, disk in grains:
+        if disk // GRAIN in damaged:
+            middle = (start + 12 + payload_end) // 2
+            bad[middle:middle + 16] = bytes(b ^ 0x5A for b in bad[middle:middle + 16])
+    out = tmp_path / "out.raw"
+    with pytest.raises(vmdk.CorruptImageError):
+        convert_from_pipe(bytes(bad), out, monkeypatch)
+    convert_from_pipe(bytes(bad), out, monkeypatch, recover=True)
+    expected = {g: d for g, d in GRAINS.items() if g not in damaged}
+    assert stored_grains(out) == expected, f"layout {name}"
+    lost = [r.getMessage() for r in caplog.records if "reads as zeros" in r.getMessage()]
+    assert len(lost) == 2, [r.getMessage() for r in caplog.records]
+
+
 def test_header_cut_is_refused_even_with_recover(tmp_path: Path, layouts: dict[str, bytes],
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out.raw"

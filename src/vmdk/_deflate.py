@@ -26,6 +26,14 @@ def engine() -> tuple[ModuleType, tuple[type[Exception], ...]]:
     return isal_zlib, (zlib.error, cast("type[Exception]", isal_zlib.error))
 
 
+def deflate_bound(length: int) -> int:
+    """The most bytes a zlib stream of ``length`` input bytes takes: zlib's compressBound,
+    which zlib guarantees at every level.  Grains written here never exceed it (see
+    :func:`vmdk.stream.make_compressor`), so an image's size can be bounded before it is made.
+    """
+    return length + (length >> 12) + (length >> 14) + (length >> 25) + 13
+
+
 def compress(data: bytes | memoryview, level: int = 1) -> bytes:
     module, _errors = engine()
     if module is not zlib:

@@ -81,7 +81,8 @@ def lock_image_file(fd: int, filename: str, *, write: bool) -> None:
         try:
             _take_all(fd, write)
         except BlockingIOError:  # only an exclusive lock on our bytes blocks a shared one
-            conflict: str | None = "image is in use by another process"
+            conflict: ImageInUseError | None = ImageInUseError(
+                "image is in use by another process")
         else:
             conflict = _conflict(fd, write)
         if conflict is None:
@@ -90,7 +91,8 @@ def lock_image_file(fd: int, filename: str, *, write: bool) -> None:
         if attempt < RACE_RETRIES:
             time.sleep(pause * (0.5 + os.urandom(1)[0] / 255))  # jitter: racers drift apart
             pause *= 2
-    raise ImageInUseError(conflict or "image is in use", filename)
+    assert conflict is not None
+    raise ImageInUseError(conflict.reason, filename, opt_in=conflict.opt_in)
 
 
 def _take_all(fd: int, write: bool) -> None:
@@ -105,15 +107,20 @@ def _release_all(fd: int) -> None:
         fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_UNLCK, byte))
 
 
-def _conflict(fd: int, write: bool) -> str | None:
+#: What a reader refused by a writer may do instead.
+_SHARE = ("force_share", "reads it anyway, without consistency")
+
+
+def _conflict(fd: int, write: bool) -> ImageInUseError | None:
     """What another opener holds that our locks cannot live with (our own locks on this
     open file description never conflict with themselves)."""
     if _held_by_other(fd, PERM_BASE + WRITE):
-        hint = ("wait for it to close" if write else
-                "force_share=True / -U reads it anyway, without consistency")
-        return ("image is in use: it is open for writing elsewhere (another process, or "
-                f"another open in this one); {hint}")
+        busy = ("image is in use: it is open for writing elsewhere (another process, or "
+                "another open in this one)")
+        if write:
+            return ImageInUseError(f"{busy}; wait for it to close")
+        return ImageInUseError(busy, opt_in=_SHARE)
     if write and _held_by_other(fd, SHARED_BASE + WRITE):
-        return ("image is in use: it is open for reading elsewhere and readers do not allow "
-                "writes meanwhile")
+        return ImageInUseError("image is in use: it is open for reading elsewhere and readers "
+                               "do not allow writes meanwhile")
     return None

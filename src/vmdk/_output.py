@@ -93,7 +93,7 @@ class StagedOutput:
         except FileNotFoundError:
             return final
         if not self.overwrite:
-            raise ImageExistsError("file exists (pass overwrite=True to replace it)", final)
+            raise ImageExistsError("file exists", final, opt_in=("overwrite", "replaces it"))
         if stat.S_ISLNK(st.st_mode) and not self.image:
             final = os.path.realpath(final)  # as qemu-img: the file the link names gets the disk
             try:
@@ -163,8 +163,8 @@ class StagedOutput:
             final = os.path.join(self.folder, os.path.basename(staged))
             if os.path.lexists(final):
                 if not self.overwrite:
-                    raise ImageExistsError("file exists (pass overwrite=True to replace it)",
-                                           final)
+                    raise ImageExistsError("file exists", final,
+                                           opt_in=("overwrite", "replaces it"))
                 self._lock(final, required=True)
             self._claimed.append(staged)
 

@@ -27,28 +27,38 @@ Progress = Callable[[int], None]
 
 
 def snapshot(parent: str | os.PathLike[str], child: str | os.PathLike[str], *,
-             subformat: str = "monolithicSparse", overwrite: bool = False) -> None:
-    """Create ``child`` as an empty snapshot on top of ``parent`` (``qemu-img create -b``)."""
-    with create(child, None, subformat, parent=parent, overwrite=overwrite):
+             subformat: str = "monolithicSparse", overwrite: bool = False,
+             allow_external: bool = False, force_share: bool = False) -> None:
+    """Create ``child`` as an empty snapshot on top of ``parent`` (``qemu-img create -b``).
+
+    ``allow_external`` trusts a parent outside the child's folder; ``force_share``
+    reads a parent that another process has open for writing (as ``open`` does).
+    """
+    with create(child, None, subformat, parent=parent, overwrite=overwrite,
+                allow_external=allow_external, force_share=force_share):
         pass
 
 
-def commit(child: str | os.PathLike[str], *, progress: Progress | None = None) -> None:
+def commit(child: str | os.PathLike[str], *, progress: Progress | None = None,
+           allow_external: bool = False) -> None:
     """Write everything stored in ``child`` into its parent; the child stays valid on top.
 
     Killed at any moment, the child still reads as it did (everything copied
     stays stored in it too), and running commit again finishes the job: the
     parent's new CID is named in the child (``ddb.pendingParentCID``) before
     the parent changes, and becomes the child's parentCID once all is copied.
+    ``allow_external`` trusts a parent (or extents) outside the child's folder.
+    Both images are written, so both are locked: there is nothing to share.
     """
     child = os.fspath(child)
     # The child is read without taking locks: the parent's write lock below would
-    # otherwise collide with the read lock the child's chain holds on it.
-    with Image.open(child, "r", force_share=True) as top:
+    # otherwise collide with the read lock the child's chain holds on it.  Announcing
+    # the commit locks the child for writing, so a child in use is refused right there.
+    with Image.open(child, "r", force_share=True, allow_external=allow_external) as top:
         if top.parent is None:
             raise ChainError("image has no parent to commit into", child)
         parent_path = top.parent.path
-        target = _announce_commit(child, top)
+        target = _announce_commit(child, top, allow_external)
         runs = [r for r in top.map() if r.depth == 0 and r.present]
         if top.size > top.parent.size:
             from .resize import resize_with_cid
@@ -56,14 +66,14 @@ def commit(child: str | os.PathLike[str], *, progress: Progress | None = None) -
             # as qemu-img commit does for formats that can grow: the parent takes the size
             # first, or the tail would be refused halfway through the copy
             resize_with_cid(parent_path, top.size, shrink=False, cid=target)
-        with Image.open(parent_path, "r+") as base:
+        with Image.open(parent_path, "r+", allow_external=allow_external) as base:
             base._first_write(target)  # even with nothing to copy: the child expects it
             _copy_runs(top, base, runs, progress)
             base.flush()
-    _set_parent(child, target, None)
+    _set_parent(child, target, None, allow_external)
 
 
-def _announce_commit(child: str, top: Image) -> int:
+def _announce_commit(child: str, top: Image, allow_external: bool) -> int:
     """Name the parent's coming CID in the child, durably; return it.
 
     A second run after an interruption finds the parent at the CID the first
@@ -74,7 +84,7 @@ def _announce_commit(child: str, top: Image) -> int:
     cids = [target]
     if top.parent.cid != top.parent_cid:  # an interrupted commit (the open accepted it)
         cids.append(top.parent.cid)
-    with Image.open(child, "r+", open_parent=False) as image:
+    with Image.open(child, "r+", open_parent=False, allow_external=allow_external) as image:
         image.set_metadata(PENDING_PARENT_CID_KEY, " ".join(f"{c:08x}" for c in cids))
     return target
 
@@ -203,12 +213,13 @@ def _check_hint_fits(child: str, hint: str) -> None:
         trial.to_bytes_padded(image.embedded.header.descriptor_size * SECTOR_SIZE)
 
 
-def _set_parent(child: str, parent_cid: int, hint: str | None) -> None:
+def _set_parent(child: str, parent_cid: int, hint: str | None,
+                allow_external: bool = False) -> None:
     """Rewrite the child's parent fields (no content changes, so its own CID stays).
 
     The mark of an unfinished commit goes in the same write: the parent is settled.
     """
-    with Image.open(child, "r+", open_parent=False) as image:
+    with Image.open(child, "r+", open_parent=False, allow_external=allow_external) as image:
         if image.embedded is not None and image.embedded.compressed:
             raise UnsupportedFormatError("a streamOptimized image cannot have a parent", child)
         image.descriptor.parent_cid = parent_cid

@@ -21,7 +21,13 @@ else:
 
 from ._structs import SparseFlags
 from .compact import defragment, next_grain_sector, unused_sectors
-from .errors import UnsupportedFormatError, VmdkError
+from .errors import (
+    ChainError,
+    MissingExtentError,
+    UnsafePathError,
+    UnsupportedFormatError,
+    VmdkError,
+)
 from .extents.base import SECTOR_SIZE, pread_exact, pwrite_all
 from .extents.flat import FlatExtent
 from .extents.sparse import MAX_FILE_SECTORS, SparseExtent, u32_bytes, u32_view
@@ -31,9 +37,14 @@ from .image import Image
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-    kind: str  # "corruption", "leak" or "warning"
+    kind: str  # "corruption", "leak", "chain", "warning" or "error" (it could not be opened)
     message: str
     filename: str | None = None
+    #: The keyword that would let a refused open through, and what it does (see VmdkError).
+    opt_in: tuple[str, str] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "message": self.message, "filename": self.filename}
 
 
 @dataclasses.dataclass
@@ -49,6 +60,13 @@ class CheckResult:
     corruptions_fixed: int = 0
     leaks_fixed: int = 0
     unclean_cleared: bool = False  # a repair cleared the unclean-shutdown flag
+    #: Breaks in the snapshot chain: a missing parent, a parent that changed (CID
+    #: mismatch), a loop.  The image's content is not what it should be, as with a
+    #: corruption, and no repair of the image's own structures mends it.
+    chain_errors: int = 0
+    #: False for a streamOptimized image: written once, front to back, it is never
+    #: changed in place; ``convert --recover`` makes a new one from what is readable.
+    repairable: bool = True
 
     def add(self, kind: str, message: str, filename: str | None, count: int = 1) -> None:
         self.problems.append(Problem(kind, message, filename))
@@ -56,12 +74,14 @@ class CheckResult:
             self.corruptions += count
         elif kind == "leak":
             self.leaks += count
+        elif kind == "chain":
+            self.chain_errors += count
 
     @property
     def exit_code(self) -> int:
         if self.check_errors:
             return 1
-        if self.corruptions:
+        if self.corruptions or self.chain_errors:
             return 2
         if self.leaks:
             return 3
@@ -76,10 +96,12 @@ class CheckResult:
             "image-end-offset": self.image_end_offset,
             "allocated-clusters": self.allocated_clusters,
             "total-clusters": self.total_clusters,
-            "problems": [dataclasses.asdict(p) for p in self.problems],
+            "problems": [p.to_json() for p in self.problems],
         }
         if self.corruptions:
             out["corruptions"] = self.corruptions
+        if self.chain_errors:
+            out["chain-errors"] = self.chain_errors
         if self.leaks:
             out["leaks"] = self.leaks
         if self.corruptions_fixed:
@@ -118,6 +140,12 @@ def _check(path: str, repair: str | None, allow_external: bool, force_share: boo
             raise ValueError("repair must be None, 'leaks' or 'all'")
         before = _inspect(path, allow_external, force_share=False)
         if before.check_errors or not (before.corruptions or before.leaks or before.problems):
+            return before
+        if not before.repairable:
+            before.problems.append(Problem(
+                "warning", "not repaired: a streamOptimized image is written once and never "
+                "changed in place; 'vmdk convert --recover IMAGE NEW.vmdk' makes a new image "
+                "of every grain that reads", path))
             return before
         if repair == "leaks" and before.corruptions:
             # Moving grains around a corrupt table could make things worse: as qemu-img,
@@ -189,7 +217,7 @@ def _inspect(path: str, allow_external: bool, force_share: bool,
                            force_share=force_share)
     except VmdkError as exc:
         result.check_errors += 1
-        result.problems.append(Problem("error", str(exc), path))
+        result.problems.append(Problem("error", str(exc), path, exc.opt_in))
         return result
     try:
         for extent in image.extents:
@@ -207,9 +235,27 @@ def _inspect(path: str, allow_external: bool, force_share: bool,
                 _check_flat(extent, result)
             if progress:
                 progress(extent.size - done)  # virtual bytes checked
+        has_parent = bool(image.descriptor.parent_file_name_hint)
     finally:
         image.close()
+    if has_parent:
+        _check_chain(path, allow_external, result)
     return result
+
+
+def _check_chain(path: str, allow_external: bool, result: CheckResult) -> None:
+    """A snapshot's parents must be there, unchanged since it was taken, and not loop
+    (read without locks: only their descriptors and headers are looked at)."""
+    try:
+        Image.open(path, "r", allow_external=allow_external, force_share=True).close()
+    except (ChainError, MissingExtentError, UnsafePathError) as exc:
+        hint = ("'vmdk rebase -u -b PARENT' names the right parent" if
+                isinstance(exc, (ChainError, MissingExtentError)) else
+                "--allow-external trusts it")
+        result.add("chain", f"the snapshot chain is broken: {exc.reason}; {hint}",
+                   exc.filename or path)
+    except VmdkError as exc:  # a parent that cannot be read is a break in the chain too
+        result.add("chain", f"a parent cannot be opened: {exc.reason}", exc.filename or path)
 
 
 def _check_flat(extent: FlatExtent, result: CheckResult) -> None:
@@ -228,11 +274,12 @@ def _check_sparse(extent: SparseExtent, result: CheckResult,
     if h.unclean_shutdown:
         result.add("warning", f"{_UNCLEAN} (unclean-shutdown flag set)", name)
     file_sectors = -(-extent.file_size // SECTOR_SIZE)
-    backup_only = _compare_redundant(extent, result)
-    _numbers, grains = extent.stored_grains(progress)
+    _compare_directories(extent, result)
+    grains, backup_only = _scan_tables(extent, result, progress)
     result.total_clusters += -(-h.capacity // h.grain_size)
     result.allocated_clusters += int(grains.size)
     if extent.compressed:
+        result.repairable = False
         beyond = grains[grains >= file_sectors]
         if beyond.size:
             result.add("corruption", f"{beyond.size} grain entries point past the end of the file",
@@ -249,9 +296,8 @@ def _check_sparse(extent: SparseExtent, result: CheckResult,
         result.add("corruption", f"{beyond.size} grain entries point past the end of the file "
                    f"(first at sector {int(beyond[0])})", name, int(beyond.size))
     # Every used area of the file, as sector intervals: metadata first, then grains.
-    meta_arr = np.array(extent.metadata_areas(), dtype=np.int64)
-    into_meta = int(np.count_nonzero(_in_areas(grains, grain_end,
-                                               _merged(extent.metadata_areas()))))
+    meta_arr = _metadata(extent)
+    into_meta = int(np.count_nonzero(_in_areas(grains, grain_end, _merged(meta_arr))))
     if into_meta:
         result.add("corruption", f"{into_meta} grain entries point into metadata", name, into_meta)
     order = np.argsort(grains, kind="stable")
@@ -280,43 +326,61 @@ def _count_leaks(extent: SparseExtent, result: CheckResult, meta: np.ndarray,
                    extent.filename, leaked)
 
 
-def _compare_redundant(extent: SparseExtent, result: CheckResult) -> np.ndarray:
-    """Report where the redundant directory and tables disagree with the primary ones;
-    returns the sectors of grains only the redundant tables reference (space in use:
-    ``check -r all`` may choose them)."""
+def _copies_kind(extent: SparseExtent) -> str:
+    """After a crash (unclean flag set) a copy one step behind its primary is the expected
+    trace of an interrupted update: the primary is right, and -r all rewrites the copy."""
+    return "warning" if extent.was_unclean else "corruption"
+
+
+def _compare_directories(extent: SparseExtent, result: CheckResult) -> None:
+    """Report the faults opening found in the directories, and where the redundant
+    directory disagrees with the primary one."""
     name = extent.filename
     for fault in extent.directory_faults:
         result.add("corruption", fault, name)
-    none = np.zeros(0, dtype=np.int64)
     if extent.rgd is None or not extent.header.has(SparseFlags.REDUNDANT_GT):
-        return none
+        return
     gd, rgd = u32_view(extent.gd), u32_view(extent.rgd)
     shared = np.flatnonzero((gd != 0) & (gd == rgd))
     if shared.size and not extent.directory_faults:
         result.add("corruption", f"{shared.size} grain tables have no separate redundant copy "
                    "(both directories point at the same table)", name, int(shared.size))
-    # After a crash (unclean flag set) a copy one step behind its primary is the expected
-    # trace of an interrupted update: the primary is right, and -r all rewrites the copy.
-    kind = "warning" if extent.was_unclean else "corruption"
     mismatch = np.flatnonzero((gd == 0) != (rgd == 0))
     if mismatch.size:
-        result.add(kind, f"{_DIRECTORIES_DIFFER} in {mismatch.size} entries", name,
-                   int(mismatch.size))
+        result.add(_copies_kind(extent), f"{_DIRECTORIES_DIFFER} in {mismatch.size} entries",
+                   name, int(mismatch.size))
+
+
+def _scan_tables(extent: SparseExtent, result: CheckResult,
+                 progress: Callable[[int], None] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Read every grain table and its redundant copy in one pass, batch by batch (progress
+    hears each batch), and report the tables that differ from their copies.  Returns the
+    sectors of the stored grains, in grain order, and those of the grains only the
+    redundant tables reference (space in use: ``check -r all`` may choose them)."""
+    n = extent.header.num_gtes_per_gt
     first_data = 2 if extent.zeroed_gte else 1
+    none = np.zeros(0, dtype=np.int64)
+    numbers, grains, only = [none], [none], [none]
     tables = entries = 0
-    only: list[np.ndarray] = [none]
-    for i in np.flatnonzero((gd != 0) & (rgd != 0) & (gd != rgd)).tolist():
-        backup = _read_table(extent, int(rgd[i]))
-        differ = backup != u32_view(extent._gt(i))
-        if differ.any():
-            tables += 1
+    for batch in extent.scan_tables():
+        if batch.primary.any():
+            rows, slots = np.nonzero(batch.primary >= first_data)
+            numbers.append(batch.indexes[rows] * n + slots)
+            grains.append(batch.primary[rows, slots].astype(np.int64))
+        if batch.backup is not None and batch.differ.size:
+            ours, theirs = batch.primary[batch.differ], batch.backup[batch.differ]
+            differ = ours != theirs
+            tables += int(batch.differ.size)
             entries += int(np.count_nonzero(differ))
-            theirs = backup[differ]
-            only.append(theirs[theirs >= first_data].astype(np.int64))
+            only.append(theirs[differ & (theirs >= first_data)].astype(np.int64))
+        if progress:
+            progress(batch.covered)
     if tables:
         # Counted per entry: check -r all decides each one, and counts each as fixed.
-        result.add(kind, f"{tables} {_TABLES_DIFFER} ({entries} entries)", name, entries)
-    return np.concatenate(only)
+        result.add(_copies_kind(extent), f"{tables} {_TABLES_DIFFER} ({entries} entries)",
+                   extent.filename, entries)
+    sectors = np.concatenate(grains)
+    return sectors[np.argsort(np.concatenate(numbers), kind="stable")], np.concatenate(only)
 
 
 def _read_table(extent: SparseExtent, sector: int) -> np.ndarray:
@@ -611,15 +675,28 @@ def _decide_entries(extent: SparseExtent, copies: _Copies) -> list[str]:
     return notes
 
 
-def _merged(areas: list[tuple[int, int]]) -> np.ndarray:
+def _merged(areas: list[tuple[int, int]] | np.ndarray) -> np.ndarray:
     """Sector ranges sorted and joined where they touch, as an (n, 2) array."""
-    out: list[list[int]] = []
-    for a, b in sorted(areas):
-        if out and a <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], b)
-        else:
-            out.append([a, b])
-    return np.array(out, dtype=np.int64).reshape(-1, 2)
+    a = np.asarray(areas, dtype=np.int64).reshape(-1, 2)
+    if not a.size:
+        return a
+    a = a[np.lexsort((a[:, 1], a[:, 0]))]
+    reach = np.maximum.accumulate(a[:, 1])  # the end of everything up to each range
+    first = np.ones(len(a), dtype=bool)
+    first[1:] = a[1:, 0] > reach[:-1]  # a range no earlier one reaches starts a new area
+    starts = np.flatnonzero(first)
+    ends = reach[np.append(starts[1:] - 1, len(a) - 1)]
+    return np.stack((a[starts, 0], ends), axis=1)
+
+
+def _metadata(extent: SparseExtent) -> np.ndarray:
+    """``extent.metadata_areas()`` as an (n, 2) array; the tables' areas (655,360 of them
+    in a 10 TiB extent) are made in bulk."""
+    fixed = np.array(extent.metadata_areas(tables=False), dtype=np.int64).reshape(-1, 2)
+    span = -(-extent.header.num_gtes_per_gt * 4 // SECTOR_SIZE)
+    directories = [u32_view(d) for d in (extent.gd, extent.rgd) if d is not None]
+    tables = np.concatenate([d[d != 0] for d in directories]).astype(np.int64)
+    return np.concatenate((fixed, np.stack((tables, tables + span), axis=1)))
 
 
 def _entry_faults(extent: SparseExtent, values: np.ndarray, others: np.ndarray,

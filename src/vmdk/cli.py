@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
+import mmap
 import os
 import re
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 from . import __version__
 from ._output import discard_all
-from .convert import DEFAULT_SPARSE_SIZE, convert, open_source
-from .create import SUBFORMATS, create
+from .convert import DEFAULT_SPARSE_SIZE, Source, convert, open_source
+from .create import PREALLOCATION_MODES, SUBFORMATS, create
 from .errors import UnsupportedFormatError, VmdkError
 from .extents.base import SECTOR_SIZE
 from .image import Image
@@ -38,11 +40,18 @@ def _json(value: object, indent: int | None = None) -> str:
 
 
 def parse_size(text: str) -> int:
-    """Sizes as qemu-img takes them: bytes, or a number with K, M, G, T, P or E (powers of 1024)."""
+    """Sizes as qemu-img takes them: bytes, or a number with K, M, G, T, P or E (powers of
+    1024), which may have a fraction (truncated to whole bytes: 1.1k is 1126)."""
+    from fractions import Fraction
+
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([bkmgtpe]?)(?:i?b)?\s*", text, re.IGNORECASE)
     if not m:
         raise ValueError(f"invalid size {text!r}: use bytes or a number with k, M, G, T, P or E")
-    value = float(m.group(1)) * _SUFFIXES[m.group(2).lower()]
+    unit = _SUFFIXES[m.group(2).lower()]
+    value = Fraction(m.group(1)) * unit
+    if unit == 1 and value.denominator != 1:
+        raise ValueError(f"invalid size {text!r}: a size in bytes is a whole number of bytes "
+                         "(a fraction needs a unit: 1.5k, 2.5G)")
     return int(value)
 
 
@@ -86,9 +95,6 @@ def _geometry(value: str) -> tuple[int, int, int]:
     return c, h, s
 
 
-_PREALLOCATION = {"off": False, "metadata": False, "falloc": True, "full": True}
-
-
 def create_kwargs(options: dict[str, str]) -> dict[str, Any]:
     """Translate qemu-img's create options (``-o``) into ``vmdk.create`` arguments."""
     kwargs: dict[str, Any] = {}
@@ -103,10 +109,10 @@ def create_kwargs(options: dict[str, str]) -> dict[str, Any]:
         elif key == "zeroed_grain":
             kwargs["zeroed_grain"] = _flag(key, value)
         elif key == "preallocation":
-            if value not in _PREALLOCATION:
+            if value not in PREALLOCATION_MODES:
                 raise VmdkError(f"option preallocation: {value!r} is not one of "
-                                f"{', '.join(_PREALLOCATION)}")
-            kwargs["preallocate"] = _PREALLOCATION[value]
+                                f"{', '.join(PREALLOCATION_MODES)}")
+            kwargs["preallocate"] = value
         elif key == "cluster_size":
             kwargs["cluster_size"] = parse_size(value)
         elif key == "compression_level":
@@ -176,7 +182,10 @@ def cmd_info(args: argparse.Namespace) -> int:
             shown = f"{_human_size(size)} ({size} bytes)" if size is not None else "not a VMDK"
             print(f"disk {disk['name']}: virtual size {shown}")
         return 0
-    with Image.open(args.image, "r", **_open_flags(args)) as image:
+    # As qemu-img info: the image is shown without its parent (which may be missing or
+    # changed); --backing-chain opens the whole chain, and a break in it is an error.
+    with Image.open(args.image, "r", open_parent=args.backing_chain,
+                    **_open_flags(args)) as image:
         infos = [img.info() for img in (image.chain() if args.backing_chain else [image])]
     if args.output == "json":
         print(_json(infos if args.backing_chain else infos[0], indent=4))
@@ -280,7 +289,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     opening = [p for p in result.problems if p.kind == "error"]
     if result.check_errors and opening and not result.allocated_clusters:
         # The image could not even be opened: an error like any other verb's.
-        print(f"vmdk: error: {opening[0].message}", file=sys.stderr)
+        print(f"vmdk: error: {_problem_text(opening[0], args)}", file=sys.stderr)
         return 1
     if args.output == "json":
         print(_json(result.to_json(), indent=4))
@@ -289,7 +298,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         label = {"corruption": "ERROR", "leak": "Leaked", "warning": "Warning"}.get(
             problem.kind, "ERROR")
         where = problem.filename or result.filename
-        message = problem.message
+        message = _problem_text(problem, args)
         print(f"{label}: {message}" if message.startswith(where) else f"{label}: {where}: {message}")
     if result.corruptions_fixed or result.leaks_fixed:
         print(f"The following inconsistencies were found and repaired:\n\n"
@@ -302,6 +311,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     elif result.corruptions:
         print(f"\n{result.corruptions} errors were found on the image.\n"
               "Data may be corrupted, or further writes to the image may corrupt it.")
+    elif result.chain_errors:
+        print("\nThe image's snapshot chain is broken: it does not read as it should.")
     elif result.leaks:
         print(f"\n{result.leaks} leaked clusters were found on the image.\n"
               "This means waste of disk space, but no harm to data.")
@@ -347,84 +358,112 @@ def cmd_compare(args: argparse.Namespace) -> int:
         b.close()
 
 
-def _compare(a: Any, b: Any, strict: bool, quiet: bool,
+def _compare(a: Source, b: Source, strict: bool, quiet: bool,
              progress: Callable[[int], None] | None = None) -> int:
+    """Messages and exit code as qemu-img compare's, except that a mismatch is placed at
+    its first differing byte, not at the start of that byte's sector."""
+    from .compare import first_difference
+
+    say = (lambda line: None) if quiet else print
     if strict and a.size != b.size:
-        if not quiet:
-            print(f"Strict mode: Image size mismatch! ({a.size} vs {b.size})")
+        say(f"Strict mode: Image size mismatch! ({a.size} vs {b.size})")
         return 1
-    chunk = 8 << 20
-    common = min(a.size, b.size)
-    if a.size != b.size and not quiet:
-        print("Warning: Image size mismatch!")
-    buf_a, buf_b = bytearray(chunk), bytearray(chunk)
-    pos = 0
-    while pos < max(a.size, b.size):
-        n = min(chunk, max(a.size, b.size) - pos)
-        va, vb = memoryview(buf_a)[:n], memoryview(buf_b)[:n]
-        _read_padded(a, pos, va)
-        _read_padded(b, pos, vb)
-        if va != vb:
-            first = next(i for i in range(n) if va[i] != vb[i]) if n < 65536 else _first_diff(va, vb)
-            if not quiet:
-                where = "Content mismatch" if pos + first < common else "Image size mismatch"
-                print(f"{where} at offset {pos + first}!")
-            return 1
-        pos += n
-        if progress:
-            progress(n)
-    if not quiet:
-        print("Images are identical.")
+    found = first_difference(a, b, progress)
+    if a.size != b.size and (found is None or found >= min(a.size, b.size)):
+        # qemu-img warns once the common part compared equal, before the longer tail.
+        say("Warning: Image size mismatch!")
+    if found is not None:
+        say(f"Content mismatch at offset {found}!")
+        return 1
+    say("Images are identical.")
     return 0
-
-
-def _first_diff(a: memoryview, b: memoryview) -> int:
-    import numpy as np
-
-    diff = np.flatnonzero(np.frombuffer(a, dtype=np.uint8) != np.frombuffer(b, dtype=np.uint8))
-    return int(diff[0])
-
-
-def _read_padded(src: Any, pos: int, view: memoryview) -> None:
-    n = max(0, min(len(view), src.size - pos))
-    if n:
-        src.readinto_at(pos, view[:n])
-    if n < len(view):
-        view[n:] = bytes(len(view) - n)
 
 
 def cmd_cat(args: argparse.Namespace) -> int:
     source = open_source(args.image, args.format, **_open_flags(args))
-    out = sys.stdout.buffer
     try:
-        chunk = bytearray(4 << 20)
-        pos = 0
-        while pos < source.size:
-            n = min(len(chunk), source.size - pos)
-            view = memoryview(chunk)[:n]
-            source.readinto_at(pos, view)
-            out.write(view)
-            pos += n
-        out.flush()
+        _write_disk(source, sys.stdout.buffer)
     finally:
         source.close()
+    return 0
+
+
+def _write_disk(source: Source, out: BinaryIO) -> None:
+    """Every byte of the disk to ``out``; ranges the source does not store are written as
+    zeros without reading them."""
+    chunk = 4 << 20
+    buf, zeros = memoryview(mmap.mmap(-1, chunk)), memoryview(bytes(chunk))
+    for span in source.spans():
+        end = span.start + span.length
+        for pos in range(span.start, end, chunk):
+            n = min(chunk, end - pos)
+            if span.data:
+                source.readinto_at(pos, buf[:n])
+            out.write(buf[:n] if span.data else zeros[:n])
+    out.flush()
+
+
+def cmd_amend(args: argparse.Namespace) -> int:
+    from .amend import amend, amend_options
+
+    amend(args.image, allow_external=args.allow_external,
+          **amend_options(parse_options(args.options)))
+    return 0
+
+
+def cmd_rename(args: argparse.Namespace) -> int:
+    from .rename import rename
+
+    children = rename(args.source, args.target, allow_external=args.allow_external)
+    target = args.target
+    if os.path.isdir(target):  # moved into it, under its own name
+        target = os.path.join(target, os.path.basename(args.source))
+    if not args.quiet:
+        for child in children:
+            print(f"{child}: now names {target} as its parent")
+    return 0
+
+
+def cmd_measure(args: argparse.Namespace) -> int:
+    from .measure import measure
+
+    kwargs = create_kwargs(parse_options(args.options))
+    if (args.size is None) == (args.source is None):
+        raise VmdkError("measure takes either --size SIZE or a source image")
+    size = parse_size(args.size) if args.size is not None else None
+    total = 0
+    if args.source is not None and args.progress:
+        source = open_source(args.source, args.source_format, **_open_flags(args))
+        total = source.size
+        source.close()
+    with progress_bar(args.progress, total, "measure") as bar:
+        result = measure(args.source, size=size, src_format=args.source_format,
+                         out_format=args.output_format, target=args.target, progress=bar,
+                         **_open_flags(args), **kwargs)
+    if args.output == "json":
+        print(_json(result.to_json(), indent=4))
+    else:
+        print(f"required size: {result.required}\n"
+              f"fully allocated size: {result.fully_allocated}")
     return 0
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
     from .chain import snapshot
 
-    snapshot(args.parent, args.child, overwrite=True)
+    snapshot(args.parent, args.child, overwrite=True, allow_external=args.allow_external,
+             force_share=args.force_share)
     return 0
 
 
 def cmd_commit(args: argparse.Namespace) -> int:
     from .chain import commit
 
-    with Image.open(args.image, "r", force_share=True) as image:
+    with Image.open(args.image, "r", force_share=True,
+                    allow_external=args.allow_external) as image:
         size = image.size
     with progress_bar(args.progress, size, "commit") as bar:
-        commit(args.image, progress=bar)
+        commit(args.image, progress=bar, allow_external=args.allow_external)
     if not args.quiet:
         print("Image committed.")
     return 0
@@ -492,6 +531,26 @@ def _port(text: str) -> int:
     return port
 
 
+def _positive_int(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return number
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return seconds
+
+
 def _open_served(path: str, mode: str, allow_external: bool) -> Any:
     """The image to serve; an OVA's disk (the first) is served read-only, in place."""
     from ._file import open as open_image
@@ -521,11 +580,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     where = args.socket or f"{args.bind}:{args.port}"
     try:
         disk = _open_served(args.image, mode, args.allow_external)
-    except UnsupportedFormatError as exc:
-        if mode == "r" or "streamOptimized" not in str(exc):
+    except VmdkError as exc:
+        if mode == "r" or not _read_only_would_serve(exc):
             raise
-        raise UnsupportedFormatError(f"{exc.reason}; or serve it as it is with --read-only",
-                                     exc.filename) from exc
+        raise type(exc)(f"{exc.reason}; --read-only serves it as it is",
+                        exc.filename) from exc
     listening = []
 
     def ready(uri: str) -> None:
@@ -535,13 +594,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     with disk:
         try:
             serve(disk, host=args.bind, port=args.port, unix_socket=args.socket,
-                  export_name=args.export_name, read_only=args.read_only, ready=ready,
-                  stop_event=stop)
+                  export_name=args.export_name, read_only=args.read_only,
+                  max_connections=args.max_connections,
+                  handshake_timeout=args.handshake_timeout,
+                  request_timeout=args.request_timeout, ready=ready, stop_event=stop)
         except OSError as exc:
             if listening:
                 raise
             raise VmdkError(f"cannot listen on {where}: {exc.strerror or exc}") from exc
     return 0
+
+
+def _problem_text(problem: Any, args: argparse.Namespace) -> str:
+    """A problem check found, its hint spelled for this verb."""
+    from .errors import respell
+
+    return respell(problem.message, problem.opt_in, _verb_flags(args))
+
+
+def _read_only_would_serve(exc: VmdkError) -> bool:
+    """Whether what refused to open an image for writing lets it be read: a file or folder
+    without write permission, a write-once stream, change tracking, other readers."""
+    from .errors import ImageInUseError, ImageIOError
+
+    if isinstance(exc, ImageIOError):
+        return exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+    if isinstance(exc, ImageInUseError):
+        return "open for reading elsewhere" in exc.reason
+    return isinstance(exc, UnsupportedFormatError) and (
+        "streamOptimized" in exc.reason
+        or (exc.opt_in is not None and exc.opt_in[0] == "drop_change_tracking"))
 
 
 # ---------------------------------------------------------------------- parser
@@ -563,14 +645,16 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         p.add_argument("--allow-external", action="store_true",
                        help="trust descriptor paths outside the image's folder, and devices")
-        if name not in ("create", "serve"):
+        if name not in ("create", "serve", "commit", "rebase", "resize", "compact", "amend",
+                        "rename"):
+            # (verbs that write an existing image hold its lock: there is nothing to share)
             p.add_argument("-U", "--force-share", action="store_true",
                            help="read an image another process has open for writing")
         if name not in ("create", "check", "commit", "rebase", "resize", "compact",
-                        "snapshot"):
+                        "snapshot", "amend", "rename"):
             p.add_argument("--ignore-cid", action="store_true",
                            help="read a snapshot whose parent changed since (CID mismatch)")
-        if name in ("convert", "cat", "compare"):
+        if name in ("convert", "cat", "compare", "measure"):
             p.add_argument("--missing-as-zeros", action="store_true",
                            help="read the missing end of a flat extent file shorter than its "
                                 "descriptor says as zeros (refused by default: a cut copy)")
@@ -608,7 +692,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         p.add_argument("--disk", default=None, help="which disk of an OVA (default: the first)")
         p.add_argument("--recover", action="store_true",
                        help="salvage a truncated or damaged streamOptimized source: keep every "
-                            "grain before the damage")
+                            "grain that reads (a damaged grain reads as zeros), up to where the "
+                            "stream is cut or its structure breaks")
         p.add_argument("--target-is-zero", action="store_true",
                        help="accepted for qemu-img compatibility: zeros are never written anyway")
         p.add_argument("-O", dest="output_format", choices=("raw", "vmdk"), default="vmdk",
@@ -656,6 +741,45 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         p = verb("cat", cmd_cat, "write the disk's contents to standard output")
         p.add_argument("-f", dest="format", choices=("raw", "vmdk"), default=None)
         p.add_argument("image")
+
+    if only in (None, "amend"):
+        p = verb("amend", cmd_amend, "change an image's metadata in place (not its content "
+                 "or CID): adapter type, hardware version, geometry, UUID, comment")
+        p.add_argument("-f", dest="format", choices=("vmdk",), default="vmdk")
+        p.add_argument("-o", dest="options", action="append", required=True, metavar="OPTIONS",
+                       help="adapter_type=ide|buslogic|lsilogic|legacyESX|pvscsi|lsisas1068, "
+                            "hwversion=N, compat6=on, toolsversion=N, geometry=C/H/S, "
+                            "uuid=UUID|new, comment=TEXT; all are changed or none")
+        p.add_argument("image")
+
+    if only in (None, "rename"):
+        p = verb("rename", cmd_rename, "move an image and all its files to a new name, pointing "
+                 "its snapshots in the same folder at it (vmware-vdiskmanager -n)")
+        p.add_argument("-q", dest="quiet", action="store_true")
+        p.add_argument("source", help="the image (its descriptor, or the one file)")
+        p.add_argument("target", help="the new name, or a folder on the same file system; "
+                                      "never replaced")
+
+    if only in (None, "measure"):
+        p = verb("measure", cmd_measure, "how many bytes of files an image needs: converting "
+                 "SOURCE, or creating one of --size; 'required' for the content, 'fully "
+                 "allocated' with every byte stored (streamOptimized: 'required' is an upper "
+                 "bound, compression decides the rest)")
+        p.add_argument("--output", choices=("human", "json"), default="human")
+        p.add_argument("--size", default=None, help="measure a new empty image of this size")
+        p.add_argument("-f", dest="source_format", choices=("raw", "vmdk"), default=None,
+                       help="source format (detected when omitted)")
+        p.add_argument("-O", dest="output_format", choices=("raw", "vmdk"), default="vmdk",
+                       help="target format (default vmdk, as convert's)")
+        p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                       help="create options of the target, as for 'create'; subformat="
+                            "monolithicSparse (default), twoGbMaxExtentSparse, monolithicFlat, "
+                            "twoGbMaxExtentFlat, vmfs or streamOptimized")
+        p.add_argument("--target", default="disk.vmdk", metavar="NAME",
+                       help="the output's file name: descriptors name their extent files after "
+                            "it, so a few bytes depend on it (default disk.vmdk)")
+        p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
+        p.add_argument("source", nargs="?", help="raw file or VMDK (a snapshot is flattened)")
 
     if only in (None, "snapshot"):
         p = verb("snapshot", cmd_snapshot, "create CHILD as a new snapshot on top of PARENT")
@@ -709,19 +833,50 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         add_ova_parser(sub)
 
     if only in (None, "serve"):
+        from .nbd import server as nbd
+
         p = verb("serve", cmd_serve, "export the image over NBD until SIGINT or SIGTERM")
         p.add_argument("--read-only", "-r", action="store_true", help="refuse writes")
         p.add_argument("--bind", default="127.0.0.1", help="address to listen on (default loopback)")
         p.add_argument("--port", type=_port, default=10809)
-        p.add_argument("--socket", default=None, help="listen on this Unix socket instead of TCP")
+        p.add_argument("--socket", default=None,
+                       help="listen on this Unix socket instead of TCP (one a killed server "
+                            "left behind is replaced)")
         p.add_argument("--export-name", default="", help="export name (default empty)")
+        p.add_argument("--max-connections", "-e", type=_positive_int, metavar="N",
+                       default=nbd.DEFAULT_MAX_CONNECTIONS,
+                       help="clients served at once (default %(default)s); more wait until "
+                            "one leaves")
+        p.add_argument("--handshake-timeout", type=_seconds, metavar="SECONDS",
+                       default=nbd.DEFAULT_HANDSHAKE_TIMEOUT,
+                       help="drop a client still negotiating after this long (default "
+                            "%(default)g)")
+        p.add_argument("--request-timeout", type=_seconds, metavar="SECONDS",
+                       default=nbd.DEFAULT_REQUEST_TIMEOUT,
+                       help="drop a client that takes longer to send a request or to take its "
+                            "reply (default %(default)g)")
         p.add_argument("image")
     return parser
 
 
-def _message(exc: BaseException) -> str:
-    """"FILE: fault", also for the system's own errors ("[Errno 30] ...: 'x'" otherwise)."""
-    if isinstance(exc, OSError) and not isinstance(exc, VmdkError) and exc.strerror:
+#: The command line's spelling of the library's opt-ins (keyword -> option), offered in a
+#: hint only by the verbs that have the option.
+_OPT_IN_FLAGS = {"allow_external": "--allow-external", "force_share": "-U",
+                 "ignore_cid": "--ignore-cid", "missing_as_zeros": "--missing-as-zeros",
+                 "shrink": "--shrink"}
+
+
+def _verb_flags(args: argparse.Namespace | None) -> dict[str, str]:
+    """The opt-ins this verb's command line has, in its spelling."""
+    return {k: v for k, v in _OPT_IN_FLAGS.items() if hasattr(args, k)}
+
+
+def _message(exc: BaseException, args: argparse.Namespace | None = None) -> str:
+    """"FILE: fault", also for the system's own errors ("[Errno 30] ...: 'x'" otherwise);
+    a hint names an option only when this verb has it."""
+    if isinstance(exc, VmdkError):
+        return exc.with_flags(_verb_flags(args))
+    if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
     return str(exc)
 
@@ -739,7 +894,7 @@ def _relative_sizes(argv: list[str]) -> list[str]:
 #: Every verb build_parser knows (a test keeps the two in step).
 _VERB_NAMES = frozenset({"info", "create", "convert", "check", "map", "compare", "cat", "snapshot",
                          "commit", "rebase", "resize", "compact", "export-ova", "serve",
-                         "ova"})
+                         "amend", "rename", "measure", "ova"})
 
 
 def _verb_of(argv: list[str]) -> str | None:
@@ -788,12 +943,19 @@ def _signals_as_interrupts() -> Iterator[None]:
 def main(argv: Sequence[str] | None = None) -> int:
     del _interrupted_by[:]
     with _signals_as_interrupts():
-        words = _relative_sizes(list(sys.argv[1:] if argv is None else argv))
-        args = build_parser(_verb_of(words)).parse_args(words)
-        if args.verbose:
-            logging.basicConfig(level=logging.INFO, format="vmdk: %(message)s")
-        else:
-            logging.basicConfig(level=logging.WARNING, format="vmdk: warning: %(message)s")
+        try:
+            words = _relative_sizes(list(sys.argv[1:] if argv is None else argv))
+            args = build_parser(_verb_of(words)).parse_args(words)
+            if args.verbose:
+                logging.basicConfig(level=logging.INFO, format="vmdk: %(message)s")
+            else:
+                logging.basicConfig(level=logging.WARNING, format="vmdk: warning: %(message)s")
+        except KeyboardInterrupt as exc:  # still starting: nothing to clean up yet
+            return _interrupted(isinstance(exc, Terminated))
+        except Exception:
+            if not _interrupted_by:
+                raise
+            return _interrupted(_interrupted_by[0] == signal.SIGTERM)
         return _run(args)
 
 
@@ -814,7 +976,7 @@ def _run(args: argparse.Namespace) -> int:
         discard_all()
         if args.debug:
             raise
-        print(f"vmdk: error: {_message(exc)}", file=sys.stderr)
+        print(f"vmdk: error: {_message(exc, args)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
         return _interrupted(isinstance(exc, Terminated))

@@ -30,7 +30,7 @@ else:
 from ._output import StagedOutput, output_errors
 from .errors import UnsupportedFormatError, VmdkError
 from .extents.base import pread_exact, stored_ranges
-from .image import Image, foreign_format, io_errors, sniff
+from .image import Image, foreign_format, io_errors, not_vmdk, sniff
 
 #: Bytes moved per read/write system call.
 CHUNK = 8 << 20
@@ -52,7 +52,10 @@ class Span:
 class Source(Protocol):
     size: int
 
-    def spans(self) -> Iterator[Span]: ...
+    def spans(self) -> Iterator[Span]:
+        """Ranges in order, covering 0 .. size, each stored (read it) or reading as zeros."""
+        ...
+
     def readinto_at(self, offset: int, buf: memoryview) -> None: ...
     def files(self) -> list[str]: ...
     def close(self) -> None: ...
@@ -128,11 +131,11 @@ def open_source(path: str, fmt: str | None = None, **open_args: Any) -> Source:
 
                 return OvaDisk(path)
             fmt = "raw" if sniff(path) == "raw" else "vmdk"
-            other = foreign_format(path) if fmt == "raw" else None
-            if other:
+            if fmt == "raw" and (foreign_format(path) or path.lower().endswith(".vmdk")):
+                # Only a file of no known kind is a raw disk: one named .vmdk that is no
+                # VMDK (an empty or cut download) or another format would copy as garbage.
                 raise UnsupportedFormatError(
-                    f"a {other} image, not VMDK or raw: convert it with qemu-img first (or "
-                    "say -f raw to take its bytes as they are)", path)
+                    f"{not_vmdk(path)} (-f raw takes its bytes as they are)", path)
         if fmt == "raw":
             return RawSource(path)
     if fmt == "vmdk":
@@ -373,13 +376,19 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     complete; what ``dst`` held before stays as it was until then, and after
     any failure (a device or pipe output is written where it is).  ``recover=True``
     salvages a damaged or truncated streamOptimized source: its grain markers
-    are walked front to back and every grain before the damage is kept.
+    are walked front to back and every grain that reads is kept (a damaged grain
+    reads as zeros), up to where the stream is cut or its structure breaks.
     ``missing_as_zeros=True`` reads the missing end of a cut flat extent file as
     zeros instead of failing.
     """
     from .ova import copy_from_ova, is_ova, ova_disk_size
 
     src, dst = os.fspath(src), os.fspath(dst)
+    if out_format == "raw" and (create_options or subformat != "monolithicSparse"):
+        named = ", ".join(sorted(create_options) + (["subformat"] if subformat !=
+                                                     "monolithicSparse" else []))
+        raise VmdkError(f"a raw output has no VMDK options ({named}): they apply to -O vmdk",
+                        dst)
     if src == "-":
         if src_format not in (None, "vmdk"):
             raise VmdkError(f"{src_format} input from a pipe is not supported: pipe a "

@@ -111,6 +111,27 @@ def _ddb(size: int, opts: CreateOptions, parent: Image | None = None) -> dict[st
 MAX_DISK_BYTES = (1 << 63) - 1
 
 
+#: The subformats whose grain tables are preallocated (always, as VMware lays them out).
+HOSTED_SPARSE = ("monolithicSparse", "twoGbMaxExtentSparse")
+PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
+
+
+def _refuse_metadata_preallocation(path: str | os.PathLike[str], subformat: str,
+                                   preallocate: bool | str) -> str:
+    """``preallocate`` as qemu-img names it ("off", "metadata", "falloc", "full") or a
+    bool (True: "falloc"); "metadata" asks for the grain tables, which hosted sparse
+    images always have, and which no other kind has."""
+    if not isinstance(preallocate, bool) and preallocate not in PREALLOCATION_MODES:
+        raise ValueError(f"preallocation {preallocate!r} is not one of "
+                         f"{', '.join(PREALLOCATION_MODES)}")
+    if preallocate == "metadata" and subformat not in HOSTED_SPARSE:
+        raise UnsupportedFormatError(
+            f"preallocation=metadata preallocates grain tables, which {subformat} has none "
+            f"of (hosted sparse images always have them); flat images take falloc or full",
+            path)
+    return subformat
+
+
 def _check_options(size: int, opts: CreateOptions) -> None:
     if size < 0:
         raise ValueError("size must not be negative")
@@ -198,7 +219,7 @@ def create(  # type: ignore[overload-overlap]  # a stream is written front to ba
     hwversion: str = "4",
     geometry: tuple[int, int, int] | None = None,
     comment: str | None = None,
-    preallocate: bool = False,
+    preallocate: bool | str = False,
     cluster_size: int = 65536,
     zeroed_grain: bool = False,
     toolsversion: str = DEFAULT_TOOLS_VERSION,
@@ -207,6 +228,7 @@ def create(  # type: ignore[overload-overlap]  # a stream is written front to ba
     partitions: Sequence[RawRange] | Sequence[int] | None = None,
     overwrite: bool = False,
     allow_external: bool = False,
+    force_share: bool = False,
 ) -> StreamFile: ...
 
 
@@ -221,7 +243,7 @@ def create(
     hwversion: str = "4",
     geometry: tuple[int, int, int] | None = None,
     comment: str | None = None,
-    preallocate: bool = False,
+    preallocate: bool | str = False,
     cluster_size: int = 65536,
     zeroed_grain: bool = False,
     toolsversion: str = DEFAULT_TOOLS_VERSION,
@@ -230,6 +252,7 @@ def create(
     partitions: Sequence[RawRange] | Sequence[int] | None = None,
     overwrite: bool = False,
     allow_external: bool = False,
+    force_share: bool = False,
 ) -> VmdkFile: ...
 
 
@@ -243,7 +266,7 @@ def create(
     hwversion: str = "4",
     geometry: tuple[int, int, int] | None = None,
     comment: str | None = None,
-    preallocate: bool = False,
+    preallocate: bool | str = False,
     cluster_size: int = 65536,
     zeroed_grain: bool = False,
     toolsversion: str = DEFAULT_TOOLS_VERSION,
@@ -252,6 +275,7 @@ def create(
     partitions: Sequence[RawRange] | Sequence[int] | None = None,
     overwrite: bool = False,
     allow_external: bool = False,
+    force_share: bool = False,
 ) -> VmdkFile | StreamFile:
     """Create an image and return it opened for writing.
 
@@ -263,15 +287,20 @@ def create(
 
     The files are made under a hidden staging folder beside ``path`` and get
     their names only when complete (a stream: when it is closed); an image
-    they replace stays as it was, and locked, until then.
+    they replace stays as it was, and locked, until then.  ``allow_external``
+    trusts a parent (and devices) outside the new image's folder;
+    ``force_share`` reads a parent that another process has open for writing.
     """
     from ._file import VmdkFile
     from ._output import StagedOutput
 
-    opts = CreateOptions(adapter_type, hwversion, geometry, comment, preallocate, cluster_size,
+    subformat = _refuse_metadata_preallocation(path, ALIASES.get(subformat, subformat),
+                                               preallocate)
+    opts = CreateOptions(adapter_type, hwversion, geometry, comment,
+                         preallocate in (True, "falloc", "full"), cluster_size,
                          zeroed_grain, toolsversion, compression_level)
     plan = _plan(os.fspath(path), size, subformat, parent, opts, raw_device, partitions,
-                 allow_external)
+                 allow_external, force_share)
     try:
         with io_errors(plan.path):
             stage = StagedOutput(plan.path, overwrite=overwrite, keep=plan.keep())
@@ -285,7 +314,8 @@ def create(
     with io_errors(plan.path):
         stage.commit()
     # The image is whole and in place: if opening it fails now, it stays.
-    return VmdkFile(Image.open(plan.path, "r+", allow_external=plan.open_external))
+    return VmdkFile(Image.open(plan.path, "r+", allow_external=plan.open_external,
+                               share_parents=force_share))
 
 
 def create_in(stage: StagedOutput, size: int, subformat: str = "monolithicSparse", *,
@@ -332,7 +362,8 @@ class _Plan:
 
 def _plan(path: str, size: int | None, subformat: str, parent: str | os.PathLike[str] | None,
           opts: CreateOptions, raw_device: str | None,
-          partitions: Sequence[RawRange] | Sequence[int] | None, allow_external: bool) -> _Plan:
+          partitions: Sequence[RawRange] | Sequence[int] | None, allow_external: bool,
+          force_share: bool = False) -> _Plan:
     """Check a request before anything is written; opens the parent, if any."""
     if raw_device is not None:  # like open(): relative to the current folder, not the image's
         raw_device = os.path.abspath(raw_device)
@@ -345,7 +376,8 @@ def _plan(path: str, size: int | None, subformat: str, parent: str | os.PathLike
         if subformat not in ("monolithicSparse", "twoGbMaxExtentSparse", "vmfsSparse"):
             raise UnsupportedFormatError(f"a snapshot cannot be {subformat}; use a sparse subformat",
                                          path)
-        parent_image = Image.open(parent, "r", allow_external=allow_external)
+        parent_image = Image.open(parent, "r", allow_external=allow_external,
+                                  force_share=force_share)
     try:
         if parent_image is not None:
             refuse_replacing(image_files(parent_image), path, subformat)
@@ -359,6 +391,15 @@ def _plan(path: str, size: int | None, subformat: str, parent: str | os.PathLike
                 raise ValueError("size is required")
         size = operator.index(size)  # a float size is a mistake, not a number of bytes
         _check_options(size, opts)
+        if opts.zeroed_grain and subformat not in HOSTED_SPARSE:
+            raise UnsupportedFormatError(
+                f"zeroed_grain marks zeroed grains in the tables of a hosted sparse image "
+                f"({', '.join(HOSTED_SPARSE)}); {subformat} has no such tables", path)
+        if parent_image is not None and size < parent_image.size:
+            raise UnsupportedFormatError(
+                f"a snapshot of {size} bytes would be smaller than its parent "
+                f"({parent_image.size} bytes) and hide the parent's end; give no size (the "
+                "parent's) or a larger one", path)
         if opts.preallocate and subformat not in ("monolithicFlat", "twoGbMaxExtentFlat", "vmfs"):
             raise UnsupportedFormatError(
                 f"preallocation applies to flat subformats (monolithicFlat, twoGbMaxExtentFlat, "
@@ -422,14 +463,46 @@ def _parent_fields(path: str, parent: Image | None) -> dict[str, Any]:
     return {"parent_cid": parent.cid, "parent_file_name_hint": hint}
 
 
+#: createType -> the extent type of its lines (flat ones carry an offset, VMFS ones none).
+_EXTENT_TYPES = {"monolithicSparse": "SPARSE", "streamOptimized": "SPARSE",
+                 "twoGbMaxExtentSparse": "SPARSE", "monolithicFlat": "FLAT",
+                 "twoGbMaxExtentFlat": "FLAT", "vmfs": "VMFS", "vmfsSparse": "VMFSSPARSE"}
+
+
+def extent_layout(subformat: str, path: str, sectors: int) -> list[tuple[str, ExtentLine]]:
+    """The extent files of a new ``subformat`` image at ``path`` and the line naming each:
+    the image file itself for monolithic sparse and stream images, else the files beside it."""
+    kind = _EXTENT_TYPES[subformat]
+    offset = 0 if kind == "FLAT" else None
+    if subformat in ("monolithicSparse", "streamOptimized"):
+        names = [(path, os.path.basename(path))]
+        sizes = [sectors]
+    elif subformat in ("twoGbMaxExtentSparse", "twoGbMaxExtentFlat"):
+        sizes = _split_sizes(sectors)
+        letter = "s" if kind == "SPARSE" else "f"
+        names = [_sibling(path, f"-{letter}{i + 1:03d}") for i in range(len(sizes))]
+    else:
+        names = [_sibling(path, "-delta" if kind == "VMFSSPARSE" else "-flat")]
+        sizes = [sectors]
+    return [(full, ExtentLine("RW", n, kind, base, offset))
+            for (full, base), n in zip(names, sizes)]
+
+
+def new_descriptor(subformat: str, lines: list[ExtentLine], sectors: int, opts: CreateOptions,
+                   parent: Image | None = None, final: str = "") -> Descriptor:
+    """The descriptor a new image gets (a snapshot's names its ``parent`` as seen from
+    ``final``, the image's final name)."""
+    return Descriptor.new(subformat, lines, cid=new_cid(),
+                          ddb=_ddb(sectors * SECTOR_SIZE, opts, parent),
+                          **_parent_fields(final, parent))
+
+
 def _create_monolithic_sparse(stage: StagedOutput, sectors: int, opts: CreateOptions,
                               parent: Image | None, *_: Any) -> None:
     path = stage.path
     stage.claim([path])
-    name = os.path.basename(path)
-    descriptor = Descriptor.new("monolithicSparse", [ExtentLine("RW", sectors, "SPARSE", name, None)],
-                                cid=new_cid(), ddb=_ddb(sectors * SECTOR_SIZE, opts, parent),
-                                **_parent_fields(stage.final, parent))
+    lines = [line for _, line in extent_layout("monolithicSparse", path, sectors)]
+    descriptor = new_descriptor("monolithicSparse", lines, sectors, opts, parent, stage.final)
     extent = SparseExtent.create(path, sectors, grain_size=opts.cluster_size // SECTOR_SIZE,
                                  descriptor=descriptor.to_bytes(),
                                  zeroed_grain=opts.zeroed_grain)
@@ -439,52 +512,36 @@ def _create_monolithic_sparse(stage: StagedOutput, sectors: int, opts: CreateOpt
 def _create_split_sparse(stage: StagedOutput, sectors: int, opts: CreateOptions,
                          parent: Image | None, *_: Any) -> None:
     path = stage.path
-    sizes = _split_sizes(sectors)
-    names = [_sibling(path, f"-s{i + 1:03d}") for i in range(len(sizes))]
-    stage.claim([path] + [full for full, _ in names])
-    lines = []
-    for (full, base), n in zip(names, sizes):
-        SparseExtent.create(full, n, grain_size=opts.cluster_size // SECTOR_SIZE,
+    layout = extent_layout("twoGbMaxExtentSparse", path, sectors)
+    stage.claim([path] + [full for full, _ in layout])
+    for full, line in layout:
+        SparseExtent.create(full, line.sectors, grain_size=opts.cluster_size // SECTOR_SIZE,
                             zeroed_grain=opts.zeroed_grain).close()
-        lines.append(ExtentLine("RW", n, "SPARSE", base, None))
-    descriptor = Descriptor.new("twoGbMaxExtentSparse", lines, cid=new_cid(),
-                                ddb=_ddb(sectors * SECTOR_SIZE, opts, parent),
-                                **_parent_fields(stage.final, parent))
-    _write_text_descriptor(path, descriptor)
+    _write_text_descriptor(path, new_descriptor("twoGbMaxExtentSparse",
+                                                [line for _, line in layout], sectors, opts,
+                                                parent, stage.final))
 
 
 def _create_flat(stage: StagedOutput, sectors: int, opts: CreateOptions,
-                 parent: Image | None, *_: Any, create_type: str = "monolithicFlat",
-                 extent_type: str = "FLAT") -> None:
+                 parent: Image | None, *_: Any, create_type: str = "monolithicFlat") -> None:
+    """monolithicFlat, twoGbMaxExtentFlat and vmfs (whose lines carry no offset)."""
     path = stage.path
-    full, base = _sibling(path, "-flat")
-    stage.claim([path, full])
-    FlatExtent.create(full, sectors, preallocate=opts.preallocate).close()
-    # ESX (VMFS) extent lines carry no offset; hosted FLAT lines always do.
-    offset = None if extent_type == "VMFS" else 0
-    descriptor = Descriptor.new(create_type, [ExtentLine("RW", sectors, extent_type, base, offset)],
-                                cid=new_cid(), ddb=_ddb(sectors * SECTOR_SIZE, opts))
-    _write_text_descriptor(path, descriptor)
+    layout = extent_layout(create_type, path, sectors)
+    stage.claim([path] + [full for full, _ in layout])
+    for full, line in layout:
+        FlatExtent.create(full, line.sectors, preallocate=opts.preallocate).close()
+    _write_text_descriptor(path, new_descriptor(create_type, [line for _, line in layout],
+                                                sectors, opts))
 
 
 def _create_vmfs(stage: StagedOutput, sectors: int, opts: CreateOptions,
                  parent: Image | None, *rest: Any) -> None:
-    _create_flat(stage, sectors, opts, parent, create_type="vmfs", extent_type="VMFS")
+    _create_flat(stage, sectors, opts, parent, create_type="vmfs")
 
 
 def _create_split_flat(stage: StagedOutput, sectors: int, opts: CreateOptions,
                        parent: Image | None, *_: Any) -> None:
-    path = stage.path
-    sizes = _split_sizes(sectors)
-    names = [_sibling(path, f"-f{i + 1:03d}") for i in range(len(sizes))]
-    stage.claim([path] + [full for full, _ in names])
-    lines = []
-    for (full, base), n in zip(names, sizes):
-        FlatExtent.create(full, n, preallocate=opts.preallocate).close()
-        lines.append(ExtentLine("RW", n, "FLAT", base, 0))
-    descriptor = Descriptor.new("twoGbMaxExtentFlat", lines, cid=new_cid(),
-                                ddb=_ddb(sectors * SECTOR_SIZE, opts))
-    _write_text_descriptor(path, descriptor)
+    _create_flat(stage, sectors, opts, parent, create_type="twoGbMaxExtentFlat")
 
 
 def _create_stream(stage: StagedOutput, sectors: int, opts: CreateOptions,
@@ -498,8 +555,8 @@ def _stream_file(target: Any, name: str, sectors: int, opts: CreateOptions) -> A
     from when the writer is closed."""
     from ._output import StagedOutput
 
-    descriptor = Descriptor.new("streamOptimized", [ExtentLine("RW", sectors, "SPARSE", name, None)],
-                                cid=new_cid(), ddb=_ddb(sectors * SECTOR_SIZE, opts))
+    descriptor = new_descriptor("streamOptimized", [ExtentLine("RW", sectors, "SPARSE", name, None)],
+                                sectors, opts)
     writer: type[StreamFile]
     if isinstance(target, StagedOutput):
         from ._staged_stream import StagedStreamFile
@@ -536,14 +593,12 @@ def _create_vmfs_sparse(stage: StagedOutput, sectors: int, opts: CreateOptions,
     from .extents.cowd import CowdExtent
 
     path = stage.path
-    full, base = _sibling(path, "-delta")
+    [(full, line)] = extent_layout("vmfsSparse", path, sectors)
     stage.claim([path, full])
     parent_name = os.path.basename(parent.path) if parent is not None else None
     CowdExtent.create(full, sectors, grain_size=1, parent_file_name=parent_name).close()
-    descriptor = Descriptor.new("vmfsSparse", [ExtentLine("RW", sectors, "VMFSSPARSE", base, None)],
-                                cid=new_cid(), ddb=_ddb(sectors * SECTOR_SIZE, opts, parent),
-                                **_parent_fields(stage.final, parent))
-    _write_text_descriptor(path, descriptor)
+    _write_text_descriptor(path, new_descriptor("vmfsSparse", [line], sectors, opts, parent,
+                                                stage.final))
 
 
 def _extent_name(image: str, target: str) -> str:

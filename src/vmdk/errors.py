@@ -13,13 +13,30 @@ import os
 
 
 class VmdkError(Exception):
-    """Base of every error this package raises on purpose."""
+    """Base of every error this package raises on purpose.
 
-    def __init__(self, message: str, filename: str | os.PathLike[str] | None = None) -> None:
+    ``opt_in`` names the keyword argument that would let the refused thing through
+    (``allow_external``, ``ignore_cid``...) and what it does; the message ends with
+    it in Python's spelling, and :meth:`with_flags` spells it as a command line does.
+    """
+
+    def __init__(self, message: str, filename: str | os.PathLike[str] | None = None, *,
+                 opt_in: tuple[str, str] | None = None) -> None:
         self.filename = os.fspath(filename) if filename is not None else None
+        self.opt_in = opt_in
         self.reason = message
-        self.message = f"{self.filename}: {message}" if self.filename else message
+        self.message = self._with(message, f"{opt_in[0]}=True" if opt_in else None)
         super().__init__(self.message)
+
+    def _with(self, reason: str, spelled: str | None) -> str:
+        if spelled is not None and self.opt_in is not None:
+            reason = f"{reason}; {spelled} {self.opt_in[1]}"
+        return f"{self.filename}: {reason}" if self.filename else reason
+
+    def with_flags(self, flags: dict[str, str]) -> str:
+        """The message with its opt-in spelled as ``flags`` (keyword -> option) spell it,
+        or without it where they have none: a hint names only what can be used."""
+        return respell(self.message, self.opt_in, flags)
 
     def __str__(self) -> str:
         # OSError-derived leaves would otherwise format themselves as "[Errno None] ...".
@@ -95,3 +112,16 @@ class ImageIOError(VmdkError, OSError):
                  errno: int | None = None) -> None:
         super().__init__(message, filename)
         self.errno = errno
+
+
+def respell(message: str, opt_in: tuple[str, str] | None, flags: dict[str, str]) -> str:
+    """``message``, ending with the hint of ``opt_in`` in Python's spelling, with that hint
+    spelled as ``flags`` (keyword -> option) spell it, or dropped where they have none."""
+    if opt_in is None:
+        return message
+    keyword, does = opt_in
+    python = f"; {keyword}=True {does}"
+    if not message.endswith(python):
+        return message
+    message = message[:-len(python)]
+    return f"{message}; {flags[keyword]} {does}" if keyword in flags else message

@@ -144,6 +144,22 @@ def foreign_format(path: str) -> str | None:
     return "VHD" if tail == b"conectix" else None
 
 
+def not_vmdk(path: str) -> str:
+    """Why ``path`` (which ``sniff`` calls raw) is no VMDK image, in words a user can act on:
+    what it is instead, when that can be told."""
+    other = foreign_format(path)
+    if other:
+        return f"a {other} image, not VMDK: convert it with qemu-img first"
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return "an empty file, not a VMDK image"
+    if len(head) == 512 and head[257:262] == b"ustar":
+        return ("a tar archive (an OVA package?), not a VMDK image: 'vmdk info' shows a "
+                "package and 'vmdk convert' reads its disk")
+    return "not a VMDK image (no descriptor or known header)"
+
+
 def _check_openable(path: str) -> None:
     """Refuse what would hang or mislead a reader: pipes, sockets, folders."""
     mode = os.stat(path).st_mode
@@ -208,8 +224,14 @@ class Image:
              allow_external: bool = False, ignore_cid: bool = False, force_share: bool = False,
              open_parent: bool = True, repair: bool = False,
              drop_change_tracking: bool = False, missing_as_zeros: bool = False,
+             share_parents: bool = False,
              _depth: int = 0, _seen: frozenset[str] = frozenset()) -> Image:
+        """Open an image; ``force_share`` reads it (and its parents) without locks, and
+        ``share_parents`` only its parents (a snapshot made of a parent in use)."""
         path = os.fspath(path)
+        if force_share and "+" in mode:
+            raise ValueError("force_share reads without locks: a writer must hold its lock "
+                             "(open with mode 'r' to read an image in use)")
         for attempt in range(REPLACED_RETRIES + 1):
             try:
                 with io_errors(path):
@@ -217,8 +239,9 @@ class Image:
                                       ignore_cid=ignore_cid, force_share=force_share,
                                       open_parent=open_parent, repair=repair,
                                       drop_change_tracking=drop_change_tracking,
-                                      missing_as_zeros=missing_as_zeros, _depth=_depth,
-                                      _seen=_seen)
+                                      missing_as_zeros=missing_as_zeros,
+                                      share_parents=share_parents or force_share,
+                                      _depth=_depth, _seen=_seen)
             except _Replaced:
                 if attempt == REPLACED_RETRIES:
                     raise ImageInUseError("image is in use: it was replaced again and again "
@@ -231,7 +254,8 @@ class Image:
     @classmethod
     def _open(cls, path: str, mode: str, *, allow_external: bool, ignore_cid: bool,
               force_share: bool, open_parent: bool, repair: bool, drop_change_tracking: bool,
-              missing_as_zeros: bool, _depth: int, _seen: frozenset[str]) -> Image:
+              missing_as_zeros: bool, share_parents: bool, _depth: int,
+              _seen: frozenset[str]) -> Image:
         if mode not in ("r", "r+", "rb", "r+b", "rb+"):
             raise ValueError(f"invalid mode {mode!r}: use 'r' or 'r+'")
         read_only = "+" not in mode
@@ -258,8 +282,7 @@ class Image:
             elif kind in ("cowd", "sesparse"):
                 descriptor = _synthesize_descriptor(path, kind)
             else:
-                raise UnsupportedFormatError("not a VMDK image (no descriptor or known header)",
-                                             path)
+                raise UnsupportedFormatError(not_vmdk(path), path)
             if canonical_create_type(descriptor.create_type) is None:
                 raise UnsupportedFormatError(
                     f"unknown createType {descriptor.create_type!r}", path)
@@ -273,7 +296,7 @@ class Image:
                     raise _Replaced
             if open_parent:
                 parent = _open_parent(path, descriptor, allow_external, ignore_cid,
-                                      _depth, _seen | {real}, force_share,
+                                      _depth, _seen | {real}, share_parents,
                                       missing_as_zeros=missing_as_zeros)
                 if (parent is not None and parent.cid != descriptor.parent_cid and not read_only
                         and parent.cid not in pending_parent_cids(descriptor)):
@@ -677,9 +700,12 @@ class Image:
         }
         if self.cluster_size:
             out["cluster-size"] = self.cluster_size
-        if self.parent is not None:
+        if hint and self.descriptor.parent_cid != NO_PARENT_CID:
+            # Shown whether or not the parent opens (or exists), as qemu-img info does.
             out["backing-filename"] = hint
-            out["full-backing-filename"] = self.parent.path
+            full = self.parent.path if self.parent is not None else self.parent_path()
+            if full is not None:
+                out["full-backing-filename"] = full
             out["backing-filename-format"] = "vmdk"
         c, h, s = self.geometry
         out["geometry"] = {"cylinders": c, "heads": h, "sectors": s}
@@ -691,6 +717,19 @@ class Image:
             if value is not None:
                 out[key] = str(value)
         return out
+
+    def parent_path(self) -> str | None:
+        """Where the parent named by ``parentFileNameHint`` is, whether or not it was opened
+        (or exists); None without a parent or when the name may not be followed."""
+        hint = self.descriptor.parent_file_name_hint
+        if self.descriptor.parent_cid == NO_PARENT_CID or not hint:
+            return None
+        try:
+            found = find_parent(self.path, hint, allow_external=self.allow_external)
+            return found or resolve_extent_path(self.path, hint,
+                                                allow_external=self.allow_external)
+        except UnsafePathError:
+            return None
 
     def _extent_info(self, extent: Extent) -> dict[str, Any]:
         info = dict(extent.info())
@@ -824,6 +863,10 @@ def _synthesize_descriptor(path: str, kind: str, extent: SparseExtent | None = N
     return Descriptor.new(create_type, [line], cid=0xFFFFFFFE)
 
 
+#: What allow_external does for a name outside the image's folder.
+_TRUST_IT = ("allow_external", "trusts it")
+
+
 def resolve_extent_path(image_path: str, name: str, *, allow_external: bool) -> str:
     """Where an extent or parent named in a descriptor lives; refuses escapes by default."""
     folder = os.path.dirname(os.path.abspath(image_path))
@@ -833,23 +876,20 @@ def resolve_extent_path(image_path: str, name: str, *, allow_external: bool) -> 
     if allow_external:
         return target
     if os.path.isabs(name):
-        raise UnsafePathError(
-            f"refers to the absolute path {name!r}; pass allow_external=True "
-            "(--allow-external) to trust it", image_path)
+        raise UnsafePathError(f"refers to the absolute path {name!r}", image_path,
+                              opt_in=_TRUST_IT)
     real_folder = os.path.realpath(folder)
     real = os.path.realpath(target)
     if os.path.commonpath([real_folder, real]) != real_folder:
-        raise UnsafePathError(
-            f"refers to {name!r}, outside the image's folder; pass allow_external=True "
-            "(--allow-external) to trust it", image_path)
+        raise UnsafePathError(f"refers to {name!r}, outside the image's folder", image_path,
+                              opt_in=_TRUST_IT)
     try:
         mode = os.stat(real).st_mode
     except FileNotFoundError:
         return target
     if not stat.S_ISREG(mode):
-        raise UnsafePathError(
-            f"refers to {name!r}, which is not a regular file; pass allow_external=True "
-            "(--allow-external) to trust it", image_path)
+        raise UnsafePathError(f"refers to {name!r}, which is not a regular file", image_path,
+                              opt_in=_TRUST_IT)
     return target
 
 
@@ -913,9 +953,8 @@ def _open_extent(path: str, line: ExtentLine, descriptor: Descriptor, read_only:
                   or line.type in ("VMFSRDM", "VMFSRAW"))
     target = resolve_extent_path(path, line.filename, allow_external=allow_external)
     if raw_device and not allow_external and not os.path.isfile(target):
-        raise UnsafePathError(
-            f"raw-disk extent {line.filename!r} names a device; pass allow_external=True "
-            "(--allow-external) to open it", path)
+        raise UnsafePathError(f"raw-disk extent {line.filename!r} names a device", path,
+                              opt_in=("allow_external", "opens it"))
     if line.type in ("FLAT", "VMFS", "VMFSRDM", "VMFSRAW"):
         return FlatExtent(target, line.sectors, line.offset or 0, read_only=ro,
                           missing_as_zeros=missing_as_zeros)
@@ -944,6 +983,11 @@ def _open_extent(path: str, line: ExtentLine, descriptor: Descriptor, read_only:
 CHANGE_TRACK_KEY = "changeTrackPath"
 
 
+#: The way to write a tracked image anyway, and what it costs.
+_DROP_TRACKING = ("drop_change_tracking",
+                  "writes and drops the tracking (the next backup must then be a full one)")
+
+
 def _refuse_tracked_write(descriptor: Descriptor, path: str) -> None:
     """Writes would leave VMware's changed block tracking stale: backups would miss them."""
     tracking = descriptor.get(CHANGE_TRACK_KEY)
@@ -951,9 +995,9 @@ def _refuse_tracked_write(descriptor: Descriptor, path: str) -> None:
         raise UnsupportedFormatError(
             f"the image has changed block tracking (changeTrackPath {tracking!r}), which this "
             "package cannot update: a write would leave the tracking file stale and the next "
-            "incremental backup would miss the change. Read it, convert it to a new image "
-            "('vmdk convert'), or open it with drop_change_tracking=True to write and drop "
-            "the tracking (the next backup must then be a full one)", path)
+            "incremental backup would miss the change. Read it, or convert it to a new image "
+            "('vmdk convert')", path,
+            opt_in=_DROP_TRACKING)
 
 
 def _sparse_size(line: ExtentLine, extent: SparseExtent) -> int:
@@ -1050,17 +1094,13 @@ def pending_parent_cids(descriptor: Descriptor) -> set[int]:
     return out - {NO_PARENT_CID}
 
 
-def _open_parent(path: str, descriptor: Descriptor, allow_external: bool, ignore_cid: bool,
-                 depth: int, seen: frozenset[str], force_share: bool = False, *,
-                 missing_as_zeros: bool = False) -> Image | None:
-    hint = descriptor.parent_file_name_hint
-    if descriptor.parent_cid == NO_PARENT_CID or not hint:
-        return None
+def find_parent(path: str, hint: str, *, allow_external: bool) -> str | None:
+    """The file a child at ``path`` finds as its parent through ``hint`` (its
+    parentFileNameHint), or None when there is none; UnsafePathError as for extents."""
     candidates = [hint]
     base = hint.replace("\\", "/").rsplit("/", 1)[-1]
     if base != hint:
         candidates.insert(0, base)  # Windows and absolute hints: try next to the child first
-    target = None
     for name in candidates:
         try:
             resolved = resolve_extent_path(path, name, allow_external=allow_external)
@@ -1069,8 +1109,17 @@ def _open_parent(path: str, descriptor: Descriptor, allow_external: bool, ignore
                 raise
             continue
         if os.path.exists(resolved):
-            target = resolved
-            break
+            return resolved
+    return None
+
+
+def _open_parent(path: str, descriptor: Descriptor, allow_external: bool, ignore_cid: bool,
+                 depth: int, seen: frozenset[str], force_share: bool = False, *,
+                 missing_as_zeros: bool = False) -> Image | None:
+    hint = descriptor.parent_file_name_hint
+    if descriptor.parent_cid == NO_PARENT_CID or not hint:
+        return None
+    target = find_parent(path, hint, allow_external=allow_external)
     if target is None:
         raise ChainError(f"parent image {hint!r} was not found", path)
     parent = Image.open(target, "r", allow_external=allow_external, ignore_cid=ignore_cid,
@@ -1083,8 +1132,8 @@ def _open_parent(path: str, descriptor: Descriptor, allow_external: bool, ignore
         parent.close()
         raise ChainError(
             f"parentCID {descriptor.parent_cid:08x} does not match the CID {parent.cid:08x} of "
-            f"parent {target!r}: the parent changed after this snapshot was taken "
-            "(ignore_cid=True opens it anyway)", path)
+            f"parent {target!r}: the parent changed after this snapshot was taken", path,
+            opt_in=("ignore_cid", "opens it anyway, read-only"))
     return parent
 
 

@@ -131,7 +131,8 @@ def _plan_shrink(image: Image, lines: list[ExtentLine], sectors: int,
                  allowed: bool) -> list[ExtentLine]:
     """The lines that remain; refuses unless allowed and nothing past the end is stored."""
     if not allowed:
-        raise VmdkError("shrinking needs shrink=True (--shrink)", image.path)
+        raise VmdkError("the new size is smaller: data past it would be lost", image.path,
+                        opt_in=("shrink", "allows it where nothing past the new end is stored"))
     lost = _first_nonzero(image, [r for r in image.map(sectors * SECTOR_SIZE)
                                   if r.depth == 0 and r.data and not r.zero])  # not holes
     if lost is not None:

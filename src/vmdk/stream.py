@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 else:
     from ._numpy import np
 
+from ._deflate import deflate_bound
 from ._positioned import PositionedDisk
 from ._structs import (
     GD_AT_END,
@@ -86,10 +87,20 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 def make_compressor(level: int) -> Compressor:
-    """Return ``data -> zlib stream``: ISA-L when importable (level clamped to 3), else zlib."""
+    """Return ``data -> zlib stream``: ISA-L when importable (level clamped to 3), else zlib.
+
+    ISA-L's output may exceed zlib's compressBound (its level 0 codes random bytes in up
+    to 11 bits each); such a grain is stored uncompressed in a zlib stream instead, which
+    is smaller, and keeps every grain within the bound ``vmdk measure`` counts with.
+    """
     if _isal_zlib is not None:
         isal, isal_level = _isal_zlib, min(level, ISAL_MAX_LEVEL)
-        return lambda data: isal.compress(data, isal_level)
+
+        def compress(data: bytes) -> bytes:
+            out: bytes = isal.compress(data, isal_level)
+            return out if len(out) <= deflate_bound(len(data)) else zlib.compress(data, 0)
+
+        return compress
     return lambda data: zlib.compress(data, level)
 
 

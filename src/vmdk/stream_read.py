@@ -23,7 +23,8 @@ writer of the first one):
 A cut raises :class:`~vmdk.errors.CorruptImageError` naming the byte where the
 input ended and the last complete record; with ``recover=True`` the grains
 before it have already been handed out, which is what ``vmdk convert
---recover`` keeps.  Memory grows only with the bytes that arrived: every size
+--recover`` keeps (a grain whose compressed data is damaged is skipped and the
+walk goes on: each grain is compressed on its own).  Memory grows only with the bytes that arrived: every size
 read from the stream is capped, and long blocks are read in chunks.
 """
 
@@ -348,7 +349,16 @@ class _Walk(abc.ABC):
     def emit(self, start: int, lba: int, payload: bytes) -> None:
         r = self.r
         offset = lba * SECTOR_SIZE
-        data = r.inflate(start, lba, payload)
+        try:
+            data = r.inflate(start, lba, payload)
+        except CorruptImageError as exc:
+            if not r.recover:
+                raise
+            # Each grain is compressed on its own, with its own checksum, and its marker
+            # says where the next record starts: a damaged grain is lost alone.
+            log.warning("%s; that grain reads as zeros", exc)
+            r.complete(f"the damaged grain record at byte {start}, disk offset {offset}")
+            return
         r.complete(f"the grain record at byte {start}, disk offset {offset}")
         self.out.append((offset, data[:r.capacity - offset]))
 

@@ -64,8 +64,8 @@ class FlatExtent(Extent):
         need = self.base + self.size
         raise CorruptImageError(
             f"the file ends at byte {end} but the descriptor gives it {need} bytes: bytes "
-            f"{end}-{need} are missing (a cut copy?); missing_as_zeros=True "
-            "(--missing-as-zeros) reads them as zeros", self.filename)
+            f"{end}-{need} are missing (a cut copy?)", self.filename,
+            opt_in=("missing_as_zeros", "reads them as zeros"))
 
     def status(self, offset: int, length: int) -> list[Run]:
         """Data where the file stores bytes, holes (reading as zeros) where it has holes.

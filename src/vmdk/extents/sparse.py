@@ -18,6 +18,7 @@ the file, never a table that points at garbage.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 import logging
 import os
@@ -25,7 +26,7 @@ import struct
 import sys
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -69,6 +70,7 @@ from .base import (
     zero_fill,
     zeroed_buffer,
 )
+from .table_scan import TableBatch, in_holes, read_tables
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,12 @@ MAX_DESCRIPTOR_SECTORS = 2048
 DEFAULT_GT_CACHE_BYTES = 16 << 20
 #: Decompressed grains kept for small reads that hit the same grain again.
 GRAIN_CACHE_ENTRIES = 16
+
+#: Mapping this many tables or more first looks for those lying in holes of the file.
+_HOLE_SCAN_TABLES = 16
+#: Tables read together by scan_tables (4 MiB of the usual 2 KiB tables, per copy).
+SCAN_BATCH_BYTES = 4 << 20
+SCAN_STEPS = 16
 
 # GTE classes used by the run mapper.
 _UNALLOC, _ZERO, _DATA, _COMPRESSED = 0, 1, 2, 3
@@ -189,8 +197,11 @@ def next_table(directory: Directory, start: int, stop: int) -> int:
     Long stretches of empty slots (a huge, mostly empty disk) are skipped a block at a
     time at memory speed, not entry by entry.
     """
+    for i in range(start, min(stop, start + 32)):  # a table in nearly every slot is usual
+        if directory[i]:
+            return i
+    i = min(stop, start + 32)
     raw = directory.cast("B")
-    i = start
     while i < stop:
         n = min(_SKIP_SLOTS, stop - i)
         block = raw[4 * i:4 * (i + n)].tobytes()
@@ -198,6 +209,14 @@ def next_table(directory: Directory, start: int, stop: int) -> int:
             return i + (len(block) - len(block.lstrip(b"\0"))) // 4
         i += n
     return stop
+
+
+def _slots_with_tables(directory: Directory, start: int, stop: int) -> Iterator[int]:
+    """The indexes of ``start .. stop`` whose entries are not zero."""
+    i = next_table(directory, start, stop)
+    while i < stop:
+        yield i
+        i = next_table(directory, i + 1, stop)
 
 
 def nonzero_slots(directory: Directory) -> list[int]:
@@ -269,6 +288,9 @@ class TableCache:
         if hit is not None:
             self._bytes -= hit[1].itemsize * len(hit[1])
 
+    def has(self, extent: SparseExtent, index: int) -> bool:
+        return (extent._serial, index) in self._tables
+
     def indexes(self, extent: SparseExtent) -> list[int]:
         return [index for serial, index in self._tables if serial == extent._serial]
 
@@ -285,6 +307,14 @@ class TableCache:
             self.pop(extent, index)
 
 
+def _rows_differing(primary: np.ndarray, backup: np.ndarray | None) -> np.ndarray:
+    """Rows (tables) where the two copies differ; a fresh image's are all zeros."""
+    if backup is None or not (primary.any() or backup.any()):
+        return np.zeros(0, dtype=np.int64)
+    rows: np.ndarray = np.flatnonzero((primary != backup).any(axis=1))
+    return rows
+
+
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -296,6 +326,53 @@ def _inflate_pool() -> ThreadPoolExecutor:
 
         _pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="vmdk-inflate")
     return _pool
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseLayout:
+    """Where :meth:`SparseExtent.create` puts each structure (sectors), and the overhead
+    before the first grain: a new extent's file is exactly ``overhead`` sectors long."""
+
+    gd_entries: int
+    gt_sectors: int
+    descriptor_offset: int
+    descriptor_sectors: int
+    rgd_offset: int
+    rgts: int
+    gd_offset: int
+    gts: int
+    overhead: int
+
+    @classmethod
+    def plan(cls, capacity: int, *, grain_size: int = 128, num_gtes_per_gt: int = 512,
+             descriptor_bytes: int | None = None, descriptor_sectors: int = 20,
+             redundant: bool = True, filename: str | None = None) -> SparseLayout:
+        """Header, embedded descriptor, redundant GD, redundant GTs, GD, GTs, then grains
+        from the first grain-aligned sector, as VMware lays it out."""
+        gt_sectors = _ceil_div(num_gtes_per_gt * 4, SECTOR_SIZE)
+        gd_entries = _ceil_div(capacity, num_gtes_per_gt * grain_size)
+        if gd_entries > MAX_GD_ENTRIES:
+            limit = MAX_GD_ENTRIES * num_gtes_per_gt * grain_size * SECTOR_SIZE
+            raise UnsupportedFormatError(
+                f"a sparse extent of this grain size holds at most {limit >> 40} TiB (qemu and "
+                "VMware refuse larger grain directories); use a larger cluster size", filename)
+        gd_sectors = _ceil_div(gd_entries * 4, SECTOR_SIZE)
+        sector = 1
+        desc_offset = desc_size = 0
+        if descriptor_bytes is not None:
+            desc_size = max(descriptor_sectors, _ceil_div(descriptor_bytes, SECTOR_SIZE))
+            desc_offset, sector = sector, sector + desc_size
+        rgd_offset = rgts = 0
+        if redundant:
+            rgd_offset, sector = sector, sector + gd_sectors
+            rgts, sector = sector, sector + gd_entries * gt_sectors
+        gd_offset, sector = sector, sector + gd_sectors
+        gts, sector = sector, sector + gd_entries * gt_sectors
+        overhead = _ceil_div(sector, grain_size) * grain_size
+        if overhead > MAX_FILE_SECTORS:
+            raise UnsupportedFormatError("disk is too large for one sparse extent", filename)
+        return cls(gd_entries, gt_sectors, desc_offset, desc_size, rgd_offset, rgts, gd_offset,
+                   gts, overhead)
 
 
 class SparseExtent(Extent):
@@ -587,47 +664,31 @@ class SparseExtent(Extent):
         left as holes of zeros in the file, so even a 2 TiB extent is created
         at once.
         """
-        gt_sectors = _ceil_div(num_gtes_per_gt * 4, SECTOR_SIZE)
-        gd_entries = _ceil_div(capacity, num_gtes_per_gt * grain_size)
-        if gd_entries > MAX_GD_ENTRIES:
-            limit = MAX_GD_ENTRIES * num_gtes_per_gt * grain_size * SECTOR_SIZE
-            raise UnsupportedFormatError(
-                f"a sparse extent of this grain size holds at most {limit >> 40} TiB (qemu and "
-                "VMware refuse larger grain directories); use a larger cluster size", filename)
-        gd_sectors = _ceil_div(gd_entries * 4, SECTOR_SIZE)
-        sector = 1
-        desc_offset = desc_size = 0
-        if descriptor is not None:
-            desc_size = max(descriptor_sectors, _ceil_div(len(descriptor), SECTOR_SIZE))
-            desc_offset, sector = sector, sector + desc_size
-        rgd_offset = 0
+        lay = SparseLayout.plan(capacity, grain_size=grain_size, num_gtes_per_gt=num_gtes_per_gt,
+                                descriptor_bytes=None if descriptor is None else len(descriptor),
+                                descriptor_sectors=descriptor_sectors, redundant=redundant,
+                                filename=filename)
         flags = SparseFlags.VALID_NEWLINE
         if redundant:
             flags |= SparseFlags.REDUNDANT_GT
-            rgd_offset, sector = sector, sector + gd_sectors
-            rgts, sector = sector, sector + gd_entries * gt_sectors
-        gd_offset, sector = sector, sector + gd_sectors
-        gts, sector = sector, sector + gd_entries * gt_sectors
-        overhead = _ceil_div(sector, grain_size) * grain_size
         if zeroed_grain:
             flags |= SparseFlags.ZEROED_GTE
         header = SparseHeader(
             version=2 if zeroed_grain else 1, flags=int(flags), capacity=capacity,
-            grain_size=grain_size, descriptor_offset=desc_offset, descriptor_size=desc_size,
-            num_gtes_per_gt=num_gtes_per_gt, rgd_offset=rgd_offset, gd_offset=gd_offset,
-            overhead=overhead)
-        if overhead > MAX_FILE_SECTORS:
-            raise UnsupportedFormatError("disk is too large for one sparse extent", filename)
+            grain_size=grain_size, descriptor_offset=lay.descriptor_offset,
+            descriptor_size=lay.descriptor_sectors, num_gtes_per_gt=num_gtes_per_gt,
+            rgd_offset=lay.rgd_offset, gd_offset=lay.gd_offset, overhead=lay.overhead)
         fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
-            os.ftruncate(fd, overhead * SECTOR_SIZE)
+            os.ftruncate(fd, lay.overhead * SECTOR_SIZE)
             if descriptor is not None:
-                pwrite_all(fd, descriptor.ljust(desc_size * SECTOR_SIZE, b"\0"), SECTOR_SIZE)
+                pwrite_all(fd, descriptor.ljust(lay.descriptor_sectors * SECTOR_SIZE, b"\0"),
+                           SECTOR_SIZE)
             if redundant:
-                pwrite_all(fd, u32_bytes(_sequence(rgts, gd_entries, gt_sectors)),
-                           rgd_offset * SECTOR_SIZE)
-            pwrite_all(fd, u32_bytes(_sequence(gts, gd_entries, gt_sectors)),
-                       gd_offset * SECTOR_SIZE)
+                pwrite_all(fd, u32_bytes(_sequence(lay.rgts, lay.gd_entries, lay.gt_sectors)),
+                           lay.rgd_offset * SECTOR_SIZE)
+            pwrite_all(fd, u32_bytes(_sequence(lay.gts, lay.gd_entries, lay.gt_sectors)),
+                       lay.gd_offset * SECTOR_SIZE)
             pwrite_all(fd, header.pack(), 0)
             os.fsync(fd)
         finally:
@@ -689,13 +750,16 @@ class SparseExtent(Extent):
             return
         backup = os.pread(self.fd, len(raw), int(self.rgd[index]) * SECTOR_SIZE)
         if backup != raw:
-            msg = (f"grain table {index} differs from its redundant copy; "
-                   "run 'vmdk check -r all'")
-            if not self.read_only and self.strict and not self.was_unclean:
-                raise CorruptImageError(msg, self.filename)
-            log.warning("%s: %s", self.filename, msg)
-            if not self.read_only:
-                self._gt_dirty.add(index)  # the next flush rewrites the copy from the primary
+            self._copy_differs(index)
+
+    def _copy_differs(self, index: int) -> None:
+        msg = (f"grain table {index} differs from its redundant copy; "
+               "run 'vmdk check -r all'")
+        if not self.read_only and self.strict and not self.was_unclean:
+            raise CorruptImageError(msg, self.filename)
+        log.warning("%s: %s", self.filename, msg)
+        if not self.read_only:
+            self._gt_dirty.add(index)  # the next flush rewrites the copy from the primary
 
     def _absent_table(self) -> array[int]:
         # Shared and never written: _set_entries allocates a real table first.
@@ -886,8 +950,9 @@ class SparseExtent(Extent):
     def status(self, offset: int, length: int) -> list[Run]:
         """Runs over the range, one grain table at a time so memory stays bounded.
 
-        Stretches of empty directory slots become one unallocated run without
-        touching any table, so mapping a huge, mostly empty disk is cheap.
+        Stretches of empty directory slots, and of tables lying in holes of the file,
+        become one unallocated run without reading any table, so mapping a huge,
+        mostly empty disk is cheap.
         """
         self._check_range(offset, length)
         if not length:
@@ -898,9 +963,17 @@ class SparseExtent(Extent):
         out: list[Run] = []
         index = offset // span
         last = (end - 1) // span
+        empty = self._empty_tables(index, last)
         while index <= last:
-            if self.gd[index] == 0:
-                stop = next_table(self.gd, index, last + 1)
+            if self.gd[index] == 0 or index in empty:
+                stop = index + 1
+                while stop <= last:  # empty slots skipped a block at a time
+                    if self.gd[stop] == 0:
+                        stop = next_table(self.gd, stop, last + 1)
+                    elif stop in empty:
+                        stop += 1
+                    else:
+                        break
                 lo, hi = max(offset, index * span), min(end, stop * span)
                 out.append(Run(lo, hi - lo, Alloc.UNALLOCATED))
                 index = stop
@@ -909,6 +982,20 @@ class SparseExtent(Extent):
             out.extend(self._table_status(lo, hi))
             index += 1
         return merge_runs(out)
+
+    def _empty_tables(self, first: int, last: int) -> set[int]:
+        """Tables of slots ``first .. last`` that lie in holes of the file: all zeros, known
+        without reading them (a fresh image's tables are).  Cached tables are never in
+        this set, as their newest entries may not be written yet.  A few tables are
+        cheaper to read (and are cached then) than to look for holes."""
+        if last - first < _HOLE_SCAN_TABLES:
+            return set()
+        slots = [i for i in _slots_with_tables(self.gd, first, last + 1)
+                 if not self._tables.has(self, i)]
+        size = self.header.num_gtes_per_gt * 4
+        holes = in_holes(self.fd, [int(self.gd[i]) * SECTOR_SIZE for i in slots], size,
+                         self.file_size)
+        return {i for i, hole in zip(slots, holes) if hole}
 
     def _table_status(self, lo: int, hi: int) -> list[Run]:
         g = self.grain_bytes
@@ -980,8 +1067,9 @@ class SparseExtent(Extent):
             raise CorruptImageError(f"grain {grain} points at sector {sector}, {fault}; writes "
                                     "there are refused (run 'vmdk check -r all')", self.filename)
 
-    def metadata_areas(self) -> list[tuple[int, int]]:
-        """Sector ranges of the header, descriptor, both directories and every table."""
+    def metadata_areas(self, tables: bool = True) -> list[tuple[int, int]]:
+        """Sector ranges of the header, descriptor, both directories and (unless ``tables``
+        is False) every table."""
         h = self.header
         gd_sectors = _ceil_div(len(self.gd) * 4, SECTOR_SIZE)
         gt_sectors = _ceil_div(h.num_gtes_per_gt * 4, SECTOR_SIZE)
@@ -990,7 +1078,7 @@ class SparseExtent(Extent):
             areas.append((h.descriptor_offset, h.descriptor_offset + h.descriptor_size))
         if self.rgd is not None:
             areas.append((h.rgd_offset, h.rgd_offset + gd_sectors))
-        for table in (self.gd, self.rgd):
+        for table in (self.gd, self.rgd) if tables else ():
             if table is not None:
                 areas += [(table[i], table[i] + gt_sectors) for i in nonzero_slots(table)]
         return areas
@@ -1243,24 +1331,84 @@ class SparseExtent(Extent):
 
     def stored_grains(self, progress: Callable[[int], None] | None = None
                       ) -> tuple[np.ndarray, np.ndarray]:
-        """(grain numbers, sectors) of every grain stored in the extent, table by table.
+        """(grain numbers, sectors) of every grain stored in the extent, in grain order.
 
-        ``progress`` hears the virtual bytes covered by each table read.
+        ``progress`` hears the virtual bytes covered by each batch of tables read.
         """
         numbers, sectors = [], []
-        n = self.header.num_gtes_per_gt
         first_data = 2 if self.zeroed_gte else 1
-        span = n * self.grain_bytes
-        for index in np.flatnonzero(u32_view(self.gd)).tolist():
+        for batch in self.scan_tables():
             if progress:
-                progress(max(0, min(span, self.size - index * span)))
-            table = u32_view(self._gt(index))
-            slots = np.flatnonzero(table >= first_data)
-            numbers.append(slots + index * n)
-            sectors.append(table[slots].astype(np.int64))
+                progress(batch.covered)
+            if batch.primary.any():
+                rows, slots = np.nonzero(batch.primary >= first_data)
+                numbers.append(batch.indexes[rows] * self.header.num_gtes_per_gt + slots)
+                sectors.append(batch.primary[rows, slots].astype(np.int64))
         if not numbers:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        return np.concatenate(numbers), np.concatenate(sectors)
+        number, sector = np.concatenate(numbers), np.concatenate(sectors)
+        order = np.argsort(number, kind="stable")  # batches come in the file's order
+        return number[order], sector[order]
+
+    def scan_tables(self) -> Iterator[TableBatch]:
+        """Every table the directory names, in batches, read in bulk in the order the file
+        holds them (see table_scan).  Each primary table is as ``_gt`` gives it: the cached
+        one if cached, else the file's, checked against its redundant copy as ``_gt``
+        checks it.  Nothing is cached: a scan would only evict the working tables."""
+        n = self.header.num_gtes_per_gt
+        gd = u32_view(self.gd)
+        rgd = u32_view(self.rgd) if self.rgd is not None else None
+        used = np.array(nonzero_slots(self.gd), dtype=np.int64)  # what exists, not the claim
+        used = used[np.argsort(gd[used], kind="stable")]
+        # At least SCAN_STEPS batches where there are as many tables: a progress bar moves.
+        step = max(1, min(SCAN_BATCH_BYTES // (n * 4), -(-used.size // SCAN_STEPS)))
+        span = n * self.grain_bytes
+        for k in range(0, used.size, step):
+            indexes = used[k:k + step]
+            sectors = gd[indexes].astype(np.int64)
+            self._refuse_truncated_tables(indexes, sectors)
+            primary = read_tables(self.fd, sectors, n)
+            backup = None if rgd is None else self._copies_of(
+                sectors, rgd[indexes].astype(np.int64), primary)
+            differ = _rows_differing(primary, backup)
+            for row in differ.tolist():
+                if not self._tables.has(self, int(indexes[row])):  # as _gt checks one it reads
+                    self._copy_differs(int(indexes[row]))
+            if self._use_cached_tables(indexes, primary):
+                differ = _rows_differing(primary, backup)  # the newest entries against the copy
+            covered = int(np.clip(self.size - indexes * span, 0, span).sum())
+            yield TableBatch(indexes, primary, backup, differ, covered)
+
+    def _copies_of(self, sectors: np.ndarray, copies: np.ndarray,
+                   primary: np.ndarray) -> np.ndarray:
+        """The redundant copies (at ``copies``) of the tables at ``sectors``; a table without
+        a copy of its own (none, or the directories name one table) gets the primary."""
+        own = (copies != 0) & (copies != sectors)
+        backup = read_tables(self.fd, np.where(own, copies, 0), self.header.num_gtes_per_gt)
+        if not own.all():
+            backup[~own] = primary[~own]
+        return backup
+
+    def _refuse_truncated_tables(self, indexes: np.ndarray, sectors: np.ndarray) -> None:
+        past = np.flatnonzero(sectors * SECTOR_SIZE + self.header.num_gtes_per_gt * 4
+                              > self.file_size)
+        for row in past.tolist():
+            index = int(indexes[row])
+            if not self._tables.has(self, index):
+                raise CorruptImageError(f"grain table {index} at sector {int(sectors[row])} is "
+                                        "truncated", self.filename)
+
+    def _use_cached_tables(self, indexes: np.ndarray, tables: np.ndarray) -> bool:
+        """Put the cached tables (the newest, maybe not yet written) in place of the file's;
+        returns whether there were any."""
+        found = False
+        if self._tables.indexes(self):
+            for row, index in enumerate(indexes.tolist()):
+                cached = self._tables.get(self, index)
+                if cached is not None:
+                    tables[row] = u32_view(cached)
+                    found = True
+        return found
 
     def verify_compressed(self) -> tuple[int, str | None]:
         """Inflate every stored grain: (how many are damaged, the first fault)."""

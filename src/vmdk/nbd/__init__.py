@@ -1,7 +1,7 @@
 """Serve a block device (an opened VMDK image) over NBD.
 
-:mod:`.protocol` is the sans-I/O state machine, :mod:`.server` the threaded
-socket shell around it.
+:mod:`.protocol` is the sans-I/O state machine, :mod:`.server` the socket
+shell around it (one thread, a selector loop, bounded clients and memory).
 """
 
 from .protocol import (
@@ -12,11 +12,12 @@ from .protocol import (
     ServerConnection,
     State,
 )
-from .server import BlockDevice, MapRun, NbdServer, serve
+from .server import BlockDevice, Limits, MapRun, NbdServer, serve
 
 __all__ = [
     "BlockDevice",
     "ExportInfo",
+    "Limits",
     "LocalProtocolError",
     "MapRun",
     "NbdProtocolError",

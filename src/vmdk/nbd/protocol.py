@@ -395,6 +395,7 @@ class ServerConnection:
         self._buf = bytearray()
         self._pos = 0
         self._skip = 0  # payload bytes of a refused message still to drop
+        self._incoming = 0  # length of the WRITE payload being collected
         self._eof = False
         self._pending: collections.Counter[int] = collections.Counter()
 
@@ -414,6 +415,26 @@ class ServerConnection:
     def meta_contexts(self) -> tuple[int, ...]:
         """Ids of the meta contexts negotiated for the transmission phase."""
         return self._contexts
+
+    @property
+    def incoming_payload(self) -> int:
+        """Length of the WRITE payload the connection is collecting, 0 if none.
+
+        Known once :meth:`next_event` has seen the request header and returned
+        :data:`NEED_DATA`: an application bounding its memory can set this much
+        aside before it feeds the connection more (the payload is buffered until
+        the whole request is there).
+        """
+        return self._incoming
+
+    @property
+    def mid_message(self) -> bool:
+        """Part of a client message is buffered (or a refused payload is being dropped).
+
+        Meaningful after :meth:`next_event` returned :data:`NEED_DATA`: the client
+        has started a message and not finished it, which is what a server times out.
+        """
+        return self._available() > 0 or self._skip > 0
 
     # -- input ------------------------------------------------------------
 
@@ -536,10 +557,14 @@ class ServerConnection:
         fields = (cookie, CmdFlag(flags), offset, length)
         refusal = self._check_request(kind, *fields[1:])
         if kind == Cmd.WRITE and refusal is None:
-            message = self._take(w.REQUEST.size + length)
-            if message is None:
+            if self._available() < w.REQUEST.size + length:
+                self._incoming = length
                 return NEED_DATA
-            event: Request = Write(*fields, data=message[w.REQUEST.size :])
+            self._incoming = 0
+            self._consume(w.REQUEST.size)
+            data = self._take(length)  # one copy of the payload, not two
+            assert data is not None
+            event: Request = Write(*fields, data=data)
         else:
             self._consume(w.REQUEST.size)
             if kind == Cmd.WRITE:
