@@ -439,6 +439,16 @@ class DigestingWriter:
         self.tar.end()  # raises when the source ended early
         self.digests.append((name, digest.hexdigest()))
 
+    def finish(self, name: str, signer: Signer | None = None) -> None:
+        """The manifest of every member so far (``name``.mf), the certificate when signed,
+        and the end of the archive."""
+        mf = manifest.format_manifest(self.algorithm, self.digests)
+        self.tar.add_bytes(f"{name}.mf", mf)
+        if signer is not None:
+            self.tar.add_bytes(f"{name}.cert", manifest.sign(
+                mf, f"{name}.mf", signer.key_pem, signer.cert_pem, self.algorithm))
+        self.tar.close()
+
 
 def write_package(out: IO[bytes], name: str, descriptor: bytes, files: list[tuple[str, str]],
                   algorithm: str = manifest.DEFAULT_ALGORITHM, signer: Signer | None = None
@@ -449,12 +459,7 @@ def write_package(out: IO[bytes], name: str, descriptor: bytes, files: list[tupl
     writer.add_bytes(f"{name}.ovf", descriptor)
     for member, path in files:
         writer.add_file(member, path)
-    mf = manifest.format_manifest(algorithm, writer.digests)
-    writer.tar.add_bytes(f"{name}.mf", mf)
-    if signer is not None:
-        writer.tar.add_bytes(f"{name}.cert", manifest.sign(mf, f"{name}.mf", signer.key_pem,
-                                                           signer.cert_pem, algorithm))
-    writer.tar.close()
+    writer.finish(name, signer)
 
 
 def create_ova(app: Appliance, ova: str | os.PathLike[str], *,

@@ -107,16 +107,18 @@ class _Editor:
 
     def _system_type(self, system: ovf.VirtualSystem) -> None:
         tgt = self.tgt
+
+        def refused(family: str) -> bool:
+            return any(family.startswith(prefix) for prefix in tgt.refused_families)
+
         for element in system.system_type_elements:
             types = (element.text or "").split()
-            kept = [t for t in types if not t.startswith(tgt.refused_families or ("\0",))
-                    and _fits(t, tgt.max_hardware)]
+            kept = [t for t in types if not refused(t) and _fits(t, tgt.max_hardware)]
             if kept == types:
                 continue
             newest = tgt.max_hardware or DEFAULT_HARDWARE_VERSION
             kept = kept or [f"vmx-{min(newest, _highest(types) or DEFAULT_HARDWARE_VERSION):02d}"]
-            rule = ("system-type" if any(t.startswith(tgt.refused_families or ("\0",))
-                                         for t in types) else "hardware-version")
+            rule = "system-type" if any(refused(t) for t in types) else "hardware-version"
             self.change(rule, f"{system.id}: VirtualSystemType {' '.join(types)} becomes "
                         f"{' '.join(kept)} ({tgt.name} runs "
                         + (f"up to vmx-{tgt.max_hardware})" if tgt.max_hardware else
@@ -431,12 +433,7 @@ def _write_tar(out: IO[bytes], package: Package, name: str, descriptor: bytes,
         member = package.member(source)
         assert member is not None
         writer.add_stream(member_name, member.size, package.open(member))
-    mf = manifest.format_manifest(algorithm, writer.digests)
-    writer.tar.add_bytes(f"{name}.mf", mf)
-    if signer is not None:
-        writer.tar.add_bytes(f"{name}.cert", manifest.sign(mf, f"{name}.mf", signer.key_pem,
-                                                           signer.cert_pem, algorithm))
-    writer.tar.close()
+    writer.finish(name, signer)
 
 
 __all__ = ["Change", "FixReport", "fix", "plan_for_target"]
