@@ -19,7 +19,8 @@ Two targets have oracles of their own: "pipe-stream" feeds streamOptimized
 files of all three layouts (spec, VMware's tables-first, qemu's) to the
 sequential reader through a reader that cannot seek and returns short reads,
 and checks that whatever it accepts as whole reads the same through
-``vmdk.open``; "ova" runs ``ova_info``, ``ova_disks``, ``copy_from_ova`` and
+``vmdk.open``; "ova" runs ``ova_info``, ``ova_disks``, ``copy_from_ova``, ``verify``, the
+random reader of ``serve`` and
 ``convert`` on damaged and cut packages (a refused convert must leave no
 output behind).
 
@@ -846,7 +847,34 @@ def exercise_ova(entry: str | os.PathLike[str], rng: random.Random | None = None
             _refused(exc)
             if out.exists():
                 raise AssertionError(f"a refused convert left {out.name} behind") from None
-    return ", ".join(outcome) or "ok"
+    outcome.append(_verify_and_read_in_place(path, Path(entry).with_name("out-False.raw")))
+    return ", ".join(o for o in outcome if o) or "ok"
+
+
+def _verify_and_read_in_place(path: str, converted: Path) -> str:
+    """verify reports (never raises on) what it finds; the random reader of ``serve`` and
+    ``cat`` reads what ``convert`` wrote."""
+    import vmdk
+    from vmdk.ova.disk import OvaDisk
+    from vmdk.ova.verify import verify
+
+    try:
+        verify(path)
+    except vmdk.VmdkError as exc:
+        return f"verify {_refused(exc)}"
+    if not converted.exists():
+        return ""
+    try:
+        with OvaDisk(path) as disk, open(converted, "rb") as expected:
+            for offset in range(0, disk.size, 1 << 20):  # in pieces: the memory cap holds
+                if disk.read_at(offset, min(1 << 20, disk.size - offset)) != expected.read(
+                        1 << 20):
+                    raise AssertionError(f"the random reader reads other data at {offset} "
+                                         "than convert wrote")
+    except vmdk.VmdkError as exc:
+        raise AssertionError(f"convert read the disk, the random reader refused: {exc}"
+                             ) from exc
+    return ""
 
 
 #: The oracle of each target that is not opened as an image.

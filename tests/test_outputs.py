@@ -626,7 +626,7 @@ def test_vmdk_output_onto_a_device_is_refused(tmp_path: Path) -> None:
 
 def test_export_ova_failing_half_way_leaves_the_old_package(tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    import vmdk.ova
+    import vmdk.ova.tar
     from vmdk.ova import export_ova
 
     src = tmp_path / "d.vmdk"
@@ -636,7 +636,7 @@ def test_export_ova_failing_half_way_leaves_the_old_package(tmp_path: Path,
     ova = tmp_path / "out" / "vm.ova"
     export_ova(src, ova)
     old = files(tmp_path / "out")
-    real = vmdk.ova._add_bytes
+    real = vmdk.ova.tar.TarWriter.add_bytes
     calls = [0]
 
     def add_bytes(*args: Any) -> None:
@@ -645,7 +645,7 @@ def test_export_ova_failing_half_way_leaves_the_old_package(tmp_path: Path,
             raise OSError(errno.ENOSPC, "No space left on device")
         real(*args)
 
-    monkeypatch.setattr(vmdk.ova, "_add_bytes", add_bytes)
+    monkeypatch.setattr(vmdk.ova.tar.TarWriter, "add_bytes", add_bytes)
     with pytest.raises(vmdk.ImageIOError, match="No space left"):
         export_ova(src, ova)
     monkeypatch.undo()

@@ -192,9 +192,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(_json(package, indent=4))
             return 0
         print(f"package: {args.image}\nfile format: ova")
-        for name in package["members"]:  # type: ignore[attr-defined]
+        for name in package["members"]:
             print(f"    {name}")
-        for disk in package["disks"]:  # type: ignore[attr-defined]
+        for disk in package["disks"]:
             size = disk["virtual-size"]
             shown = f"{_human_size(size)} ({size} bytes)" if size is not None else "not a VMDK"
             print(f"disk {disk['name']}: virtual size {shown}")
@@ -571,11 +571,22 @@ def _seconds(text: str) -> float:
     return seconds
 
 
+def _open_served(path: str, mode: str, allow_external: bool) -> Any:
+    """The image to serve; an OVA's disk (the first) is served read-only, in place."""
+    from ._file import open as open_image
+    from .ova import is_ova
+
+    if is_ova(path):
+        from .ova.disk import open_disk
+
+        return open_disk(path, read_only=mode == "r")
+    return open_image(path, mode, allow_external=allow_external)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from ._file import open as open_image
     from .nbd.server import serve
 
     mode = "r" if args.read_only else "r+"
@@ -588,7 +599,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, on_signal)
     where = args.socket or f"{args.bind}:{args.port}"
     try:
-        disk = open_image(args.image, mode, allow_external=args.allow_external)
+        disk = _open_served(args.image, mode, args.allow_external)
     except VmdkError as exc:
         if mode == "r" or not _read_only_would_serve(exc):
             raise
@@ -836,6 +847,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         p.add_argument("source")
         p.add_argument("ova")
 
+    if only in (None, "ova"):  # its sub-verbs live with the OVA package
+        from .ova.commands import add_parser as add_ova_parser
+
+        add_ova_parser(sub)
+
     if only in (None, "serve"):
         from .nbd import server as nbd
 
@@ -898,7 +914,7 @@ def _relative_sizes(argv: list[str]) -> list[str]:
 #: Every verb build_parser knows (a test keeps the two in step).
 _VERB_NAMES = frozenset({"info", "create", "convert", "check", "map", "compare", "cat", "snapshot",
                          "commit", "rebase", "resize", "compact", "export-ova", "serve",
-                         "amend", "rename", "measure"})
+                         "amend", "rename", "measure", "ova"})
 
 
 def _verb_of(argv: list[str]) -> str | None:

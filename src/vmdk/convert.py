@@ -126,9 +126,10 @@ def open_source(path: str, fmt: str | None = None, **open_args: Any) -> Source:
         if fmt is None:
             from .ova import is_ova
 
-            if is_ova(path):
-                raise UnsupportedFormatError(
-                    "an OVA package is read front to back only: 'vmdk convert' it first", path)
+            if is_ova(path):  # its first disk, indexed in one pass and read in place
+                from .ova.disk import OvaDisk
+
+                return OvaDisk(path)
             fmt = "raw" if sniff(path) == "raw" else "vmdk"
             if fmt == "raw" and (foreign_format(path) or path.lower().endswith(".vmdk")):
                 # Only a file of no known kind is a raw disk: one named .vmdk that is no

@@ -137,6 +137,9 @@ class StreamReader:
         self.tables_first = h.gd_offset != GD_AT_END and h.gd_offset < h.overhead
         self.last = "the header"  # the last complete record, for messages
         self.last_end = SECTOR_SIZE  # the byte where it ends
+        #: (byte offset, compressed size) of the grain record last read: while a grain is
+        #: handed out, where it is stored (random readers of an OVA index them so).
+        self.grain_record = (0, 0)
 
     # -- the header -----------------------------------------------------------------------
 
@@ -228,6 +231,7 @@ class StreamReader:
             raise CorruptImageError(f"grain record at byte {start}: bad compressed size "
                                     f"{marker.size}", self.name)
         record = GrainMarker.SIZE + marker.size
+        self.grain_record = (start, marker.size)
         if record <= len(head):
             return head[GrainMarker.SIZE:record]
         if len(head) < SECTOR_SIZE:
