@@ -31,6 +31,7 @@ import pytest
 
 import vmdk
 from conftest import have, pattern
+from vmdk._output import PARTIAL_MARK
 from vmdk.convert import convert
 from vmdk.extents.sparse import SparseExtent
 
@@ -718,3 +719,22 @@ def test_an_interrupt_while_the_command_line_is_read_exits_as_interrupted(
     monkeypatch.setattr(cli, "build_parser", parser_interrupted)
     assert cli.main(["info", "x.vmdk"]) == 143
     assert capsys.readouterr().err.strip() == "vmdk: terminated"
+
+
+@pytest.mark.parametrize("output", [["-O", "raw"], ["-o", "subformat=streamOptimized"],
+                                    ["-o", "subformat=twoGbMaxExtentSparse"], "export-ova"])
+def test_a_full_disk_is_reported_for_the_output_asked_for(small_disk: Path,
+                                                          sources: dict[str, Path],
+                                                          output: list[str] | str) -> None:
+    """Every error names its file: the output asked for, never a file of the hidden
+    staging folder (gone by the time the message is read)."""
+    new = sources["new-small"]
+    name = "out.ova" if output == "export-ova" else "out.vmdk"
+    target = small_disk / name
+    cmd = (["export-ova", "-f", "raw", new, target] if output == "export-ova" else
+           ["convert", "-f", "raw", *output, new, target])
+    res = subprocess.run([sys.executable, "-m", "vmdk", *map(str, cmd)], check=False, env=ENV,
+                         capture_output=True, text=True)
+    assert res.returncode == 1
+    assert res.stderr.startswith(f"vmdk: error: {target}: No space left on device"), res.stderr
+    assert PARTIAL_MARK not in res.stderr and not os.listdir(small_disk)

@@ -274,10 +274,28 @@ class StagedOutput:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         if exc_type is not None:
+            staging = self._staging
             self.discard()
+            if staging is not None and isinstance(exc, OSError | VmdkError):
+                named = _about_final(exc, staging, self.final)
+                if named is not None:
+                    raise named from exc
 
     def __repr__(self) -> str:
         return f"<StagedOutput {self.final!r} at {self.path!r}>"
+
+
+def _about_final(exc: OSError | VmdkError, staging: str, final: str) -> BaseException | None:
+    """The error again, naming the output a user asked for instead of a file in the hidden
+    staging folder (which is gone by now): None when it names no such file."""
+    name = getattr(exc, "filename", None)
+    if not isinstance(name, str) or not os.path.abspath(name).startswith(staging + os.sep):
+        return None
+    inner = os.path.relpath(os.path.abspath(name), staging)
+    if not isinstance(exc, VmdkError):
+        exc = ImageIOError(exc.strerror or str(exc), name, errno=exc.errno)
+    reason = exc.reason if inner == os.path.basename(final) else f"{exc.reason} (writing {inner})"
+    return exc.renamed(final, reason)
 
 
 def discard_all() -> None:

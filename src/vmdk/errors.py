@@ -9,6 +9,7 @@ file it concerns.
 
 from __future__ import annotations
 
+import copy
 import os
 
 
@@ -37,6 +38,16 @@ class VmdkError(Exception):
         """The message with its opt-in spelled as ``flags`` (keyword -> option) spell it,
         or without it where they have none: a hint names only what can be used."""
         return respell(self.message, self.opt_in, flags)
+
+    def renamed(self, filename: str, reason: str) -> VmdkError:
+        """The same error (class, errno, opt-in) about another file, for another reason."""
+        other = copy.copy(self)
+        if isinstance(self, OSError) and isinstance(other, OSError):
+            other.errno = self.errno  # held by OSError itself: a copy does not carry it
+        other.filename, other.reason = filename, reason
+        other.message = other._with(reason, f"{self.opt_in[0]}=True" if self.opt_in else None)
+        other.args = (other.message,)
+        return other
 
     def __str__(self) -> str:
         # OSError-derived leaves would otherwise format themselves as "[Errno None] ...".
