@@ -400,6 +400,9 @@ def _compare(a: Source, b: Source, strict: bool, quiet: bool,
 
 
 def cmd_cat(args: argparse.Namespace) -> int:
+    if sys.stdout.isatty():
+        raise VmdkError("standard output is a terminal: 'vmdk cat' writes the disk's bytes; "
+                        "redirect them to a file (> disk.raw) or a pipe")
     source = open_source(args.image, args.format, **_open_flags(args))
     try:
         _write_disk(source, sys.stdout.buffer)

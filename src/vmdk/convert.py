@@ -11,13 +11,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import io
 import logging
 import mmap
 import os
 import stat
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ else:
 
 from ._output import StagedOutput, output_errors
 from .errors import UnsupportedFormatError, VmdkError
-from .extents.base import pread_exact, stored_ranges
+from .extents.base import pread_exact, pwrite_all, stored_ranges
 from .image import Image, foreign_format, io_errors, not_vmdk, sniff
 
 #: Bytes moved per read/write system call.
@@ -390,9 +391,15 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
         raise VmdkError(f"a raw output has no VMDK options ({named}): they apply to -O vmdk",
                         dst)
     if src == "-":
+        if sys.stdin.isatty():
+            raise VmdkError("standard input is a terminal: pipe the disk into it "
+                            "(... | vmdk convert - OUTPUT)", "<stdin>")
+        if src_format == "raw":
+            return _convert_raw_from_pipe(dst, out_format, subformat, sparse_size, overwrite,
+                                          durable, create_options, progress)
         if src_format not in (None, "vmdk"):
-            raise VmdkError(f"{src_format} input from a pipe is not supported: pipe a "
-                            "streamOptimized VMDK, or name a file", "<stdin>")
+            raise VmdkError(f"{src_format} input from a pipe is not supported: pipe raw bytes "
+                            "(-f raw) or a streamOptimized VMDK, or name a file", "<stdin>")
         return _convert_from_pipe(dst, out_format, subformat, sparse_size, overwrite, durable,
                                   create_options, progress, recover)
     if dst != "-" and os.path.exists(dst) and os.path.samefile(src, dst):
@@ -468,6 +475,51 @@ def _convert_from_pipe(dst: str, out_format: str, subformat: str, sparse_size: i
     with _target(dst, reader.capacity, out_format, subformat, sparse_size, overwrite,
                  durable, create_options) as (write_at, _block):
         return _write_grains(reader.grains(), write_at, progress, recover)
+
+
+def _convert_raw_from_pipe(dst: str, out_format: str, subformat: str, sparse_size: int,
+                           overwrite: bool, durable: bool, create_options: dict[str, Any],
+                           progress: Progress | None) -> int:
+    """A raw disk arriving on standard input.  Its size is known only at its end, and a
+    VMDK's layout needs it first: the bytes wait in a sparse file beside the output
+    (holding only what is not zeros), which is converted and removed."""
+    folder = os.path.dirname(os.path.abspath(dst)) if dst != "-" else None
+    spool = _make_spool(folder, os.path.basename(dst))
+    try:
+        with output_errors(dst if dst != "-" else spool.name):
+            _spool_stdin(spool.fileno(), sparse_size)
+        return convert(spool.name, dst, src_format="raw", out_format=out_format,
+                       subformat=subformat, sparse_size=sparse_size, progress=progress,
+                       overwrite=overwrite, durable=durable, **create_options)
+    finally:
+        spool.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(spool.name)
+
+
+def _make_spool(folder: str | None, name: str) -> Any:
+    import tempfile
+
+    from ._output import PARTIAL_MARK
+
+    return tempfile.NamedTemporaryFile(dir=folder, delete=False,
+                                       prefix=f".{name[:100]}{PARTIAL_MARK}{os.getpid()}-stdin-")
+
+
+def _spool_stdin(fd: int, block: int) -> int:
+    """Copy standard input into ``fd``, leaving runs of zeros as holes; returns the size."""
+    buf = memoryview(mmap.mmap(-1, CHUNK))
+    source = cast("io.BufferedReader", sys.stdin.buffer)  # it is one, with readinto
+    size = 0
+    while True:
+        n = source.readinto(buf)
+        if not n:
+            break
+        for start, length in nonzero_runs(buf[:n], block or 512):
+            pwrite_all(fd, buf[start:start + length], size + start)
+        size += n
+    os.ftruncate(fd, size)
+    return size
 
 
 def _write_grains(grains: Iterator[tuple[int, bytes]], write_at: Callable[[int, memoryview], None],
@@ -561,18 +613,54 @@ def _abandon(out: Any) -> None:
         out.close()
 
 
+class SequentialOutput:
+    """Writes arriving in ascending order, to a stream that cannot seek: the gaps between
+    them (runs of zeros not written) become zeros on the way."""
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
+        self.pos = 0
+
+    def write_at(self, offset: int, data: memoryview) -> None:
+        if offset < self.pos:
+            raise VmdkError(f"a write at byte {offset} came after byte {self.pos} had been "
+                            "sent: standard output cannot go back", "-")
+        self._zeros(offset - self.pos)
+        self.out.write(data)
+        self.pos = offset + len(data)
+
+    def finish(self, size: int) -> None:
+        self._zeros(size - self.pos)
+        self.out.flush()
+
+    def _zeros(self, n: int) -> None:
+        zeros = memoryview(bytes(min(n, CHUNK)))
+        while n > 0:
+            self.out.write(zeros[:n])
+            self.pos += min(n, len(zeros))
+            n -= len(zeros)
+
+
 @contextlib.contextmanager
 def _stdout_target(size: int, out_format: str, subformat: str, sparse_size: int,
                    create_options: dict[str, Any]
                    ) -> Iterator[tuple[Callable[[int, memoryview], None], int]]:
-    """A streamOptimized image written to standard output as it is made."""
-    if out_format != "vmdk" or subformat != "streamOptimized":
-        raise VmdkError("standard output takes a streamOptimized image only "
-                        "(-o subformat=streamOptimized; 'vmdk cat' writes raw bytes)", "-")
+    """A raw disk or a streamOptimized image written to standard output as it is made
+    (both are written front to back)."""
+    if sys.stdout.isatty():
+        raise VmdkError("refusing to write a disk image to a terminal: redirect it to a file "
+                        "or a pipe", "-")
+    if out_format == "raw":
+        out = SequentialOutput(sys.stdout.buffer)
+        yield out.write_at, sparse_size
+        out.finish(size)
+        return
+    if subformat != "streamOptimized":
+        raise VmdkError("standard output takes raw bytes (-O raw) or a streamOptimized image "
+                        "(-o subformat=streamOptimized): other kinds are not written front to "
+                        "back", "-")
     from .create import create_stream
 
-    if sys.stdout.isatty():
-        raise VmdkError("refusing to write a disk image to a terminal", "-")
     stream = create_stream(sys.stdout.buffer, size, name="disk.vmdk", **create_options)
     stream.durable = False
     try:
