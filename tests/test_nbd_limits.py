@@ -542,7 +542,7 @@ def test_serve_checks_its_limits(image: Path, capsys: pytest.CaptureFixture[str]
 
     with pytest.raises(SystemExit) as exit_info:
         main(["serve", *option, str(image)])
-    assert exit_info.value.code == 2
+    assert exit_info.value.code == 1
     assert "not a positive" in capsys.readouterr().err
 
 

@@ -204,6 +204,9 @@ class FakeStdin:
     def __init__(self, data: bytes, chunk: int = 1 << 16) -> None:
         self.buffer = io.BufferedReader(PipeReader(data, chunk))
 
+    def isatty(self) -> bool:
+        return False  # a pipe
+
 
 def convert_from_pipe(data: bytes, out: Path, monkeypatch: pytest.MonkeyPatch, *,
                       recover: bool = False, chunk: int = 1 << 16) -> int:

@@ -18,7 +18,7 @@ import re
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NoReturn
 
 from . import __version__
 from ._output import discard_all
@@ -635,6 +635,13 @@ def _problem_text(problem: Any, args: argparse.Namespace) -> str:
     return respell(problem.message, problem.opt_in, _verb_flags(args))
 
 
+def cmd_completion(args: argparse.Namespace) -> int:
+    from .completion import script
+
+    print(script(build_parser(), args.shell), end="")
+    return 0
+
+
 def _read_only_would_serve(exc: VmdkError) -> bool:
     """Whether what refused to open an image for writing lets it be read: a file or folder
     without write permission, a write-once stream, change tracking, other readers."""
@@ -651,9 +658,27 @@ def _read_only_would_serve(exc: VmdkError) -> bool:
 
 # ---------------------------------------------------------------------- parser
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as every other error: one line on stderr, naming the verb's own help,
+    and exit code 1 (argparse prints the whole usage and exits 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(1, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """The parsers that run something: every verb's and sub-verb's."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield parser
+    for action in subs:
+        for child in dict.fromkeys(action.choices.values()):  # aliases share a parser
+            yield from _leaf_parsers(child)
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The whole command line, or with ``only`` one verb (argparse costs ~1 ms a verb)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vmdk",
         description="Inspect, create, convert, check and serve VMware VMDK virtual disks.",
         epilog="Run 'vmdk VERB --help' for the options of each verb.")
@@ -703,7 +728,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                             "partitions of device that partitionedDevice exposes)")
         p.add_argument("-b", dest="backing", metavar="PARENT",
                        help="create a snapshot (child) of PARENT")
-        p.add_argument("-F", dest="backing_format", choices=("vmdk",), default="vmdk")
+        p.add_argument("-F", dest="backing_format", choices=("vmdk",), default="vmdk",
+                       help="the parent's format (only vmdk)")
         p.add_argument("-q", dest="quiet", action="store_true")
         p.add_argument("image")
         p.add_argument("size", nargs="?", help="bytes, or with a suffix: 10G, 512M")
@@ -752,8 +778,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     if only in (None, "compare"):
         p = verb("compare", cmd_compare, "compare the contents of two disks (raw or vmdk); exit 0 "
                  "same, 1 different, 2 could not open, 4 read error")
-        p.add_argument("-f", dest="first_format", choices=("raw", "vmdk"), default=None)
-        p.add_argument("-F", dest="second_format", choices=("raw", "vmdk"), default=None)
+        p.add_argument("-f", dest="first_format", choices=("raw", "vmdk"), default=None,
+                       help="the first disk's format (detected when omitted)")
+        p.add_argument("-F", dest="second_format", choices=("raw", "vmdk"), default=None,
+                       help="the second disk's format (detected when omitted)")
         p.add_argument("-s", dest="strict", action="store_true", help="sizes must match too")
         p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
         p.add_argument("-q", dest="quiet", action="store_true")
@@ -806,8 +834,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     if only in (None, "snapshot"):
         p = verb("snapshot", cmd_snapshot, "create CHILD as a new snapshot on top of PARENT")
-        p.add_argument("parent")
-        p.add_argument("child")
+        p.add_argument("parent", help="the image to take the snapshot of")
+        p.add_argument("child", help="the new snapshot (replaced if it exists)")
 
     if only in (None, "commit"):
         p = verb("commit", cmd_commit, "write a snapshot's changes into its parent")
@@ -819,7 +847,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         p = verb("rebase", cmd_rebase, "change the parent of a snapshot (-b '' makes it standalone)")
         p.add_argument("-b", dest="backing", required=True, metavar="PARENT",
                        help="the new parent; an empty string makes the image standalone")
-        p.add_argument("-F", dest="backing_format", choices=("vmdk",), default="vmdk")
+        p.add_argument("-F", dest="backing_format", choices=("vmdk",), default="vmdk",
+                       help="the parent's format (only vmdk)")
         p.add_argument("-u", dest="unsafe", action="store_true",
                        help="only rewrite the parent's name and CID, copy nothing")
         p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
@@ -842,13 +871,14 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     if only in (None, "export-ova"):
         p = verb("export-ova", cmd_export_ova,
                  "package a disk as an OVA (OVF 1.0, streamOptimized disk, SHA-256 manifest)")
-        p.add_argument("-f", dest="source_format", choices=("raw", "vmdk"), default=None)
+        p.add_argument("-f", dest="source_format", choices=("raw", "vmdk"), default=None,
+                       help="the source's format (detected when omitted)")
         p.add_argument("--name", default=None, help="the VM's name (default: the OVA's file name)")
-        p.add_argument("--cpus", type=int, default=1)
+        p.add_argument("--cpus", type=int, default=1, help="virtual CPUs (default 1)")
         p.add_argument("--memory", type=int, default=1024, help="memory in MiB")
         p.add_argument("-p", dest="progress", action="store_true", help="show a progress bar")
-        p.add_argument("source")
-        p.add_argument("ova")
+        p.add_argument("source", help="the disk: raw or any VMDK")
+        p.add_argument("ova", help="the package to write (replaced if it exists)")
 
     if only in (None, "ova"):  # its sub-verbs live with the OVA package
         from .ova.commands import add_parser as add_ova_parser
@@ -861,7 +891,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         p = verb("serve", cmd_serve, "export the image over NBD until SIGINT or SIGTERM")
         p.add_argument("--read-only", "-r", action="store_true", help="refuse writes")
         p.add_argument("--bind", default="127.0.0.1", help="address to listen on (default loopback)")
-        p.add_argument("--port", type=_port, default=10809)
+        p.add_argument("--port", type=_port, default=10809,
+                       help="TCP port to listen on (default 10809, NBD's own)")
         p.add_argument("--socket", default=None,
                        help="listen on this Unix socket instead of TCP (one a killed server "
                             "left behind is replaced)")
@@ -879,7 +910,31 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                        help="drop a client that takes longer to send a request or to take its "
                             "reply (default %(default)g)")
         p.add_argument("image")
+
+    if only in (None, "completion"):
+        p = sub.add_parser("completion", help="print a shell completion script (bash or zsh)",
+                           description="Print a script that completes vmdk's verbs, options "
+                           "and file names. bash: eval \"$(vmdk completion bash)\" in "
+                           "~/.bashrc; zsh: eval \"$(vmdk completion zsh)\" in ~/.zshrc.")
+        p.set_defaults(func=cmd_completion)
+        p.add_argument("shell", choices=("bash", "zsh"), help="the shell to complete in")
+    for leaf in _leaf_parsers(parser):
+        leaf.set_defaults(verb_parser=leaf)  # a usage error names the verb's own help
+        for action in leaf._actions:
+            if action.help is None:
+                action.help = _COMMON_HELP.get(action.dest)
     return parser
+
+
+#: What the options and arguments many verbs share are for (by their destination).
+_COMMON_HELP = {
+    "image": "the image: a descriptor, a monolithic file or a bare extent",
+    "output": "human-readable text (default) or JSON",
+    "format": "the image's format",
+    "quiet": "print nothing when all went well",
+    "first": "the first disk: raw, any VMDK or an OVA",
+    "second": "the second disk: raw, any VMDK or an OVA",
+}
 
 
 #: The command line's spelling of the library's opt-ins (keyword -> option), offered in a
@@ -917,17 +972,25 @@ def _relative_sizes(argv: list[str]) -> list[str]:
 #: Every verb build_parser knows (a test keeps the two in step).
 _VERB_NAMES = frozenset({"info", "create", "convert", "check", "map", "compare", "cat", "snapshot",
                          "commit", "rebase", "resize", "compact", "export-ova", "serve",
-                         "amend", "rename", "measure", "ova"})
+                         "amend", "rename", "measure", "ova", "completion"})
 
 
 def _verb_of(argv: list[str]) -> str | None:
     """The verb, when the command line names a known one (global options take no value)."""
     for word in argv:
-        if word in ("-h", "--help"):
-            return None  # "vmdk -h info" is the top-level help: it lists every verb
         if not word.startswith("-"):
             return word if word in _VERB_NAMES else None
     return None
+
+
+def _help_words(argv: list[str]) -> list[str]:
+    """"vmdk help VERB" and "vmdk -h VERB" as "vmdk VERB --help" ("vmdk help" alone: the
+    list of verbs)."""
+    if argv[:1] == ["help"]:
+        return argv[1:2] + ["--help"]
+    if argv[:1] in (["-h"], ["--help"]) and len(argv) > 1 and argv[1] in _VERB_NAMES:
+        return [argv[1], "--help"]
+    return argv
 
 
 class Terminated(KeyboardInterrupt):
@@ -971,8 +1034,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.reconfigure(errors="surrogateescape")
     with _signals_as_interrupts():
         try:
-            words = _relative_sizes(list(sys.argv[1:] if argv is None else argv))
-            args = build_parser(_verb_of(words)).parse_args(words)
+            words = _help_words(_relative_sizes(list(sys.argv[1:] if argv is None else argv)))
+            args = _parse(build_parser(_verb_of(words)), words)
             if args.verbose:
                 logging.basicConfig(level=logging.INFO, format="vmdk: %(message)s")
             else:
@@ -984,6 +1047,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
             return _interrupted(_interrupted_by[0] == signal.SIGTERM)
         return _run(args)
+
+
+def _parse(parser: argparse.ArgumentParser, words: list[str]) -> argparse.Namespace:
+    """The arguments; what no option takes is the verb's usage error, not vmdk's."""
+    args, extra = parser.parse_known_args(words)
+    if extra:
+        getattr(args, "verb_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -136,8 +136,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
     q = verbs.add_parser("info", help="show a package's members, virtual systems and disks")
     q.set_defaults(func=cmd_info)
-    q.add_argument("--output", choices=("human", "json"), default="human")
-    q.add_argument("package")
+    q.add_argument("--output", choices=("human", "json"), default="human",
+                   help="human-readable text (default) or JSON")
+    q.add_argument("package", help="the OVA file")
 
     q = verbs.add_parser("create", help="package disks and one virtual system as an OVA",
                          description="Package disks (raw or any VMDK) and one virtual system "
@@ -147,9 +148,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     q.add_argument("--disk", action="append", default=[], metavar="SRC[,controller=ID]"
                    "[,format=raw|vmdk]", help="a disk, in order (repeat the option)")
     q.add_argument("--name", help="the VM's name (default: the package's file name)")
-    q.add_argument("--cpus", type=int)
+    q.add_argument("--cpus", type=int, help="virtual CPUs (default 1)")
     q.add_argument("--memory", type=int, help="memory in MiB")
-    q.add_argument("--firmware", choices=("bios", "efi"))
+    q.add_argument("--firmware", choices=("bios", "efi"), help="how the VM boots (default bios)")
     q.add_argument("--secure-boot", action="store_true", help="EFI secure boot")
     q.add_argument("--hardware-version", type=int, metavar="N", help="vmx-N (default 14)")
     q.add_argument("--os-type", metavar="ID", help="VMware guest id (default otherGuest64)")
@@ -161,8 +162,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     q.add_argument("--extra-config", action="append", default=[], metavar="KEY=VALUE",
                    help="a vmw:ExtraConfig setting, e.g. disk.EnableUUID=TRUE")
     q.add_argument("--product", help="product name (ProductSection)")
-    q.add_argument("--vendor")
-    q.add_argument("--version")
+    q.add_argument("--vendor", help="the product's vendor (product section)")
+    q.add_argument("--version", help="the product's version (product section)")
     q.add_argument("--property", action="append", default=[], metavar="KEY=VALUE",
                    help="a product property (OVF environment)")
     q.add_argument("--manifest", default="sha256", choices=("sha1", "sha256", "sha512"),
@@ -190,24 +191,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                          "something is left that cannot be fixed, or with --check when "
                          "something would change. Targets: " + describe_targets() + ".")
     q.set_defaults(func=cmd_fix)
-    q.add_argument("--target", required=True, metavar="NAME")
+    q.add_argument("--target", required=True, metavar="NAME",
+                   help="the importer to fix the package for (listed above)")
     q.add_argument("--check", action="store_true", help="only report what would change")
     q.add_argument("--sign-key", metavar="PEM", help="sign the fixed manifest with this key")
     q.add_argument("--sign-cert", metavar="PEM",
                    help="the signer's certificate (default: the key's file holds it too)")
-    q.add_argument("--output", choices=("human", "json"), default="human")
-    q.add_argument("package")
+    q.add_argument("--output", choices=("human", "json"), default="human",
+                   help="human-readable text (default) or JSON")
+    q.add_argument("package", help="the OVA file")
     q.add_argument("out", nargs="?", help="the fixed package (replaced if it exists)")
 
     q = verbs.add_parser("verify", help="check a package against what importers demand: exit 0 "
                          "clean, 2 when something is wrong (a line per finding)")
     q.set_defaults(func=cmd_verify)
-    q.add_argument("--output", choices=("human", "json"), default="human")
+    q.add_argument("--output", choices=("human", "json"), default="human",
+                   help="human-readable text (default) or JSON")
     q.add_argument("--no-disks", action="store_true",
                    help="do not read the disks through (digests are still checked)")
     q.add_argument("--target", default=None, metavar="NAME",
                    help="also check what this importer refuses (see 'vmdk ova fix --help')")
-    q.add_argument("package")
+    q.add_argument("package", help="the OVA file")
 
 
 __all__ = ["add_parser"]
