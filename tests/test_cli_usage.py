@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
+import pty
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 import vmdk
 from vmdk.cli import _leaf_parsers, build_parser, main
+
+SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def one_line(err: str) -> str:
@@ -109,3 +114,76 @@ def test_python_m_vmdk_usage_error_exit_code() -> None:
                           capture_output=True, text=True, check=False)
     assert done.returncode == 1
     one_line(done.stderr)
+
+
+def test_verbose_logs_what_is_done(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """-v printed nothing at all."""
+    import logging
+
+    src = tmp_path / "src.raw"
+    src.write_bytes(b"\x01" * (1 << 20))
+    out = tmp_path / "out.vmdk"
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        root.handlers.clear()
+        assert main(["-v", "convert", "-f", "raw", str(src), str(out)]) == 0
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])  # (setLevel, not the attribute: loggers cache what is enabled)
+    err = capsys.readouterr().err
+    assert f"converting {src}" in err and f"{out}: complete" in err
+
+
+def test_info_text_as_qemu_img_shows_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                         ) -> None:
+    """true/false in lower case, extents named as the descriptor names them (beside the
+    image as given), VMFS extents called VMFS."""
+    vmdk.create(tmp_path / "esx.vmdk", 1 << 20, "vmfs").close()
+    vmdk.create(tmp_path / "split.vmdk", 3 << 30, "twoGbMaxExtentSparse").close()
+    old = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert main(["info", "split.vmdk"]) == 0
+        out = capsys.readouterr().out
+        assert "filename: split-s001.vmdk" in out and "compressed: false" in out
+        assert "False" not in out
+        assert main(["info", "esx.vmdk"]) == 0
+        out = capsys.readouterr().out
+        assert "format: VMFS" in out and "filename: esx-flat.vmdk" in out
+    finally:
+        os.chdir(old)
+
+
+def test_progress_ends_on_a_full_line(tmp_path: Path) -> None:
+    """The bar vanished when done; it ends at 100%, whatever holes were skipped."""
+    src = tmp_path / "src.raw"
+    with open(src, "wb") as f:
+        f.write(b"\x01" * (1 << 20))
+        f.truncate(64 << 20)  # mostly a hole: skipped, yet counted as done
+    import fcntl
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    try:
+        done = subprocess.run([sys.executable, "-m", "vmdk", "convert", "-p", "-f", "raw",
+                               str(src), str(tmp_path / "out.vmdk")], stderr=follower,
+                              env=dict(os.environ, PYTHONPATH=str(SRC)), check=False,
+                              timeout=120)
+        os.close(follower)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(leader)
+    assert done.returncode == 0
+    last = shown.replace(b"\r", b"\n").strip().splitlines()[-1]
+    assert b"100%" in last, shown[-300:]

@@ -175,6 +175,7 @@ class StagedOutput:
         extents the new one does not use, sync the folder.  On failure nothing changed."""
         if self._done:
             return
+        log.info("%s: complete, put in place", self.final)
         if self.in_place:
             self._finish()
             return

@@ -8,6 +8,7 @@ so must be followed by updating the children that still depend on it.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -21,6 +22,8 @@ from .create import create
 from .errors import ChainError, UnsupportedFormatError
 from .extents.base import SECTOR_SIZE
 from .image import NO_PARENT_CID, PENDING_PARENT_CID_KEY, Image, MapRun, new_cid
+
+log = logging.getLogger(__name__)
 
 CHUNK = 8 << 20
 Progress = Callable[[int], None]
@@ -59,6 +62,7 @@ def commit(child: str | os.PathLike[str], *, progress: Progress | None = None,
             raise ChainError("image has no parent to commit into", child)
         parent_path = top.parent.path
         target = _announce_commit(child, top, allow_external)
+        log.info("committing %s into %s", child, parent_path)
         runs = [r for r in top.map() if r.depth == 0 and r.present]
         if top.size > top.parent.size:
             from .resize import resize_with_cid

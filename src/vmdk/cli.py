@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import io
 import logging
 import mmap
 import os
@@ -155,8 +154,29 @@ def progress_bar(enabled: bool, total: int, desc: str) -> Iterator[Callable[[int
     from tqdm import tqdm  # type: ignore[import-untyped]
 
     sized = {"total": total, "unit": "B", "unit_scale": True, "unit_divisor": 1024} if total else {}
-    with tqdm(desc=desc, leave=False, **sized) as bar:
+    # The bar stays, ending on its 100% line, as qemu-img's does.
+    with tqdm(desc=desc, leave=True, **sized) as bar:
         yield bar.update
+        if total and bar.n < total:  # what was skipped (holes) counts as done
+            bar.update(total - bar.n)
+
+
+def _print_error(message: str) -> None:
+    """"vmdk: error: MESSAGE" on stderr; a file name that is not UTF-8 shows its own bytes
+    (Python would print "\\udcff", naming no file that exists)."""
+    line = f"vmdk: error: {message}\n"
+    raw = getattr(sys.stderr, "buffer", None)
+    if raw is None:
+        sys.stderr.write(line)
+        return
+    sys.stderr.flush()
+    raw.write(line.encode(sys.stderr.encoding or "utf-8", "surrogateescape"))
+    raw.flush()
+
+
+def _text(value: object) -> str:
+    """A value as qemu-img prints it: true and false in lower case."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _plural(n: int, noun: str) -> str:
@@ -224,6 +244,7 @@ def _print_info(info: dict[str, Any]) -> None:
         print(f"cluster_size: {info['cluster-size']}")
     if "backing-filename" in info:
         print(f"backing file: {info['backing-filename']}")
+        print(f"backing file format: {info.get('backing-filename-format', 'vmdk')}")
     for key in ("adapter-type", "hardware-version", "uuid", "comment"):
         if key in info:
             print(f"{key.replace('-', ' ')}: {info[key]}")
@@ -238,7 +259,7 @@ def _print_info(info: dict[str, Any]) -> None:
     for i, ext in enumerate(data["extents"]):
         print(f"        [{i}]:")
         for key, value in ext.items():
-            print(f"            {key.replace('-', ' ')}: {value}")
+            print(f"            {key.replace('-', ' ')}: {_text(value)}")
 
 
 def cmd_create(args: argparse.Namespace) -> int:
@@ -306,7 +327,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     opening = [p for p in result.problems if p.kind == "error"]
     if result.check_errors and opening and not result.allocated_clusters:
         # The image could not even be opened: an error like any other verb's.
-        print(f"vmdk: error: {_problem_text(opening[0], args)}", file=sys.stderr)
+        _print_error(_problem_text(opening[0], args))
         return 1
     if args.output == "json":
         print(_json(result.to_json(), indent=4))
@@ -365,13 +386,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
         a = open_source(args.first, args.first_format, **_open_flags(args))
         b = open_source(args.second, args.second_format, **_open_flags(args))
     except (VmdkError, OSError) as exc:
-        print(f"vmdk: error: {exc}", file=sys.stderr)
+        _print_error(_message(exc, args))
         return 2
     try:
         with progress_bar(args.progress, max(a.size, b.size), "compare") as bar:
             return _compare(a, b, args.strict, args.quiet, bar)
     except (VmdkError, OSError) as exc:
-        print(f"vmdk: error: {exc}", file=sys.stderr)
+        _print_error(_message(exc, args))
         return 4
     finally:
         a.close()
@@ -1028,10 +1049,6 @@ def _signals_as_interrupts() -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     del _interrupted_by[:]
-    # A file name that is not UTF-8 is shown as its own bytes, as on standard output
-    # (Python would print "\udcff" there, naming no file that exists).
-    if isinstance(sys.stderr, io.TextIOWrapper):
-        sys.stderr.reconfigure(errors="surrogateescape")
     with _signals_as_interrupts():
         try:
             words = _help_words(_relative_sizes(list(sys.argv[1:] if argv is None else argv)))
@@ -1074,7 +1091,7 @@ def _run(args: argparse.Namespace) -> int:
         discard_all()
         if args.debug:
             raise
-        print(f"vmdk: error: {_message(exc, args)}", file=sys.stderr)
+        _print_error(_message(exc, args))
         return 1
     except KeyboardInterrupt as exc:
         return _interrupted(isinstance(exc, Terminated))

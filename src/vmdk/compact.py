@@ -7,6 +7,7 @@ table, so a crash in the middle leaves at worst a copy nobody references.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -55,6 +56,9 @@ def compact(path: str | os.PathLike[str], *, progress: Progress | None = None) -
             result.zero_grains_dropped += drop_zero_grains(extent, has_parent, progress)
             result.grains_moved += defragment(extent)
             result.bytes_after += extent.file_size
+    logging.getLogger(__name__).info(
+        "%s: dropped %d zero grains, moved %d; %d bytes -> %d bytes", path,
+        result.zero_grains_dropped, result.grains_moved, result.bytes_before, result.bytes_after)
     return result
 
 

@@ -385,6 +385,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     from .ova import copy_from_ova, is_ova, ova_disk_size
 
     src, dst = os.fspath(src), os.fspath(dst)
+    log.info("converting %s (%s) to %s (%s)", src, src_format or "detected", dst,
+             out_format if out_format == "raw" else f"vmdk {subformat}")
     if out_format == "raw" and (create_options or subformat != "monolithicSparse"):
         named = ", ".join(sorted(create_options) + (["subformat"] if subformat !=
                                                      "monolithicSparse" else []))

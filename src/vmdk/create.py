@@ -8,6 +8,7 @@ for writing.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import operator
 import os
 import re
@@ -408,6 +409,9 @@ def _plan(path: str, size: int | None, subformat: str, parent: str | os.PathLike
         if parent_image is not None:
             parent_image.close()
         raise
+    logging.getLogger(__name__).info(
+        "creating %s: %s, %d bytes%s", path, subformat, size,
+        f", a snapshot of {parent_image.path}" if parent_image is not None else "")
     return _Plan(path, subformat, _ceil_div(size, SECTOR_SIZE), opts, parent_image, raw_device,
                  partitions, allow_external)
 

@@ -248,6 +248,10 @@ class Image:
                                           "while being opened", path) from None
                 continue
             image._drop_tracking = drop_change_tracking
+            log.info("%s: opened for %s: %s, %d bytes, %d extent%s%s", path,
+                     "writing" if "+" in mode else "reading", image.create_type, image.size,
+                     len(image.extents), "" if len(image.extents) == 1 else "s",
+                     f", parent {image.parent.path}" if image.parent is not None else "")
             return image
         raise AssertionError("unreachable")
 
@@ -684,7 +688,8 @@ class Image:
             "cid": self.cid,
             "parent-cid": self.parent_cid,
             "create-type": self.create_type,
-            "extents": [self._extent_info(e) for e in self.extents],
+            "extents": [self._extent_info(e, line)
+                        for e, line in zip(self.extents, self.descriptor.extents)],
         }
         hint = self.descriptor.parent_file_name_hint
         if hint:
@@ -731,9 +736,16 @@ class Image:
         except UnsafePathError:
             return None
 
-    def _extent_info(self, extent: Extent) -> dict[str, Any]:
+    def _extent_info(self, extent: Extent, line: ExtentLine) -> dict[str, Any]:
+        """An extent as qemu-img info shows it: its file named as the descriptor names it
+        (beside the image's path as given), its kind as the descriptor's line says."""
         info = dict(extent.info())
         info.setdefault("format", type(extent).__name__)
+        if line.filename:
+            info["filename"] = (self.path if self.embedded is not None else
+                                os.path.join(os.path.dirname(self.path), line.filename))
+        if line.type in ("VMFS", "VMFSRDM", "VMFSRAW"):
+            info["format"] = line.type
         return info
 
     def chain(self) -> list[Image]:

@@ -25,6 +25,7 @@ leaves no gap behind it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import operator
 import os
 import stat
@@ -77,6 +78,7 @@ def resize_with_cid(path: str | os.PathLike[str], size: int, *, shrink: bool,
         raise VmdkError(f"a disk needs at least one sector; {size} bytes asked for", path)
     if sectors * SECTOR_SIZE > MAX_DISK_BYTES:
         raise UnsupportedFormatError(f"{size} bytes is more than any file system holds", path)
+    logging.getLogger(__name__).info("%s: resizing to %d bytes", path, sectors * SECTOR_SIZE)
     dropped: list[str] = []
     with io_errors(path), Image.open(path, "r+") as image:
         if any(getattr(e, "compressed", False) for e in image.extents):
