@@ -842,7 +842,8 @@ def exercise_ova(entry: str | os.PathLike[str], rng: random.Random | None = None
         out = Path(entry).with_name(f"out-{recover}.raw")
         try:
             if (size if size is not None else ova_disk_size(path)) <= read_budget:
-                convert(path, out, out_format="raw", durable=False, recover=recover)
+                convert(path, out, out_format="raw", durable=False, recover=recover,
+                        overwrite=True)
         except vmdk.VmdkError as exc:
             _refused(exc)
             if out.exists():

@@ -338,8 +338,8 @@ def test_create_and_convert_refuse_to_replace_an_image_in_use(tmp_path: Path) ->
         with pytest.raises(vmdk.ImageInUseError, match="A.vmdk"):
             vmdk.create(a, 1 << 20, overwrite=True)
         with pytest.raises(vmdk.ImageInUseError, match="A.vmdk"):
-            convert(raw, a)
+            convert(raw, a, overwrite=True)
         with pytest.raises(vmdk.ImageInUseError, match="A.vmdk"):
-            convert(raw, a, out_format="raw")
+            convert(raw, a, out_format="raw", overwrite=True)
     with vmdk.open(a) as d:
         assert d.read_at(0, 4) == b"live"

@@ -111,7 +111,8 @@ def test_stream_required_is_an_upper_bound(tmp_path: Path, source: Path) -> None
     for level in (0, 1, 9):
         got = measure(full, subformat="streamOptimized", target="r.vmdk",
                       compression_level=level)
-        convert(full, tmp_path / "r.vmdk", subformat="streamOptimized", compression_level=level)
+        convert(full, tmp_path / "r.vmdk", subformat="streamOptimized", compression_level=level,
+                overwrite=True)
         assert files_length(tmp_path / "r.vmdk") <= got.required <= got.fully_allocated
 
 

@@ -227,6 +227,7 @@ def test_full_disk_keeps_the_old_output(small_disk: Path, sources: dict[str, Pat
     old = files(small_disk)
     with pytest.raises(vmdk.ImageIOError) as caught:
         convert(new if kind != "twoGbMaxExtentSparse" else sources["new-small"], target,
+                overwrite=True,
                 src_format="raw", **KINDS[kind][1])
     assert caught.value.errno == errno.ENOSPC, caught.value
     assert "No space left" in str(caught.value)
@@ -309,7 +310,7 @@ def test_enospc_in_write_fsync_and_close(tmp_path: Path, sources: dict[str, Path
     old = files(folder)
     disk = _FullDisk(folder, 3 * MiB, monkeypatch)
     with pytest.raises(vmdk.ImageIOError) as caught:
-        convert(new, target, src_format="raw", **KINDS[kind][1])
+        convert(new, target, src_format="raw", overwrite=True, **KINDS[kind][1])
     monkeypatch.undo()
     assert caught.value.errno == errno.ENOSPC
     assert disk.failed["pwrite"] and disk.failed["close"], disk.failed
@@ -449,7 +450,7 @@ def test_replacing_removes_only_the_old_images_unused_extents(tmp_path: Path) ->
     vmdk.create(path, MiB, "monolithicFlat", overwrite=True).close()
     assert sorted(os.listdir(tmp_path)) == ["d-flat.vmdk", "d-s009.vmdk", "d.vmdk", "notes.txt"]
     convert(path, tmp_path / "e.vmdk")
-    convert(tmp_path / "e.vmdk", path, subformat="monolithicSparse")
+    convert(tmp_path / "e.vmdk", path, subformat="monolithicSparse", overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["d-s009.vmdk", "d.vmdk", "e.vmdk", "notes.txt"]
 
 
@@ -558,7 +559,8 @@ def test_create_over_an_image_being_written_never_replaces_it(tmp_path: Path,
 # ---------------------------------------------------- outputs that stay put
 
 def test_raw_output_to_dev_null(tmp_path: Path, sources: dict[str, Path]) -> None:
-    assert convert(sources["new-small"], os.devnull, src_format="raw", out_format="raw") > 0
+    assert convert(sources["new-small"], os.devnull, src_format="raw", out_format="raw",
+                   overwrite=True) > 0
     assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
 
 
@@ -578,7 +580,7 @@ def test_raw_output_to_a_pipe(tmp_path: Path) -> None:
     reader = threading.Thread(target=read)
     reader.start()
     try:
-        convert(src, fifo, out_format="raw")
+        convert(src, fifo, out_format="raw", overwrite=True)
     finally:
         reader.join(timeout=30)
     assert bytes(got) == data + bytes(MiB)
@@ -613,7 +615,7 @@ def test_raw_output_to_a_block_device(tmp_path: Path, block_device: tuple[Path, 
     with vmdk.create(src, 8 * MiB) as d:
         d.write_at(MiB, b"a" * MiB)
         d.write_at(5 * MiB + 7, b"b" * 1000)
-    convert(src, node, out_format="raw")
+    convert(src, node, out_format="raw", overwrite=True)
     assert stat.S_ISBLK(os.lstat(node).st_mode)
     with open(node, "rb") as f:
         assert f.read() == read_all(src)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # collections.abc.Buffer from Python 3.12
 
 from ._positioned import PositionedDisk
 from .errors import OutOfRangeError
@@ -17,7 +20,12 @@ from .image import Image, MapRun
 
 
 class VmdkFile(PositionedDisk):
-    """A virtual disk opened for reading (mode "r") or reading and writing ("r+")."""
+    """A virtual disk opened for reading (mode "r") or reading and writing ("r+").
+
+    A binary file object of ``size`` bytes (``read``, ``write``, ``seek``...), plus
+    positional I/O that leaves the file position alone (``read_at``, ``write_at``...),
+    safe to use from several threads as the NBD server does.
+    """
 
     def __init__(self, image: Image) -> None:
         super().__init__()
@@ -28,10 +36,12 @@ class VmdkFile(PositionedDisk):
 
     @property
     def name(self) -> str:
+        """The path the image was opened by."""
         return self.image.path
 
     @property
     def mode(self) -> str:
+        """"rb" when opened for reading, "r+b" when for writing too."""
         return "rb" if self.image.read_only else "r+b"
 
     @property
@@ -40,14 +50,18 @@ class VmdkFile(PositionedDisk):
         return self.image.size
 
     def readable(self) -> bool:
+        """Always True: every image can be read."""
         self._checkClosed()
         return True
 
     def writable(self) -> bool:
+        """Whether the disk was opened for writing ("r+")."""
         self._checkClosed()
         return not self.image.read_only
 
-    def readinto(self, buffer: Any) -> int:
+    def readinto(self, buffer: Buffer) -> int:
+        """Fill ``buffer`` from the current position; returns the bytes read (fewer at the
+        end of the disk, 0 past it)."""
         self._checkClosed()
         view = memoryview(buffer).cast("B")
         n = max(0, min(len(view), self.image.size - self._pos))
@@ -68,10 +82,18 @@ class VmdkFile(PositionedDisk):
         return data
 
     def readall(self) -> bytes:
+        """Everything from the current position to the end of the disk."""
         return self.read(max(0, self.image.size - self._pos))
 
-    def write(self, data: Any) -> int:
+    def write(self, data: Buffer) -> int:
+        """Write ``data`` at the current position and move past it; returns its length.
+
+        A disk does not grow: a write past its end raises ``OutOfRangeError``
+        (``vmdk resize`` makes it larger).  A disk opened for reading raises
+        ``ReadOnlyError``, wherever the write would go.
+        """
         self._checkClosed()
+        self.image._check_writable()
         view = memoryview(data).cast("B")
         if self._pos + len(view) > self.image.size:
             raise OutOfRangeError(
@@ -82,6 +104,7 @@ class VmdkFile(PositionedDisk):
         return len(view)
 
     def truncate(self, size: int | None = None) -> int:
+        """Refused: a virtual disk has a fixed size (``vmdk resize`` changes it)."""
         raise io.UnsupportedOperation("a virtual disk has a fixed size; use vmdk resize")
 
     @property
@@ -95,11 +118,13 @@ class VmdkFile(PositionedDisk):
             extent.durable = value
 
     def flush(self) -> None:
-        """Write descriptor and metadata, then fsync every file."""
+        """Write descriptor and metadata, then fsync every file (data first, then grain
+        tables, then the grain directory)."""
         self._checkClosed()
         self.image.flush()
 
     def close(self) -> None:
+        """Flush, clear the unclean-shutdown flag and release the image's locks."""
         if not self.closed:
             try:
                 self.image.close()
@@ -107,6 +132,7 @@ class VmdkFile(PositionedDisk):
                 super().close()
 
     def fileno(self) -> int:
+        """Refused: an image is several files (descriptor, extents, parents)."""
         raise io.UnsupportedOperation("a VMDK image has no single file descriptor")
 
     def __enter__(self) -> Self:
@@ -116,30 +142,52 @@ class VmdkFile(PositionedDisk):
     # positional API (what the NBD server and convert use) ------------------
 
     def read_at(self, offset: int, length: int) -> bytes:
+        """``length`` bytes from byte ``offset`` of the disk (the file position stays).
+
+        Ranges the image does not store read from its parent, or as zeros.  A range
+        outside the disk raises ``OutOfRangeError``.
+        """
         self._checkClosed()
         return self.image.read_at(offset, length)
 
-    def readinto_at(self, offset: int, buf: Any) -> None:
+    def readinto_at(self, offset: int, buf: Buffer) -> int:
+        """Fill ``buf`` from byte ``offset`` of the disk; returns the bytes read (all of
+        ``buf``: a range outside the disk raises ``OutOfRangeError``)."""
         self._checkClosed()
-        self.image.readinto_at(offset, buf)
+        view = memoryview(buf).cast("B")
+        self.image.readinto_at(offset, view)
+        return len(view)
 
-    def write_at(self, offset: int, data: Any) -> None:
+    def write_at(self, offset: int, data: Buffer) -> None:
+        """Write ``data`` at byte ``offset`` of the disk (the file position stays).
+
+        The first write of an open gives the image a new CID, on disk before any data
+        changes.  ``ReadOnlyError`` on a disk opened for reading; ``OutOfRangeError``
+        for a range outside the disk.
+        """
         self._checkClosed()
-        self.image.write_at(offset, data)
+        self.image.write_at(offset, memoryview(data))
 
     def write_zeroes_at(self, offset: int, length: int) -> None:
+        """Make ``length`` bytes from ``offset`` read as zeros, storing as little as the
+        image kind allows (zeroed-grain entries, holes)."""
         self._checkClosed()
         self.image.write_zeroes_at(offset, length)
 
     def discard_at(self, offset: int, length: int) -> None:
+        """Forget a range (NBD TRIM): without a parent it reads as zeros afterwards; over
+        a parent it is kept as it is."""
         self._checkClosed()
         self.image.discard_at(offset, length)
 
     def map(self, offset: int = 0, length: int | None = None) -> list[MapRun]:
+        """Where the disk's data is: runs of one allocation state (data, zero, unstored)
+        with the file and offset that holds them, as ``qemu-img map`` lists them."""
         self._checkClosed()
         return self.image.map(offset, length)
 
     def info(self) -> dict[str, Any]:
+        """What ``vmdk info --output=json`` prints: qemu-img's keys where it has them."""
         self._checkClosed()
         return self.image.info()
 

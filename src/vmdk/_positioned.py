@@ -15,17 +15,23 @@ class PositionedDisk(io.RawIOBase):
 
     @property
     def size(self) -> int:
+        """Virtual size in bytes."""
         raise NotImplementedError
 
     def seekable(self) -> bool:
+        """Always True: a disk is read and written anywhere."""
         self._checkClosed()
         return True
 
     def tell(self) -> int:
+        """The file position, in bytes from the start of the disk."""
         self._checkClosed()
         return self._pos
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        """Move the file position (``whence`` as for files: SEEK_SET, SEEK_CUR, SEEK_END);
+        returns the new position.  Past the end is allowed, as for files: reads there
+        return nothing and writes raise."""
         self._checkClosed()
         offset = operator.index(offset)  # as FileIO: no floats or strings
         if whence == os.SEEK_SET:

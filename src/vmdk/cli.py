@@ -304,7 +304,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         size = source.size
         source.close()
     with progress_bar(args.progress, size, "convert") as bar:
-        convert(args.source, args.target, src_format=args.source_format,
+        convert(args.source, args.target, src_format=args.source_format, overwrite=True,
                 out_format=args.output_format, sparse_size=_sparse_size(args.sparse_size),
                 progress=bar,
                 allow_external=args.allow_external, force_share=args.force_share,

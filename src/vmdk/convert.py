@@ -362,11 +362,12 @@ def _kernel_copy(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, len
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
             src_format: str | None = None, out_format: str = "vmdk",
             subformat: str = "monolithicSparse", sparse_size: int = DEFAULT_SPARSE_SIZE,
-            progress: Progress | None = None, overwrite: bool = True,
+            progress: Progress | None = None, overwrite: bool = False,
             allow_external: bool = False, force_share: bool = False, ignore_cid: bool = False,
             disk: str | None = None, durable: bool = True, recover: bool = False,
             missing_as_zeros: bool = False, **create_options: Any) -> int:
-    """Convert ``src`` into ``dst``; returns the bytes written.
+    """Convert ``src`` into ``dst``; returns the bytes written.  An existing ``dst`` is
+    refused (``ImageExistsError``) unless ``overwrite=True``, as :func:`vmdk.create` does.
 
     ``src`` is a raw file, any VMDK (a snapshot chain is flattened) or an OVA
     (its first disk, or ``disk``), detected unless ``src_format`` says

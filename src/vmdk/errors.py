@@ -10,6 +10,7 @@ file it concerns.
 from __future__ import annotations
 
 import copy
+import errno
 import os
 
 
@@ -90,7 +91,15 @@ class OutOfRangeError(VmdkError, ValueError):
 
 
 class MissingExtentError(VmdkError, FileNotFoundError):
-    """A file the image needs does not exist: the image itself, an extent or a parent."""
+    """A file the image needs does not exist: the image itself, an extent or a parent.
+
+    ``errno`` is ENOENT, as for any FileNotFoundError.
+    """
+
+    def __init__(self, message: str, filename: str | os.PathLike[str] | None = None, *,
+                 opt_in: tuple[str, str] | None = None) -> None:
+        super().__init__(message, filename, opt_in=opt_in)
+        self.errno = errno.ENOENT
 
 
 class ImageExistsError(VmdkError, FileExistsError):
