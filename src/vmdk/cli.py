@@ -962,12 +962,18 @@ _COMMON_HELP = {
 #: hint only by the verbs that have the option.
 _OPT_IN_FLAGS = {"allow_external": "--allow-external", "force_share": "-U",
                  "ignore_cid": "--ignore-cid", "missing_as_zeros": "--missing-as-zeros",
-                 "shrink": "--shrink"}
+                 "shrink": "--shrink", "options": "-o partitions=N:N (as sfdisk numbers them)"}
+#: Opt-ins that are options of -o on the command line (keyword -> the dest that has them).
+_OPT_IN_DESTS = {"partitions": "options"}
 
 
 def _verb_flags(args: argparse.Namespace | None) -> dict[str, str]:
     """The opt-ins this verb's command line has, in its spelling."""
-    return {k: v for k, v in _OPT_IN_FLAGS.items() if hasattr(args, k)}
+    flags = {k: v for k, v in _OPT_IN_FLAGS.items() if hasattr(args, k)}
+    for keyword, dest in _OPT_IN_DESTS.items():
+        if dest in flags:
+            flags[keyword] = flags.pop(dest)
+    return flags
 
 
 def _message(exc: BaseException, args: argparse.Namespace | None = None) -> str:

@@ -675,8 +675,9 @@ def _create_partitioned_device(stage: StagedOutput, sectors: int, opts: CreateOp
                                partitions: Sequence[RawRange] | Sequence[int] | None) -> None:
     path = stage.path
     if not partitions:
-        raise ValueError("partitionedDevice needs partitions (partition numbers of raw_device, "
-                         "or a list of RawRange)")
+        raise VmdkError("partitionedDevice needs the partitions to expose (partition numbers "
+                        "of the device, or ranges of it)", stage.final,
+                        opt_in=("partitions=[1, 5]", "names them"))
     ranges = [p for p in partitions if isinstance(p, RawRange)]
     numbers = [p for p in partitions if isinstance(p, int)]
     if numbers:

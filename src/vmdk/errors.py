@@ -18,8 +18,9 @@ class VmdkError(Exception):
     """Base of every error this package raises on purpose.
 
     ``opt_in`` names the keyword argument that would let the refused thing through
-    (``allow_external``, ``ignore_cid``...) and what it does; the message ends with
-    it in Python's spelling, and :meth:`with_flags` spells it as a command line does.
+    (``allow_external``, ``ignore_cid``..., or with its value: ``partitions=[1, 5]``)
+    and what it does; the message ends with it in Python's spelling, and
+    :meth:`with_flags` spells it as a command line does.
     """
 
     def __init__(self, message: str, filename: str | os.PathLike[str] | None = None, *,
@@ -27,7 +28,7 @@ class VmdkError(Exception):
         self.filename = os.fspath(filename) if filename is not None else None
         self.opt_in = opt_in
         self.reason = message
-        self.message = self._with(message, f"{opt_in[0]}=True" if opt_in else None)
+        self.message = self._with(message, _python_spelling(opt_in[0]) if opt_in else None)
         super().__init__(self.message)
 
     def _with(self, reason: str, spelled: str | None) -> str:
@@ -46,7 +47,8 @@ class VmdkError(Exception):
         if isinstance(self, OSError) and isinstance(other, OSError):
             other.errno = self.errno  # held by OSError itself: a copy does not carry it
         other.filename, other.reason = filename, reason
-        other.message = other._with(reason, f"{self.opt_in[0]}=True" if self.opt_in else None)
+        other.message = other._with(reason,
+                                    _python_spelling(self.opt_in[0]) if self.opt_in else None)
         other.args = (other.message,)
         return other
 
@@ -140,8 +142,14 @@ def respell(message: str, opt_in: tuple[str, str] | None, flags: dict[str, str])
     if opt_in is None:
         return message
     keyword, does = opt_in
-    python = f"; {keyword}=True {does}"
+    python = f"; {_python_spelling(keyword)} {does}"
     if not message.endswith(python):
         return message
     message = message[:-len(python)]
-    return f"{message}; {flags[keyword]} {does}" if keyword in flags else message
+    name = keyword.partition("=")[0]
+    return f"{message}; {flags[name]} {does}" if name in flags else message
+
+
+def _python_spelling(keyword: str) -> str:
+    """A flag keyword as ``name=True``; one with a value ("partitions=[1, 5]") as given."""
+    return keyword if "=" in keyword else f"{keyword}=True"
