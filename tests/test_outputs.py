@@ -740,3 +740,17 @@ def test_a_full_disk_is_reported_for_the_output_asked_for(small_disk: Path,
     assert res.returncode == 1
     assert res.stderr.startswith(f"vmdk: error: {target}: No space left on device"), res.stderr
     assert PARTIAL_MARK not in res.stderr and not os.listdir(small_disk)
+
+
+@pytest.mark.parametrize("verb", [["convert", "-f", "raw", "-O", "raw"],
+                                  ["convert", "-f", "raw", "-o", "subformat=streamOptimized"],
+                                  ["cat", "-f", "raw"]])
+def test_a_full_disk_under_standard_output_is_named(small_disk: Path, sources: dict[str, Path],
+                                                    verb: list[str]) -> None:
+    """"vmdk: error: No space left on device" named no file."""
+    args = [*verb, str(sources["new-small"])] + (["-"] if verb[0] == "convert" else [])
+    with open(small_disk / "out", "wb") as out:
+        res = subprocess.run([sys.executable, "-m", "vmdk", *args], check=False, env=ENV,
+                             stdout=out, stderr=subprocess.PIPE, text=True)
+    assert res.returncode == 1
+    assert res.stderr == "vmdk: error: <stdout>: No space left on device\n", res.stderr

@@ -424,9 +424,12 @@ def cmd_cat(args: argparse.Namespace) -> int:
     if sys.stdout.isatty():
         raise VmdkError("standard output is a terminal: 'vmdk cat' writes the disk's bytes; "
                         "redirect them to a file (> disk.raw) or a pipe")
+    from ._output import output_errors
+
     source = open_source(args.image, args.format, **_open_flags(args))
     try:
-        _write_disk(source, sys.stdout.buffer)
+        with output_errors("<stdout>"):
+            _write_disk(source, sys.stdout.buffer)
     finally:
         source.close()
     return 0

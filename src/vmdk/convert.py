@@ -557,7 +557,8 @@ def _target(dst: str, size: int, out_format: str, subformat: str, sparse_size: i
     image's extents (the source's).
     """
     if dst == "-":
-        with _stdout_target(size, out_format, subformat, sparse_size, create_options) as target:
+        with output_errors("<stdout>"), _stdout_target(size, out_format, subformat,
+                                                       sparse_size, create_options) as target:
             yield target
         return
     if out_format not in ("raw", "vmdk"):
