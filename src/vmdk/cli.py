@@ -204,9 +204,11 @@ def _open_flags(args: argparse.Namespace) -> dict[str, Any]:
 # ----------------------------------------------------------------------- verbs
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .ova import is_ova, ova_info
+    from .ova import is_ova
 
     if is_ova(args.image):
+        from .ova import ova_info
+
         package = ova_info(args.image)
         if args.output == "json":
             print(_json(package, indent=4))
@@ -290,7 +292,7 @@ def _sparse_size(text: str) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .ova import is_ova, ova_disk_size
+    from .ova import is_ova
 
     kwargs = create_kwargs(parse_options(args.options))
     if args.source == "-" or args.recover:
@@ -298,6 +300,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     elif args.source_format == "raw":
         size = os.path.getsize(args.source)
     elif args.source_format == "ova" or (args.source_format is None and is_ova(args.source)):
+        from .ova import ova_disk_size
+
         size = ova_disk_size(args.source, args.disk)
     else:
         source = open_source(args.source, args.source_format, **_open_flags(args))

@@ -383,7 +383,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     ``missing_as_zeros=True`` reads the missing end of a cut flat extent file as
     zeros instead of failing.
     """
-    from .ova import copy_from_ova, is_ova, ova_disk_size
+    from .ova import is_ova
 
     src, dst = os.fspath(src), os.fspath(dst)
     log.info("converting %s (%s) to %s (%s)", src, src_format or "detected", dst,
@@ -412,6 +412,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
         return _recover_stream(src, dst, out_format, subformat, sparse_size, overwrite, durable,
                                create_options, progress, disk)
     if src_format == "ova" or (src_format is None and is_ova(src)):
+        from .ova import copy_from_ova, ova_disk_size
+
         with _target(dst, ova_disk_size(src, disk), out_format, subformat, sparse_size,
                      overwrite, durable, create_options, keep=[src]) as (write_at, _block):
             copy_from_ova(src, write_at, disk, progress)

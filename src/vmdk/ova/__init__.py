@@ -29,7 +29,6 @@ if TYPE_CHECKING:
         DiskRef,
         Package,
         copy_from_ova,
-        is_ova,
         open_ova_disk,
         ova_disk_size,
         ova_disks,
@@ -40,8 +39,20 @@ _EXPORTS = {"iter_stream_grains": ("..stream_read", "iter_stream_grains"),
             "build_ovf": (".create", "build_ovf"), "export_ova": (".create", "export_ova"),
             "ova_info": (".info", "package_info"),
             **{name: (".package", name) for name in (
-                "DiskRef", "Package", "copy_from_ova", "is_ova", "open_ova_disk",
+                "DiskRef", "Package", "copy_from_ova", "open_ova_disk",
                 "ova_disk_size", "ova_disks")}}
+
+
+def is_ova(path: str) -> bool:
+    """Whether ``path`` is to be read as an OVA package (see :func:`.package.is_ova`).
+
+    Asked of every source: a name that cannot be a package's loads nothing more.
+    """
+    if not path.lower().endswith((".ova", ".tar")):
+        return False
+    from .package import is_ova as looks_like_a_package
+
+    return looks_like_a_package(path)
 
 
 def __getattr__(name: str) -> Any:
