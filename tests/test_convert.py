@@ -261,3 +261,32 @@ def test_ovf_style_names_are_not_taken_for_extents(tmp_path: Path) -> None:
         d.write(b"data")
     convert(src, tmp_path / "ubuntu.vmdk")
     vmdk.create(tmp_path / "ubuntu2.vmdk", parent=src).close()
+
+
+def test_full_allocation_without_fallocate_writes_the_holes(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """-S 0 allocates a raw output fully; where the file system has no fallocate, the
+    holes are written as zeros, and the bytes stay what they were."""
+    import errno as errno_
+
+    from vmdk import convert as convert_module
+
+    path = tmp_path / "out.raw"
+    with open(path, "wb") as f:
+        f.truncate(3 << 20)
+        f.seek(1 << 20)
+        f.write(b"data" * 1024)
+    before = path.read_bytes()
+
+    def unsupported(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno_.EOPNOTSUPP, "not supported")
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        convert_module._allocate_all(fd, 3 << 20)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == before
+    assert os.stat(path).st_blocks * 512 >= 3 << 20  # every hole has its blocks now

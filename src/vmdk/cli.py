@@ -572,34 +572,29 @@ def cmd_export_ova(args: argparse.Namespace) -> int:
     return 0
 
 
-def _port(text: str) -> int:
+def _option_value(text: str, parse: Callable[[str], float], fits: Callable[[float], bool],
+            what: str) -> float:
+    """An option's value, or the one-line usage error saying what it must be."""
     try:
-        port = int(text)
+        value = parse(text)
     except ValueError:
-        port = -1
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)")
-    return port
+        value = None
+    if value is None or not fits(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+    return value
+
+
+def _port(text: str) -> int:
+    return int(_option_value(text, int, lambda n: 0 <= n <= 65535, "a port number (0-65535)"))
 
 
 def _positive_int(text: str) -> int:
-    try:
-        number = int(text)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
-    return number
+    return int(_option_value(text, int, lambda n: n >= 1, "a positive whole number"))
 
 
 def _seconds(text: str) -> float:
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = 0.0
-    if not 0 < seconds < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
-    return seconds
+    return _option_value(text, float, lambda s: 0 < s < float("inf"),
+                         "a positive number of seconds")
 
 
 def _open_served(path: str, mode: str, allow_external: bool) -> Any:

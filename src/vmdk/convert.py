@@ -170,23 +170,12 @@ def _allocate_all(fd: int, size: int) -> None:
     except OSError as exc:
         if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             raise
-        pos = 0  # no fallocate here: write the zeros of each hole instead
-        zeros = bytes(CHUNK)
-        while pos < size:
-            try:
-                hole = os.lseek(fd, pos, os.SEEK_HOLE)
-            except OSError:
-                return
-            if hole >= size:
-                return
-            try:
-                data = min(os.lseek(fd, hole, os.SEEK_DATA), size)
-            except OSError:
-                data = size
-            while hole < data:
-                n = min(CHUNK, data - hole)
-                hole += os.pwrite(fd, zeros[:n], hole)
-            pos = data
+        zeros = bytes(CHUNK)  # no fallocate here: write the zeros of each hole instead
+        pos = 0
+        for data, end in [*stored_ranges(fd, 0, size), (size, size)]:
+            while pos < data:
+                pos += os.pwrite(fd, zeros[:min(CHUNK, data - pos)], pos)
+            pos = end
 
 
 class RawTarget:
