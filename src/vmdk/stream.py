@@ -148,7 +148,9 @@ class StreamWriter:
         self._pending: collections.deque[tuple[list[int], Future[list[bytes]]]] = (
             collections.deque())
         self._window = WINDOW_PER_THREAD * threads
-        self._out = bytearray()
+        #: Output not yet handed to the file: whole records, written with one writev.
+        self._out: list[bytes] = []
+        self._queued = 0  # bytes in _out
         self._flushed = 0  # bytes already handed to the file
         self._closed = False
 
@@ -158,9 +160,8 @@ class StreamWriter:
         self._file, self._owns_file = _open_target(fileobj_or_path)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="vmdk-deflate")
 
-        self._out += self._header.pack()
-        self._out += descriptor
-        self._out += bytes(self._header.overhead * SECTOR_SIZE - len(self._out))
+        head = self._header.pack() + descriptor
+        self._queue(head + bytes(self._header.overhead * SECTOR_SIZE - len(head)))
 
     # -- public API ------------------------------------------------------------------------
 
@@ -267,7 +268,9 @@ class StreamWriter:
         indexes = [index for index, _ in self._batch]
         grains = [grain for _, grain in self._batch]
         self._batch = []
-        self._pending.append((indexes, self._pool.submit(_compress_all, self._compress, grains)))
+        lbas = [index * self._header.grain_size for index in indexes]
+        self._pending.append((indexes, self._pool.submit(_records, self._compress, grains,
+                                                         lbas)))
 
     def _full_grain(self, grain_index: int, data: bytes | bytearray | memoryview) -> bytes:
         """An immutable copy of ``data`` at full grain size, checking its length."""
@@ -325,7 +328,7 @@ class StreamWriter:
 
     def _sector(self) -> int:
         """File sector where the next record starts (output is always sector-aligned)."""
-        sector = (self._flushed + len(self._out)) // SECTOR_SIZE
+        sector = (self._flushed + self._queued) // SECTOR_SIZE
         if sector > MAX_FILE_SECTOR:
             raise UnsupportedFormatError(
                 "the image grew past 2 TiB, beyond the reach of the u32 sector numbers in "
@@ -334,20 +337,23 @@ class StreamWriter:
 
     def _emit_oldest(self) -> None:
         indexes, future = self._pending.popleft()
-        for grain_index, compressed in zip(indexes, future.result(), strict=True):
-            self._emit(grain_index, compressed)
-        if len(self._out) >= FLUSH_BYTES:
+        for grain_index, record in zip(indexes, future.result(), strict=True):
+            self._emit(grain_index, record)
+        if self._queued >= FLUSH_BYTES:
             self._drain()
 
-    def _emit(self, grain_index: int, compressed: bytes) -> None:
+    def _emit(self, grain_index: int, record: bytes) -> None:
+        """Queue a grain record (made whole by a worker) and note where it lies."""
         gt_index, slot = divmod(grain_index, GTES_PER_GT)
         if gt_index != self._gt_index:
             self._finish_gt()
             self._gt_index = gt_index
         self._gt[slot] = self._sector()
-        self._out += GrainMarker(grain_index * self._header.grain_size, len(compressed)).pack()
-        self._out += compressed
-        self._out += bytes(-(GrainMarker.SIZE + len(compressed)) % SECTOR_SIZE)
+        self._queue(record)
+
+    def _queue(self, data: bytes) -> None:
+        self._out.append(data)
+        self._queued += len(data)
 
     def _finish_gt(self) -> None:
         """Write the grain table of the range being filled, if any, and point the GD at it."""
@@ -360,20 +366,25 @@ class StreamWriter:
 
     def _write_metadata(self, kind: MarkerType, block: bytes) -> None:
         sectors = _sectors(len(block))
-        self._out += MetadataMarker(sectors, kind).pack()
-        self._out += block.ljust(sectors * SECTOR_SIZE, b"\0")
+        self._queue(MetadataMarker(sectors, kind).pack()
+                    + block.ljust(sectors * SECTOR_SIZE, b"\0"))
 
     def _write_trailer(self) -> None:
         gd_sector = self._sector() + 1
         self._write_metadata(MarkerType.GRAIN_DIRECTORY, self._gd.tobytes())
         footer = dataclasses.replace(self._header, gd_offset=gd_sector)
         self._write_metadata(MarkerType.FOOTER, footer.pack())
-        self._out += MetadataMarker(0, MarkerType.EOS).pack()
+        self._queue(MetadataMarker(0, MarkerType.EOS).pack())
 
     def _drain(self) -> None:
-        self._file.write(self._out)
-        self._flushed += len(self._out)
-        self._out.clear()
+        """Hand the queued records to the file: one writev where it is ours, and no
+        copy of the compressed data into a buffer first."""
+        if self._owns_file:
+            _writev_all(self._file.fileno(), self._out)
+        else:  # a borrowed object promises write() only: one large write
+            self._file.write(b"".join(self._out))
+        self._flushed += self._queued
+        self._out, self._queued = [], 0
 
     # -- teardown --------------------------------------------------------------------------
 
@@ -416,14 +427,42 @@ def stream_header(capacity_sectors: int, grain_size: int, descriptor_bytes: int)
 
 
 def _open_target(fileobj_or_path: PathOrFile) -> tuple[BinaryIO, bool]:
-    """The object to write to, and whether the writer opened it (and so closes it)."""
+    """The object to write to, and whether the writer opened it (and so closes it).
+
+    A file of its own is unbuffered: records go to it with writev, as they are.
+    """
     if hasattr(fileobj_or_path, "write"):
         return fileobj_or_path, False  # type: ignore[return-value]
-    return open(fileobj_or_path, "wb"), True
+    return open(fileobj_or_path, "wb", buffering=0), True
 
 
-def _compress_all(compress: Compressor, grains: list[bytes]) -> list[bytes]:
-    return [compress(grain) for grain in grains]
+def _records(compress: Compressor, grains: list[bytes], lbas: list[int]) -> list[bytes]:
+    """Each grain as its whole record: marker, compressed data, padding to a sector.
+    Made by the worker that compressed it, so the writing thread only queues them."""
+    out = []
+    for grain, lba in zip(grains, lbas, strict=True):
+        data = compress(grain)
+        pad = -(GrainMarker.SIZE + len(data)) % SECTOR_SIZE
+        out.append(b"".join((GrainMarker(lba, len(data)).pack(), data, _ZEROS[:pad])))
+    return out
+
+
+_ZEROS = bytes(SECTOR_SIZE)
+#: The most buffers one writev takes (IOV_MAX on Linux).
+_IOV_MAX = 1024
+
+
+def _writev_all(fd: int, chunks: list[bytes]) -> None:
+    """Write every chunk, in order, with as few system calls as the kernel allows."""
+    views = [memoryview(c) for c in chunks]
+    i = 0
+    while i < len(views):
+        done = os.writev(fd, views[i:i + _IOV_MAX])
+        while i < len(views) and done >= len(views[i]):  # past what went out whole
+            done -= len(views[i])
+            i += 1
+        if done:  # a short write ended inside a chunk
+            views[i] = views[i][done:]
 
 
 def _check_arguments(capacity_sectors: int, descriptor: bytes, grain_size: int,
