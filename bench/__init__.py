@@ -117,6 +117,62 @@ with vmdk.create(child, parent=parent) as disk:
         budget -= length
 """
 
+#: Serve an image over NBD (``vmdk serve`` or qemu-nbd) on a Unix socket, run one client
+#: against it, stop the server: the client's time alone is reported.
+NBD_READ = r"""
+import json, os, subprocess, sys, tempfile, time
+server, image, client = sys.argv[1], sys.argv[2], sys.argv[3:]
+folder = tempfile.mkdtemp()
+sock = os.path.join(folder, "nbd.sock")
+uri = "nbd+unix:///?socket=" + sock
+if server == "ours":
+    argv = [sys.executable, "-m", "vmdk", "serve", "--read-only", "--socket", sock, image]
+else:
+    argv = ["qemu-nbd", "--read-only", "--format=vmdk", "--shared=16", "--persistent",
+            "--socket=" + sock, image]
+proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+try:
+    deadline = time.monotonic() + 30
+    while not os.path.exists(sock):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            sys.exit("the NBD server did not start")
+        time.sleep(0.01)
+    t0 = time.perf_counter()
+    subprocess.run([a.replace("URI", uri) for a in client], check=True,
+                   stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - t0
+finally:
+    proc.terminate()
+    proc.wait()
+    for name in os.listdir(folder):
+        os.unlink(os.path.join(folder, name))
+    os.rmdir(folder)
+print(json.dumps({"seconds": seconds}))
+"""
+
+#: The least any stream writer must do: compress every data grain with the same engine and
+#: level, on one core, and write the compressed bytes (no markers, tables or zero detection
+#: of interest: all-zero grains are skipped with one compare).
+STREAM_CEILING = r"""
+import json, os, sys, time
+from isal import isal_zlib
+path, out = sys.argv[1], sys.argv[2]
+grain = 65536
+zero = bytes(grain)
+t0 = time.perf_counter()
+fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+with open(path, "rb", buffering=0) as f:
+    buf = bytearray(8 << 20)
+    view = memoryview(buf)
+    while n := f.readinto(buf):
+        parts = [isal_zlib.compress(view[i:i + grain], 1) for i in range(0, n, grain)
+                 if view[i:i + grain] != zero[:min(grain, n - i)]]
+        if parts:
+            os.writev(fd, parts)
+os.close(fd)
+print(json.dumps({"seconds": time.perf_counter() - t0}))
+"""
+
 VERSIONS = r"""
 import json, importlib
 out = {}
@@ -457,7 +513,7 @@ def build_cases(w: Workloads) -> list[Case]:
 
     def conversion(name: str, title: str, source: Callable[[], str], src_fmt: str,
                    ours_args: list[str], qemu_args: list[str], ext: str, check: str,
-                   synced: bool = True) -> None:
+                   synced: bool = True, ceiling: str = "cp-sparse") -> None:
         mine, theirs = out(f"{name}.ours.{ext}"), out(f"{name}.qemu.{ext}")
         verify = {
             "raw": lambda: raw_equal(mine, theirs),
@@ -472,7 +528,7 @@ def build_cases(w: Workloads) -> list[Case]:
                       fresh(mine), output=mine),
             Contender("qemu-img", lambda: qemu_img("-f", src_fmt, *qemu_args, source(), theirs),
                       fresh(theirs), output=theirs)]
-        cases.append(Case(name, title, lambda: [source()], contenders, ceiling="cp-sparse",
+        cases.append(Case(name, title, lambda: [source()], contenders, ceiling=ceiling,
                           verify=verify))
         if synced:
             synced_pair = [
@@ -490,14 +546,16 @@ def build_cases(w: Workloads) -> list[Case]:
                ["-O", "vmdk", "-o", "subformat=monolithicSparse"], "vmdk", "vmdk")
     conversion("raw-to-stream", "raw → streamOptimized", w.raw, "raw",
                ["-f", "raw", "-o", "subformat=streamOptimized"],
-               ["-O", "vmdk", "-o", "subformat=streamOptimized"], "vmdk", "vmdk", synced=False)
+               ["-O", "vmdk", "-o", "subformat=streamOptimized"], "vmdk", "vmdk", synced=False,
+               ceiling="stream-ceiling")
     conversion("sparse-to-raw", "monolithicSparse → raw", w.sparse, "vmdk",
                ["-O", "raw"], ["-O", "raw"], "raw", "raw")
     conversion("stream-to-raw", "streamOptimized → raw", w.stream, "vmdk",
                ["-O", "raw"], ["-O", "raw"], "raw", "raw")
     conversion("sparse-to-stream", "monolithicSparse → streamOptimized", w.sparse, "vmdk",
                ["-o", "subformat=streamOptimized"],
-               ["-O", "vmdk", "-o", "subformat=streamOptimized"], "vmdk", "vmdk", synced=False)
+               ["-O", "vmdk", "-o", "subformat=streamOptimized"], "vmdk", "vmdk", synced=False,
+               ceiling="stream-ceiling")
 
     # Random 4 KiB I/O at queue depth 1. qemu-io gets one -c per operation and
     # the cost of a run with a single operation is subtracted (start-up, open, close).
@@ -584,6 +642,32 @@ def build_cases(w: Workloads) -> list[Case]:
         [Contender("ours", lambda: vmdk_verb("check", w.empty_10t())),
          Contender("qemu-img", lambda: ["qemu-img", "check", w.empty_10t()])]))
 
+    # NBD: the same image served by each server, read by the same clients; client time only.
+    nbd = lambda server, *client: py("-c", NBD_READ, server, w.sparse(), *client)  # noqa: E731
+    for name, title, client in (
+            ("nbdcopy", "nbdcopy (multi-conn)", ["nbdcopy", "URI", "null:"]),
+            ("nbdcopy-1", "nbdcopy -C 1 -R 1", ["nbdcopy", "-C", "1", "-R", "1", "URI", "null:"]),
+            ("qemu-img", "qemu-img convert from nbd://",
+             ["qemu-img", "convert", "-f", "raw", "-O", "raw", "URI", out("nbd.raw")])):
+        cases.append(Case(
+            f"nbd-{name}", f"serve monolithicSparse over NBD, read with {title}",
+            lambda: [w.sparse()],
+            [Contender("vmdk serve", lambda c=client: nbd("ours", *c), fresh(out("nbd.raw"))),
+             Contender("qemu-nbd", lambda c=client: nbd("qemu", *c), fresh(out("nbd.raw")))],
+            unit="MB/s", work=w.size, ceiling="cat"))
+
+    stream_floor = out("ceiling.deflate")
+    cases.append(Case(
+        "stream-ceiling", "ceiling: deflate every data grain on one core (ISA-L, level 1)",
+        lambda: [w.raw()],
+        [Contender("one core", lambda: py("-c", STREAM_CEILING, w.raw(), stream_floor),
+                   fresh(stream_floor), output=stream_floor)]))
+    cases.append(Case(
+        "start-info", "vmdk info, whole process (against python -c pass)", lambda: [w.sparse()],
+        [Contender("ours", lambda: vmdk_verb("info", w.sparse())),
+         Contender("python -c pass", lambda: py("-c", "pass")),
+         Contender("qemu-img", lambda: ["qemu-img", "info", w.sparse()])]))
+
     cp_out = out("ceiling.raw")
     cases.append(Case(
         "cat", "ceiling: cat raw > /dev/null", lambda: [w.raw()],
@@ -596,7 +680,7 @@ def build_cases(w: Workloads) -> list[Case]:
     return cases
 
 
-CEILINGS = ("cat", "cp-sparse")
+CEILINGS = ("cat", "cp-sparse", "stream-ceiling")
 
 
 # ------------------------------------------------------------------- report
