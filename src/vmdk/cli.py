@@ -956,7 +956,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         p.add_argument("--read-write", "-w", action="store_true",
                        help="write through to the image (opened for writing, with its lock); "
                             "read-only by default")
-        p.add_argument("-f", dest="foreground", action="store_true",
+        p.add_argument("-f", "--foreground", dest="foreground", action="store_true",
                        help="stay in the foreground until unmounted (Ctrl-C or SIGTERM "
                             "unmounts); by default return once mounted and serve it in the "
                             "background")
