@@ -293,7 +293,8 @@ def load_fuse() -> Any:
 
 
 def check_fuse_device() -> None:
-    """Refuse early, in one line, where the kernel offers no FUSE."""
+    """Refuse early, in one line, where the kernel offers no FUSE or this user cannot
+    mount (libfuse would say so in lines of its own, after starting)."""
     device = FUSE_DEVICE
     try:
         fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
@@ -304,6 +305,10 @@ def check_fuse_device() -> None:
         raise MountError(f"FUSE is not available: cannot open {device}: "
                          f"{exc.strerror or exc}") from None
     os.close(fd)
+    if os.geteuid() != 0 and shutil.which("fusermount3") is None:
+        # Only root mounts by itself; others go through the setuid helper.
+        raise MountError("FUSE is not available: fusermount3 is not installed (Debian: "
+                         "apt-get install fuse3)")
 
 
 @dataclasses.dataclass(frozen=True)
