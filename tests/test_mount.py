@@ -476,3 +476,26 @@ def test_seek_answers_without_fuse(tmp_path: Path) -> None:
         assert fs.stored_bytes(part) == MiB - 4096
         view = memoryview(bytearray(8192))
         assert fs.read(part, 2 * MiB - 4096, view) == 4096  # short at the end of the file
+
+
+def test_files_without_or_with_a_damaged_table(tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """A disk never partitioned shows only ``disk``, quietly; a damaged table says so."""
+    from vmdk.mount import disk_files
+
+    image = tmp_path / "t.vmdk"
+    vmdk.create(image, size=SIZE).close()
+    with vmdk.open(image) as disk, caplog.at_level("WARNING"):
+        assert [f.name for f in disk_files(disk, "t.vmdk")] == ["disk"]
+    assert not caplog.records
+
+    protective = bytearray(512)  # an MBR that points at a GPT that is not there
+    protective[446 + 4] = 0xEE
+    protective[446 + 8:446 + 16] = (1).to_bytes(4, "little") + (SIZE // 512 - 1).to_bytes(
+        4, "little")
+    protective[510:512] = b"\x55\xaa"
+    with vmdk.open(image, "r+") as disk:
+        disk.write_at(0, protective)
+    with vmdk.open(image) as disk, caplog.at_level("WARNING"):
+        assert [f.name for f in disk_files(disk, "t.vmdk")] == ["disk"]
+    assert "no valid GPT" in caplog.text and "only the whole disk" in caplog.text

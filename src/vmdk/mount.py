@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .errors import VmdkError
+from .errors import OutOfRangeError, ReadOnlyError, VmdkError
 from .partitions import EXTENDED_TYPES, PartitionTableError, partition_table_of
 
 if TYPE_CHECKING:
@@ -125,11 +125,13 @@ def disk_files(disk: Disk, name: str) -> list[DiskFile]:
     the box of the logical ones: it gets none).  A damaged table is a warning and leaves the
     whole disk alone; a disk without one has no partition files."""
     files = [DiskFile("disk", 0, disk.size)]
+    reader = io.BufferedReader(_DiskReader(disk))
+    if reader.read(512)[510:512] != b"\x55\xaa":
+        return files  # never partitioned (or a bare file system): nothing to warn about
     try:
-        table = partition_table_of(io.BufferedReader(_DiskReader(disk)), disk.size, name)
+        table = partition_table_of(reader, disk.size, name)
     except PartitionTableError as exc:
-        if "no MBR signature" not in exc.reason:
-            log.warning("%s; only the whole disk is mounted", exc)
+        log.warning("%s; only the whole disk is mounted", exc)
         return files
     for p in table.partitions:
         if table.scheme == "mbr" and int(p.type, 16) in EXTENDED_TYPES:
@@ -140,8 +142,6 @@ def disk_files(disk: Disk, name: str) -> list[DiskFile]:
 
 def fuse_errno(exc: BaseException) -> int:
     """The errno a failed disk call gives the reader or writer of a mounted file."""
-    from .errors import OutOfRangeError, ReadOnlyError
-
     if isinstance(exc, ReadOnlyError):
         return errno.EROFS
     if isinstance(exc, OutOfRangeError):
