@@ -651,6 +651,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mount(args: argparse.Namespace) -> int:
+    from .mount import mount
+
+    announce = None if args.quiet else (lambda line: print(line, flush=True))
+    return mount(args.image, args.dir, read_write=args.read_write, foreground=args.foreground,
+                 open_args=_open_flags(args), announce=announce)
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from .mount import unmount
+
+    unmount(args.dir)
+    return 0
+
+
 def _problem_text(problem: Any, args: argparse.Namespace) -> str:
     """A problem check found, its hint spelled for this verb."""
     from .errors import respell
@@ -934,6 +949,29 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                             "reply (default %(default)g)")
         p.add_argument("image")
 
+    if only in (None, "mount"):
+        p = verb("mount", cmd_mount, "show the disk and each of its partitions as files (disk, "
+                 "p1, p2...) in a directory, through FUSE, until 'vmdk umount DIR'")
+        p.add_argument("--read-write", "-w", action="store_true",
+                       help="write through to the image (opened for writing, with its lock); "
+                            "read-only by default")
+        p.add_argument("-f", "--foreground", dest="foreground", action="store_true",
+                       help="stay in the foreground until unmounted (Ctrl-C or SIGTERM "
+                            "unmounts); by default return once mounted and serve it in the "
+                            "background")
+        p.add_argument("-q", dest="quiet", action="store_true")
+        p.add_argument("image", help="a VMDK of any kind (a snapshot shows its whole chain) or "
+                                     "an OVA (its first disk)")
+        p.add_argument("dir", help="an empty directory to mount on")
+
+    if only in (None, "umount"):
+        p = sub.add_parser("umount", help="unmount what 'vmdk mount' mounted, once the image "
+                           "is flushed and closed", description="Unmount a directory 'vmdk "
+                           "mount' mounted, and wait until the process serving it has flushed "
+                           "and closed the image.")
+        p.set_defaults(func=cmd_umount)
+        p.add_argument("dir", help="the directory the disk is mounted on")
+
     if only in (None, "completion"):
         p = sub.add_parser("completion", help="print a shell completion script (bash or zsh)",
                            description="Print a script that completes vmdk's verbs, options "
@@ -1001,7 +1039,8 @@ def _relative_sizes(argv: list[str]) -> list[str]:
 #: Every verb build_parser knows (a test keeps the two in step).
 _VERB_NAMES = frozenset({"info", "create", "convert", "check", "map", "compare", "cat", "snapshot",
                          "commit", "rebase", "resize", "compact", "export-ova", "serve",
-                         "amend", "rename", "measure", "ova", "completion"})
+                         "amend", "rename", "measure", "ova", "completion", "mount",
+                         "umount"})
 
 
 def _verb_of(argv: list[str]) -> str | None:

@@ -118,16 +118,21 @@ def read_partition_table(path: str | os.PathLike[str]) -> PartitionTable:
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
-            size = device_size(path)
-            mbr = _read(f, 0, SECTOR, path)
-            if mbr[510:512] != b"\x55\xaa":
-                raise PartitionTableError("no partition table (no MBR signature)", path)
-            entries = MbrEntry.table(mbr)
-            if any(e.type == GPT_PROTECTIVE for e in entries):
-                return _read_gpt(f, path, size)
-            return _read_mbr(f, path, size, entries)
+            return partition_table_of(f, device_size(path), path)
     except OSError as exc:
         raise PartitionTableError(exc.strerror or str(exc), path) from exc
+
+
+def partition_table_of(f: BinaryIO, size: int, name: str) -> PartitionTable:
+    """The partitions of a disk of ``size`` bytes read through ``f`` (a virtual disk opened
+    by the package, say); ``name`` names it in errors."""
+    mbr = _read(f, 0, SECTOR, name)
+    if mbr[510:512] != b"\x55\xaa":
+        raise PartitionTableError("no partition table (no MBR signature)", name)
+    entries = MbrEntry.table(mbr)
+    if any(e.type == GPT_PROTECTIVE for e in entries):
+        return _read_gpt(f, name, size)
+    return _read_mbr(f, name, size, entries)
 
 
 def _read(f: BinaryIO, offset: int, length: int, path: str) -> bytes:
@@ -301,5 +306,5 @@ def _merge(areas: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-__all__ = ["Partition", "PartitionTable", "PartitionTableError", "partitioned_ranges",
-           "read_partition_table"]
+__all__ = ["Partition", "PartitionTable", "PartitionTableError", "partition_table_of",
+           "partitioned_ranges", "read_partition_table"]
