@@ -754,3 +754,31 @@ def test_a_full_disk_under_standard_output_is_named(small_disk: Path, sources: d
                              stdout=out, stderr=subprocess.PIPE, text=True)
     assert res.returncode == 1
     assert res.stderr == "vmdk: error: <stdout>: No space left on device\n", res.stderr
+
+
+def test_an_interrupt_while_the_staging_folder_goes_still_removes_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGTERM during the last step of a commit (removing the emptied staging folder) used
+    to leave the folder behind: the stage was no longer live, so nothing removed the rest."""
+    from vmdk import _output
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    real = _output._remove_tree
+
+    def interrupted_removal(path: str) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        real(path)
+
+    monkeypatch.setattr(_output, "_remove_tree", interrupted_removal)
+    src, dst = tmp_path / "src.raw", tmp_path / "out.vmdk"
+    src.write_bytes(b"new" * 100_000)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            convert(src, dst, src_format="raw")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert not [n for n in os.listdir(tmp_path) if STAGING.fullmatch(n)]
+    assert read_all(dst, 3) == b"new"  # the interrupt came after the output was whole

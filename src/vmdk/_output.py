@@ -253,21 +253,25 @@ class StagedOutput:
         if self._done:
             return
         self._done = True
-        with _signals_deferred():
-            self._finish()
+        self._finish()
 
     def _finish(self) -> None:
-        """Remove the staging folder (with whatever it still holds) and release the locks."""
+        """Remove the staging folder (with whatever it still holds) and release the locks.
+
+        An interrupt waits until this is done: once the stage is no longer live, nothing
+        else would remove a folder an interrupt left half removed.
+        """
         self._done = True
-        try:
-            if self._staging is not None:
-                _remove_tree(self._staging)
-        finally:
-            _LIVE.discard(self)
-            for fd in self._locks.values():
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            self._locks.clear()
+        with _signals_deferred():
+            try:
+                if self._staging is not None:
+                    _remove_tree(self._staging)
+            finally:
+                _LIVE.discard(self)
+                for fd in self._locks.values():
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                self._locks.clear()
 
     def __enter__(self) -> Self:
         return self
