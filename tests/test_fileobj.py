@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import vmdk
-from tests.conftest import pattern
+from conftest import pattern
 
 SIZE = 8 << 20
 
@@ -59,7 +59,7 @@ def test_descriptor_extents_come_from_the_resolver_which_opens_and_closes_them(
     opened: list[io.BufferedReader] = []
 
     def resolver(name: str) -> io.BufferedReader:
-        f = open(tmp_path / name, "rb")
+        f = open(tmp_path / name, "rb")  # noqa: SIM115 - the image closes it
         opened.append(f)
         return f
 
@@ -103,9 +103,9 @@ def test_file_objects_open_read_only(tmp_path: Path) -> None:
 
 def test_a_pipe_is_refused_as_it_cannot_seek() -> None:
     r, w = os.pipe()
-    with open(r, "rb") as f, open(w, "wb"):
-        with pytest.raises(vmdk.UnsupportedFormatError, match="cannot seek"):
-            vmdk.open(f)
+    with open(r, "rb") as f, open(w, "wb"), pytest.raises(vmdk.UnsupportedFormatError,
+                                                           match="cannot seek"):
+        vmdk.open(f)
 
 
 def test_what_is_no_vmdk_says_so(tmp_path: Path) -> None:

@@ -30,6 +30,9 @@ class RandomAccess(abc.ABC):
     #: How the file is named in messages (a URL, a file object's name).
     name: str
     size: int
+    #: How many reads of it are worth running side by side (a copy reads that many
+    #: chunks ahead): one for a file object, several for a file behind a URL.
+    parallel_reads = 1
 
     @abc.abstractmethod
     def readinto(self, buf: memoryview, offset: int) -> int:
@@ -148,6 +151,9 @@ def _object_name(f: object) -> str:
 
 class Folder(abc.ABC):
     """Where an image that is not a local path finds the files its descriptor names."""
+
+    #: As RandomAccess.parallel_reads, for the files found here.
+    parallel_reads = 1
 
     @abc.abstractmethod
     def locate(self, image: str, name: str, *, allow_external: bool) -> str:

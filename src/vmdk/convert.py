@@ -8,6 +8,7 @@ unallocated grains in sparse images).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 else:
     from ._numpy import np
 
+from ._access import Readable, file_size, is_url, release
 from ._output import StagedOutput, output_errors
 from .errors import UnsupportedFormatError, VmdkError
 from .extents.base import pread_exact, pwrite_all, stored_ranges
@@ -63,12 +65,21 @@ class Source(Protocol):
 
 
 class RawSource:
-    """A raw disk file; holes found with SEEK_DATA/SEEK_HOLE are not read."""
+    """A raw disk file; holes found with SEEK_DATA/SEEK_HOLE are not read (a file behind
+    a URL tells no holes: all of it is read)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, storage_options: dict[str, Any] | None = None) -> None:
         self.path = path
-        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        self.size = os.lseek(self.fd, 0, os.SEEK_END)
+        self.fd: Readable
+        self.read_ahead = 1
+        if is_url(path):
+            from .remote import open_url
+
+            self.fd = open_url(path, storage_options)[1]
+            self.read_ahead = self.fd.parallel_reads
+        else:
+            self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self.size = file_size(self.fd)
 
     def spans(self) -> Iterator[Span]:
         pos = 0
@@ -87,7 +98,7 @@ class RawSource:
         return [self.path]
 
     def close(self) -> None:
-        os.close(self.fd)
+        release(self.fd)
 
 
 class ImageSource:
@@ -96,13 +107,16 @@ class ImageSource:
     def __init__(self, image: Image) -> None:
         self.image = image
         self.size = image.size
+        #: Chunks a copy reads ahead of the one it writes (see _copy_chunks).
+        self.read_ahead = max([layer.folder.parallel_reads for layer in image.chain()
+                               if layer.folder is not None], default=1)
 
     def spans(self) -> Iterator[Span]:
         fds: dict[str, int] = {}
         for image in self.image.chain():
             for extent in image.extents:
                 fd = getattr(extent, "fd", None)
-                if extent.filename and isinstance(fd, int):
+                if extent.filename and isinstance(fd, int) and fd >= 0:
                     fds.setdefault(extent.filename, fd)
         for run in self.image.map():
             fd = fds.get(run.filename) if run.filename and run.offset is not None else None
@@ -122,7 +136,14 @@ class ImageSource:
 
 
 def open_source(path: str, fmt: str | None = None, **open_args: Any) -> Source:
-    """Open ``path`` as "raw" or "vmdk"; the kind is detected when ``fmt`` is None."""
+    """Open ``path`` as "raw" or "vmdk"; the kind is detected when ``fmt`` is None.  A URL
+    is a VMDK unless ``fmt`` says "raw"."""
+    if is_url(path):
+        if fmt == "raw":
+            return RawSource(path)
+        if fmt not in (None, "vmdk"):
+            raise VmdkError(f"{fmt} sources are not read from URLs (raw or vmdk)", path)
+        return ImageSource(Image.open(path, "r", **open_args))
     with io_errors(path):
         if fmt is None:
             from .ova import is_ova
@@ -280,7 +301,7 @@ def copy(source: Source, write_at: Callable[[int, memoryview], None], *,
     Python: stored grains are copied whole, zeros inside them included.
     """
     written = 0
-    chunks: list[tuple[int, int]] = []  # what goes through Python, in order
+    chunks: list[tuple[int, int, int]] = []  # what goes through Python, in order: see _gathered
     for span in source.spans():
         if not span.data:
             if progress:
@@ -303,12 +324,31 @@ def copy(source: Source, write_at: Callable[[int, memoryview], None], *,
                 # The file ends early: the image decides what that means (zeros past a
                 # short flat file, an error for a grain past a sparse file's end).
                 span = Span(span.start + done, span.length - done, True)
-        chunks.extend((pos, min(CHUNK, span.start + span.length - pos))
-                      for pos in range(span.start, span.start + span.length, CHUNK))
+        chunks.extend((pos, n, n) for pos in range(span.start, span.start + span.length, CHUNK)
+                      for n in [min(CHUNK, span.start + span.length - pos)])
+    if getattr(source, "read_ahead", 1) > 1:
+        chunks = _gathered(chunks)
     return written + _copy_chunks(source, chunks, write_at, sparse_size, progress)
 
 
-def _copy_chunks(source: Source, chunks: list[tuple[int, int]],
+def _gathered(chunks: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Neighbouring chunks read as one, up to CHUNK bytes from the first's start.
+
+    For a source behind a URL: one read of the image then gives the stored runs of
+    many small spans together, which its file fetches as few large ranges.  What
+    lies between the spans reads as zeros without any fetch, and is not written.
+    Each chunk is (start, length, stored bytes): the progress counted the rest already.
+    """
+    out: list[tuple[int, int, int]] = []
+    for pos, n, stored in chunks:
+        if out and pos + n - out[-1][0] <= CHUNK:
+            out[-1] = (out[-1][0], pos + n - out[-1][0], out[-1][2] + stored)
+        else:
+            out.append((pos, n, stored))
+    return out
+
+
+def _copy_chunks(source: Source, chunks: list[tuple[int, int, int]],
                  write_at: Callable[[int, memoryview], None], sparse_size: int,
                  progress: Progress | None) -> int:
     """Read chunk N+1 in a worker thread while chunk N is written.
@@ -320,28 +360,31 @@ def _copy_chunks(source: Source, chunks: list[tuple[int, int]],
     """
     if not chunks:
         return 0
-    buffers = [memoryview(mmap.mmap(-1, CHUNK)) for _ in range(2)]
+    # Reads run ``ahead`` chunks in front of the write: chunk i's buffer is free again once
+    # it was written, which is before the read of chunk i + ahead + 1 is started.
+    ahead = max(1, int(getattr(source, "read_ahead", 1)))
+    buffers = [memoryview(mmap.mmap(-1, CHUNK)) for _ in range(ahead + 1)]
 
     def read(i: int) -> tuple[memoryview, list[tuple[int, int]]]:
-        pos, n = chunks[i]
-        view = buffers[i % 2][:n]
+        pos, n, _stored = chunks[i]
+        view = buffers[i % len(buffers)][:n]
         source.readinto_at(pos, view)
         return view, (nonzero_runs(view, sparse_size) if sparse_size else [(0, n)])
 
     from concurrent.futures import ThreadPoolExecutor
 
     written = 0
-    with ThreadPoolExecutor(1, thread_name_prefix="vmdk-read-ahead") as pool:
-        future = pool.submit(read, 0)
-        for i, (pos, n) in enumerate(chunks):
-            chunk, runs = future.result()
-            if i + 1 < len(chunks):
-                future = pool.submit(read, i + 1)
+    with ThreadPoolExecutor(ahead, thread_name_prefix="vmdk-read-ahead") as pool:
+        futures = collections.deque(pool.submit(read, i) for i in range(min(ahead, len(chunks))))
+        for i, (pos, _n, stored) in enumerate(chunks):
+            chunk, runs = futures.popleft().result()
+            if i + ahead < len(chunks):
+                futures.append(pool.submit(read, i + ahead))
             for start, length in runs:
                 write_at(pos + start, chunk[start:start + length])
                 written += length
             if progress:
-                progress(n)
+                progress(stored)
     return written
 
 
@@ -405,9 +448,12 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
                             "(-f raw) or a streamOptimized VMDK, or name a file", "<stdin>")
         return _convert_from_pipe(dst, out_format, subformat, sparse_size, overwrite, durable,
                                   create_options, progress, recover)
-    if dst != "-" and os.path.exists(dst) and os.path.samefile(src, dst):
+    if dst != "-" and not is_url(src) and os.path.exists(dst) and os.path.samefile(src, dst):
         raise VmdkError("source and destination are the same file", dst)
     _refuse_own_files([src], dst, out_format, subformat)
+    if recover and is_url(src):
+        raise VmdkError("--recover reads a stream front to back from a local file or a pipe: "
+                        "pipe the download into 'vmdk convert --recover -'", src)
     if recover:
         return _recover_stream(src, dst, out_format, subformat, sparse_size, overwrite, durable,
                                create_options, progress, disk)

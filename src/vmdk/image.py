@@ -401,9 +401,12 @@ class Image:
         folder: Folder
         access: RandomAccess
         if isinstance(where, str):
-            raise UnsupportedFormatError("URLs are not supported yet", where)
-        access = FileObjectAccess(cast("IO[bytes]", where))
-        folder = ResolverFolder(resolver)
+            from .remote import open_url
+
+            folder, access = open_url(where, storage_options)
+        else:
+            access = FileObjectAccess(cast("IO[bytes]", where))
+            folder = ResolverFolder(resolver)
         image = cls._open_in(folder, access, allow_external=allow_external,
                              ignore_cid=ignore_cid, open_parent=open_parent,
                              missing_as_zeros=missing_as_zeros, depth=0, seen=frozenset())

@@ -922,10 +922,24 @@ class SparseExtent(Extent):
         ordered = sorted(grains, key=lambda x: x[1])
         lo = ordered[0][1] * SECTOR_SIZE
         hi = ordered[-1][1] * SECTOR_SIZE + head + 2 * g  # incompressible data grows a little
+        bound = self._record_bound(*ordered[-1])
+        if bound is not None:  # no byte past the last record: a remote file fetches no more
+            hi = min(hi, bound * SECTOR_SIZE)
         window = memoryview(b"")
         if hi - lo <= max(3 * len(ordered) * g, 1 << 20) and hi - lo <= 64 << 20:
             window = memoryview(pread(self.src, hi - lo, lo))  # sliced, never copied
         return [(grain, sector, self._record(grain, sector, window, lo)) for grain, sector in grains]
+
+    def _record_bound(self, grain: int, sector: int) -> int | None:
+        """The first sector after ``sector`` known to hold something else: another grain
+        of ``grain``'s table, or the table itself (a stream writes it after its grains).
+        The record at ``sector`` ends there at the latest."""
+        index = grain // self.header.num_gtes_per_gt
+        table = self._tables.get(self, index)  # in memory: the read just looked it up
+        later = [s for s in table if s > sector] if table is not None else []
+        if self.gd[index] > sector:
+            later.append(int(self.gd[index]))
+        return min(later) if later else None
 
     def _record(self, grain: int, sector: int, window: memoryview,
                 window_start: int) -> memoryview:
@@ -986,6 +1000,7 @@ class SparseExtent(Extent):
         index = offset // span
         last = (end - 1) // span
         empty = self._empty_tables(index, last)
+        self._load_tables(index, last)
         while index <= last:
             if self.gd[index] == 0 or index in empty:
                 stop = index + 1
@@ -1018,6 +1033,33 @@ class SparseExtent(Extent):
         holes = in_holes(self.fd, [int(self.gd[i]) * SECTOR_SIZE for i in slots], size,
                          self.file_size)
         return {i for i, hole in zip(slots, holes) if hole}
+
+    def _load_tables(self, first: int, last: int) -> None:
+        """Bring the tables of slots ``first .. last`` (and their redundant copies) into
+        memory together, as many as the cache holds: from a file elsewhere, in as few
+        requests as their places allow, not one request per table."""
+        if isinstance(self.src, int):
+            return  # a local file reads each table as it is used, at no cost worth saving
+        n = self.header.num_gtes_per_gt
+        room = max(1, self._tables.budget // (n * 4) // 2)
+        slots = [i for i in itertools.islice(_slots_with_tables(self.gd, first, last + 1), room)
+                 if not self._tables.has(self, i)]
+        if not slots:
+            return
+        copies = [self.rgd is not None and bool(self.rgd[i]) for i in slots]
+        pieces = [(memoryview(bytearray(n * 4)), int(self.gd[i]) * SECTOR_SIZE) for i in slots]
+        pieces += [(memoryview(bytearray(n * 4)), int(self.rgd[i]) * SECTOR_SIZE)
+                   for i, has in zip(slots, copies) if has and self.rgd is not None]
+        got = read_pieces(self.src, pieces, self.filename)
+        backups = iter(pieces[len(slots):])
+        for i, (buf, _at), n_read, has in zip(slots, pieces, got, copies):
+            if n_read < n * 4:
+                raise CorruptImageError(f"grain table {i} at sector {int(self.gd[i])} is "
+                                        "truncated", self.filename)
+            raw = bytes(buf)
+            if has and bytes(next(backups)[0]) != raw:
+                self._copy_differs(i)
+            self._tables.put(self, i, u32_array(raw))
 
     def _table_status(self, lo: int, hi: int) -> list[Run]:
         g = self.grain_bytes
