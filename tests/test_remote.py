@@ -19,6 +19,7 @@ import pytest
 
 import vmdk
 from conftest import have, run
+from vmdk.convert import convert
 from remote_support import RangeServer, range_server, s3_server
 
 pytest.importorskip("fsspec")
@@ -273,10 +274,27 @@ def test_storage_options_are_parsed_as_fsspec_takes_them() -> None:
 
 
 # ------------------------------------------------------------------------------ S3
+#: S3 tests use a smaller disk: moto serves ranges slowly, and what is fetched is
+#: measured over HTTP above.
+SMALL = 64 << 20
 
 
 @pytest.fixture(scope="module")
-def s3(images: Path) -> Iterator[str]:
+def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 64 MiB monolithicSparse image with 10% data, its stream copy and the raw disk."""
+    root = tmp_path_factory.mktemp("small")
+    rnd = random.Random(8)
+    with vmdk.create(root / "disk.vmdk", SMALL) as disk:
+        for pos in range(0, SMALL, 640 << 10):
+            disk.write_at(pos, rnd.randbytes(64 << 10))
+    _vmdk("convert", "-o", "subformat=streamOptimized", root / "disk.vmdk", root / "stream.vmdk")
+    _vmdk("convert", "-O", "raw", root / "disk.vmdk", root / "disk.raw")
+    return root
+
+
+
+@pytest.fixture(scope="module")
+def s3(small: Path) -> Iterator[str]:
     """A bucket with both images under vm/, on moto's S3 server; yields its endpoint."""
     pytest.importorskip("s3fs")
     pytest.importorskip("moto")
@@ -291,7 +309,7 @@ def s3(images: Path) -> Iterator[str]:
             fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
             fs.mkdir("images")
             for name in ("disk.vmdk", "stream.vmdk"):
-                fs.put_file(str(images / name), f"images/vm/{name}")
+                fs.put_file(str(small / name), f"images/vm/{name}")
             yield endpoint
     finally:
         for key, value in saved.items():
@@ -301,16 +319,16 @@ def s3(images: Path) -> Iterator[str]:
                 os.environ[key] = value
 
 
-def test_s3_urls_read_through_the_api_and_the_command_line(s3: str, images: Path,
+def test_s3_urls_read_through_the_api_and_the_command_line(s3: str, small: Path,
                                                            tmp_path: Path) -> None:
     options = {"client_kwargs": {"endpoint_url": s3}}
     with vmdk.open("s3://images/vm/stream.vmdk", storage_options=options) as disk, \
-            vmdk.open(images / "disk.vmdk") as local:
+            vmdk.open(small / "disk.vmdk") as local:
         assert disk.map() != [] and disk.read_at(1 << 20, 1 << 20) == local.read_at(1 << 20,
                                                                                      1 << 20)
     _vmdk("convert", "-O", "raw", "--storage-option", f"client_kwargs.endpoint_url={s3}",
           "--connections", "4", "s3://images/vm/disk.vmdk", tmp_path / "out.raw")
-    assert _same_file(tmp_path / "out.raw", images / "disk.raw")
+    assert _same_file(tmp_path / "out.raw", small / "disk.raw")
     failed = _vmdk("info", "--storage-option", f"client_kwargs.endpoint_url={s3}",
                    "s3://images/vm/absent.vmdk", check=False)
     assert failed.returncode == 1 and "s3://images/vm/absent.vmdk" in failed.stderr
@@ -324,3 +342,75 @@ def _same_file(a: Path, b: Path) -> bool:
                 return False
             if not x:
                 return True
+
+
+# ------------------------------------------------------------------ writing streams
+
+
+def test_convert_streams_to_s3_as_a_multipart_upload(s3: str, small: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import s3fs
+
+    from vmdk import remote
+
+    monkeypatch.setattr(remote, "UPLOAD_PART", 5 << 20)  # S3's smallest: several parts
+    options = {"client_kwargs": {"endpoint_url": s3}}
+    data = random.Random(9).randbytes(16 << 20)  # incompressible: a 16 MiB stream
+    (tmp_path / "in.raw").write_bytes(data)
+    assert convert(tmp_path / "in.raw", "s3://images/out/new.vmdk",
+                   subformat="streamOptimized", storage_options=options) == len(data)
+    fs = s3fs.S3FileSystem(**options)
+    etag = fs.info("images/out/new.vmdk")["ETag"].strip('"')
+    assert etag.partition("-")[2].isdigit() and int(etag.partition("-")[2]) > 1  # multipart
+    with vmdk.open("s3://images/out/new.vmdk", storage_options=options) as disk:
+        assert disk.image.descriptor.extents[0].filename == "new.vmdk"
+        assert disk.image.create_type == "streamOptimized"
+        assert disk.read() == data
+    with pytest.raises(vmdk.ImageExistsError):
+        convert(tmp_path / "in.raw", "s3://images/out/new.vmdk", subformat="streamOptimized",
+                storage_options=options)
+
+
+def test_the_command_line_uploads_a_stream_and_a_failure_leaves_nothing(
+        s3: str, small: Path, tmp_path: Path) -> None:
+    import s3fs
+
+    endpoint = f"client_kwargs.endpoint_url={s3}"
+    _vmdk("convert", "-o", "subformat=streamOptimized", "--storage-option", endpoint,
+          small / "disk.vmdk", "s3://images/out/cli.vmdk")
+    info = json.loads(_vmdk("info", "--output=json", "--storage-option", endpoint,
+                            "s3://images/out/cli.vmdk").stdout)
+    assert info["virtual-size"] == SMALL
+    # A source cut short fails halfway: the upload is aborted, no object appears.
+    data = (small / "stream.vmdk").read_bytes()
+    (tmp_path / "cut.vmdk").write_bytes(data[:len(data) // 2])
+    with open(tmp_path / "cut.vmdk", "rb") as cut:
+        failed = subprocess.run(
+            [sys.executable, "-m", "vmdk", "convert", "-o", "subformat=streamOptimized",
+             "--storage-option", endpoint, "-", "s3://images/out/cut.vmdk"],
+            stdin=cut, capture_output=True, text=True, timeout=120, check=False)
+    assert failed.returncode == 1, failed.stderr
+    assert not s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3}).exists(
+        "images/out/cut.vmdk")
+
+
+def test_only_what_is_written_front_to_back_goes_to_a_url(web: RangeServer,
+                                                          images: Path) -> None:
+    refused = _vmdk("convert", images / "disk.vmdk", web.url("x.vmdk"), check=False)
+    assert refused.returncode == 1 and "front to back" in refused.stderr
+    refused = _vmdk("convert", "-o", "subformat=streamOptimized", images / "disk.vmdk",
+                    web.url("x.vmdk"), check=False)
+    assert refused.returncode == 1 and "cannot write to http:// URLs" in refused.stderr
+
+
+def test_ova_create_uploads_the_package(s3: str, small: Path, tmp_path: Path) -> None:
+    import s3fs
+
+    endpoint = f"client_kwargs.endpoint_url={s3}"
+    _vmdk("ova", "create", "--disk", small / "stream.vmdk", "--storage-option", endpoint,
+          "s3://images/out/app.ova")
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3}).get_file(
+        "images/out/app.ova", str(tmp_path / "app.ova"))
+    assert _vmdk("ova", "verify", tmp_path / "app.ova", check=False).returncode == 0
+    _vmdk("convert", "-O", "raw", tmp_path / "app.ova", tmp_path / "disk.raw")
+    assert _same_file(tmp_path / "disk.raw", small / "disk.raw")

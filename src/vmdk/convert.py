@@ -19,7 +19,7 @@ import os
 import stat
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, cast
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def open_source(path: str, fmt: str | None = None, **open_args: Any) -> Source:
     is a VMDK unless ``fmt`` says "raw"."""
     if is_url(path):
         if fmt == "raw":
-            return RawSource(path)
+            return RawSource(path, open_args.get("storage_options"))
         if fmt not in (None, "vmdk"):
             raise VmdkError(f"{fmt} sources are not read from URLs (raw or vmdk)", path)
         return ImageSource(Image.open(path, "r", **open_args))
@@ -408,7 +408,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
             progress: Progress | None = None, overwrite: bool = False,
             allow_external: bool = False, force_share: bool = False, ignore_cid: bool = False,
             disk: str | None = None, durable: bool = True, recover: bool = False,
-            missing_as_zeros: bool = False, **create_options: Any) -> int:
+            missing_as_zeros: bool = False, storage_options: dict[str, Any] | None = None,
+            **create_options: Any) -> int:
     """Convert ``src`` into ``dst``; returns the bytes written.  An existing ``dst`` is
     refused (``ImageExistsError``) unless ``overwrite=True``, as :func:`vmdk.create` does.
 
@@ -425,6 +426,11 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     reads as zeros), up to where the stream is cut or its structure breaks.
     ``missing_as_zeros=True`` reads the missing end of a cut flat extent file as
     zeros instead of failing.
+
+    ``src`` may be a URL (read in place, see :mod:`vmdk.remote`), and so may ``dst``
+    for what is written front to back (raw, or ``subformat="streamOptimized"``): it is
+    uploaded as it is made (a multipart upload to object storage), without a local
+    copy.  ``storage_options`` are fsspec's for both.
     """
     from .ova import copy_from_ova, is_ova, ova_disk_size
 
@@ -459,17 +465,21 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
                                create_options, progress, disk)
     if src_format == "ova" or (src_format is None and is_ova(src)):
         with _target(dst, ova_disk_size(src, disk), out_format, subformat, sparse_size,
-                     overwrite, durable, create_options, keep=[src]) as (write_at, _block):
+                     overwrite, durable, create_options, keep=[src],
+                     storage_options=storage_options) as (write_at, _block):
             copy_from_ova(src, write_at, disk, progress)
-        return os.path.getsize(dst) if dst != "-" else 0
-    extra = ({"allow_external": allow_external, "force_share": force_share,
-              "ignore_cid": ignore_cid, "missing_as_zeros": missing_as_zeros}
-             if src_format != "raw" else {})
+        return os.path.getsize(dst) if dst != "-" and not is_url(dst) else 0
+    extra: dict[str, Any] = ({"allow_external": allow_external, "force_share": force_share,
+                              "ignore_cid": ignore_cid, "missing_as_zeros": missing_as_zeros}
+                             if src_format != "raw" else {})
+    if storage_options is not None and is_url(src):
+        extra["storage_options"] = storage_options
     source = open_source(src, src_format, **extra)
     try:
         _refuse_own_files(source.files(), dst, out_format, subformat)
         with _target(dst, source.size, out_format, subformat, sparse_size, overwrite,
-                     durable, create_options, keep=source.files()) as (write_at, block):
+                     durable, create_options, keep=source.files(),
+                     storage_options=storage_options) as (write_at, block):
             raw_fd = getattr(getattr(write_at, "__self__", None), "copy_fd", None)
             return copy(source, write_at, sparse_size=block, progress=progress,
                         target_fd=raw_fd if out_format == "raw" else None)
@@ -482,7 +492,9 @@ def _refuse_own_files(files: list[str], dst: str, out_format: str,
     """Never let the output replace a file the source is read from (its extents included)."""
     from .create import refuse_replacing
 
-    if dst == "-":
+    if dst == "-" or is_url(dst):
+        if dst in files:
+            raise VmdkError("source and destination are the same object", dst)
         return
     if out_format == "vmdk":
         refuse_replacing(files, dst, subformat)
@@ -593,7 +605,7 @@ def _write_grains(grains: Iterator[tuple[int, bytes]], write_at: Callable[[int, 
 @contextlib.contextmanager
 def _target(dst: str, size: int, out_format: str, subformat: str, sparse_size: int,
             overwrite: bool, durable: bool, create_options: dict[str, Any],
-            keep: Sequence[str] = ()
+            keep: Sequence[str] = (), storage_options: dict[str, Any] | None = None
             ) -> Iterator[tuple[Callable[[int, memoryview], None], int]]:
     """The destination's ``write_at`` and the zero-detection block size suited to it.
 
@@ -603,8 +615,23 @@ def _target(dst: str, size: int, out_format: str, subformat: str, sparse_size: i
     image's extents (the source's).
     """
     if dst == "-":
-        with output_errors("<stdout>"), _stdout_target(size, out_format, subformat,
-                                                       sparse_size, create_options) as target:
+        if sys.stdout.isatty():
+            raise VmdkError("refusing to write a disk image to a terminal: redirect it to a "
+                            "file or a pipe", "-")
+        _refuse_seeking("standard output", "-", out_format, subformat)
+        with output_errors("<stdout>"), _sequential_target(
+                sys.stdout.buffer, "disk.vmdk", size, out_format, sparse_size,
+                create_options) as target:
+            yield target
+        return
+    if is_url(dst):  # an object written once, front to back: a multipart upload
+        from .remote import upload
+
+        _refuse_seeking("a URL", dst, out_format, subformat)
+        name = dst.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] or "disk.vmdk"
+        with upload(dst, overwrite=overwrite, storage_options=storage_options
+                    ) as out, output_errors(dst), _sequential_target(
+                out, name, size, out_format, sparse_size, create_options) as target:
             yield target
         return
     if out_format not in ("raw", "vmdk"):
@@ -691,27 +718,29 @@ class SequentialOutput:
             n -= len(zeros)
 
 
-@contextlib.contextmanager
-def _stdout_target(size: int, out_format: str, subformat: str, sparse_size: int,
-                   create_options: dict[str, Any]
-                   ) -> Iterator[tuple[Callable[[int, memoryview], None], int]]:
-    """A raw disk or a streamOptimized image written to standard output as it is made
-    (both are written front to back)."""
-    if sys.stdout.isatty():
-        raise VmdkError("refusing to write a disk image to a terminal: redirect it to a file "
-                        "or a pipe", "-")
-    if out_format == "raw":
-        out = SequentialOutput(sys.stdout.buffer)
-        yield out.write_at, sparse_size
-        out.finish(size)
-        return
-    if subformat != "streamOptimized":
-        raise VmdkError("standard output takes raw bytes (-O raw) or a streamOptimized image "
+def _refuse_seeking(where: str, name: str, out_format: str, subformat: str) -> None:
+    """Only raw bytes and streams are written front to back, as a pipe or an upload takes
+    them: other kinds go back to fill in their tables."""
+    if out_format == "vmdk" and subformat != "streamOptimized":
+        raise VmdkError(f"{where} takes raw bytes (-O raw) or a streamOptimized image "
                         "(-o subformat=streamOptimized): other kinds are not written front to "
-                        "back", "-")
+                        "back", name)
+
+
+@contextlib.contextmanager
+def _sequential_target(out: BinaryIO, name: str, size: int, out_format: str, sparse_size: int,
+                       create_options: dict[str, Any]
+                       ) -> Iterator[tuple[Callable[[int, memoryview], None], int]]:
+    """A raw disk or a streamOptimized image (named ``name`` in its descriptor) written to
+    ``out`` as it is made: both are written front to back, so nothing is ever sought."""
+    if out_format == "raw":
+        raw = SequentialOutput(out)
+        yield raw.write_at, sparse_size
+        raw.finish(size)
+        return
     from .create import create_stream
 
-    stream = create_stream(sys.stdout.buffer, size, name="disk.vmdk", **create_options)
+    stream = create_stream(out, size, name=name, **create_options)
     stream.durable = False
     try:
         yield stream.write_at, max(sparse_size, create_options.get("cluster_size", 65536))

@@ -22,16 +22,24 @@ operation has a timeout (``TIMEOUT`` seconds unless the storage options set one)
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
+import io
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ._access import Folder, RandomAccess, relative_target
-from .errors import MissingExtentError, RemoteError, UnsupportedFormatError, VmdkError
+from .errors import (
+    ImageExistsError,
+    MissingExtentError,
+    RemoteError,
+    UnsupportedFormatError,
+    VmdkError,
+)
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
@@ -160,6 +168,35 @@ class RemoteFolder(Folder):
     def exists(self, name: str) -> bool:
         fs, path = filesystem(name, self.storage_options)
         return bool(_call(name, "look for", lambda: fs.exists(path)))
+
+
+#: Bytes an upload sends per part (and holds in memory): S3 takes at most 10,000 parts,
+#: so one upload carries up to 320 GiB.
+UPLOAD_PART = 32 << 20
+
+
+@contextlib.contextmanager
+def upload(url: str, *, overwrite: bool, storage_options: dict[str, Any] | None = None
+           ) -> Iterator[BinaryIO]:
+    """A file at ``url`` written front to back, without a local copy: a multipart upload
+    where the filesystem has one (S3, GCS, Azure), holding one part in memory.
+
+    The object appears only when the block ends without error; a failure aborts the
+    upload, leaving what ``url`` held before.  An existing object is refused
+    (ImageExistsError) unless ``overwrite``.
+    """
+    fs, path = filesystem(url, storage_options)
+    if not overwrite and _call(url, "look for", lambda: fs.exists(path)):
+        raise ImageExistsError("already exists (overwrite=True replaces it)", url)
+    out = _call(url, "write to", lambda: fs.open(path, "wb", block_size=UPLOAD_PART),
+                retry=False)
+    try:
+        yield out
+    except BaseException:
+        with contextlib.suppress(Exception):
+            out.discard()  # aborts a multipart upload: nothing is left half made
+        raise
+    _call(url, "finish writing", out.close, retry=False)
 
 
 _pools: dict[int, ThreadPoolExecutor] = {}
@@ -355,6 +392,8 @@ def _describe(exc: BaseException, status: int | None) -> str:
 
 def _as_error(exc: BaseException, status: int | None, name: str, what: str,
               attempt: int) -> VmdkError:
+    if isinstance(exc, (NotImplementedError, io.UnsupportedOperation)):
+        return UnsupportedFormatError(f"cannot {what} {name.split(':', 1)[0]}:// URLs", name)
     if isinstance(exc, _NoRanges):
         return RemoteError("the server does not support range requests (it answered with "
                            "the whole file): download the image, or serve it from a server "
