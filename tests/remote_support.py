@@ -1,11 +1,18 @@
 """Servers on 127.0.0.1 for the remote tests: an HTTP server with range support that counts
-what it serves, and an S3 endpoint (moto's server mode)."""
+what it serves, and an S3 endpoint (moto's server mode).
+
+``python tests/remote_support.py FOLDER`` serves FOLDER on 127.0.0.1 until its standard
+input closes (the benchmark's HTTP rows use it): it prints its base URL, answers
+``/.stats`` with the counts as JSON and ``/.reset`` by zeroing them.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import http.server
+import json
 import os
+import sys
 import re
 import threading
 from collections.abc import Iterator
@@ -80,6 +87,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
 
     def do_GET(self) -> None:
+        if self.path in ("/.stats", "/.reset"):
+            self._stats(reset=self.path == "/.reset")
+            return
         with self.server.lock:
             if self.server.fail:
                 self.server.fail -= 1
@@ -115,6 +125,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body)
 
 
+    def _stats(self, reset: bool) -> None:
+        server = self.server
+        with server.lock:
+            counts = {"requests": server.requests, "heads": server.heads, "bytes": server.bytes}
+        if reset:
+            server.reset()
+        self._answer(200, json.dumps(counts).encode())
+
+
 @contextlib.contextmanager
 def range_server(root: str, *, ranges: bool = True) -> Iterator[RangeServer]:
     server = RangeServer(root, ranges=ranges)
@@ -141,3 +160,10 @@ def s3_server() -> Iterator[str]:
         yield f"http://{host}:{port}"
     finally:
         server.stop()
+
+
+if __name__ == "__main__":
+    with range_server(sys.argv[1]) as running:
+        print(running.url(""), flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            sys.stdin.read()  # until the parent closes the pipe (or is gone)
