@@ -414,3 +414,9 @@ def test_ova_create_uploads_the_package(s3: str, small: Path, tmp_path: Path) ->
     assert _vmdk("ova", "verify", tmp_path / "app.ova", check=False).returncode == 0
     _vmdk("convert", "-O", "raw", tmp_path / "app.ova", tmp_path / "disk.raw")
     assert _same_file(tmp_path / "disk.raw", small / "disk.raw")
+
+
+def test_serve_without_read_only_says_how_to_serve_a_url(web: RangeServer) -> None:
+    failed = _vmdk("serve", "--socket", "/nonexistent/x.sock", web.url("disk.vmdk"), check=False)
+    assert failed.returncode == 1
+    assert "opens read-only" in failed.stderr and "--read-only serves it" in failed.stderr

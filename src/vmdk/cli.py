@@ -706,7 +706,7 @@ def _read_only_would_serve(exc: VmdkError) -> bool:
     if isinstance(exc, ImageInUseError):
         return "open for reading elsewhere" in exc.reason
     return isinstance(exc, UnsupportedFormatError) and (
-        "streamOptimized" in exc.reason
+        "streamOptimized" in exc.reason or "opens read-only" in exc.reason
         or (exc.opt_in is not None and exc.opt_in[0] == "drop_change_tracking"))
 
 

@@ -157,9 +157,7 @@ class RemoteFolder(Folder):
     def locate(self, image: str, name: str, *, allow_external: bool) -> str:
         root, path = _split_url(image)
         folder = path.rsplit("/", 1)[0] if "/" in path else ""
-        return root + relative_target(folder, image, name.replace("\\", "/") if "\\" in name
-                                      and "/" not in name else name,
-                                      allow_external=allow_external)
+        return root + relative_target(folder, image, name, allow_external=allow_external)
 
     def open(self, name: str) -> RemoteFile:
         fs, path = filesystem(name, self.storage_options)

@@ -1480,9 +1480,14 @@ class SparseExtent(Extent):
         pairs = list(zip(numbers.tolist(), sectors.tolist()))
         bad, first = 0, None
         for i in range(0, len(pairs), 256):
-            for pair in pairs[i:i + 256]:
+            batch = pairs[i:i + 256]
+            try:  # neighbours in one read (one request from a file elsewhere)
+                records = self._fetch_records(batch)
+            except CorruptImageError:  # a damaged record: each on its own, to count them
+                records = None
+            for k, pair in enumerate(batch):
                 try:
-                    self._inflate(*self._fetch_records([pair])[0])
+                    self._inflate(*(records[k] if records else self._fetch_records([pair])[0]))
                 except CorruptImageError as exc:
                     bad += 1
                     first = first or exc.reason
