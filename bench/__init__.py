@@ -396,6 +396,7 @@ class Workloads:
         self.ops = ops
         self.log = log
         self._made: set[str] = set()
+        self.http = HttpServer(workdir)
 
     def path(self, name: str) -> str:
         return os.path.join(self.dir, name)
@@ -523,6 +524,41 @@ def qemu_compare(a: str, b: str) -> str:
 
 def raw_equal(a: str, b: str) -> str:
     return "same" if filecmp.cmp(a, b, shallow=False) else "DIFFERS"
+
+
+class HttpServer:
+    """The tests' range server (tests/remote_support.py) serving the work folder on
+    127.0.0.1, started on first use; it counts requests and bytes (``stats``)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self._proc: subprocess.Popen[str] | None = None
+        self.base = ""
+
+    def url(self, path: str) -> str:
+        if self._proc is None:
+            script = os.path.join(os.path.dirname(SRC), "tests", "remote_support.py")
+            self._proc = subprocess.Popen([sys.executable, script, self.folder],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          text=True, env=child_env())
+            assert self._proc.stdout is not None
+            self.base = self._proc.stdout.readline().strip()
+        return self.base + os.path.relpath(path, self.folder)
+
+    def stats(self, reset: bool = False) -> dict[str, int]:
+        import urllib.request
+
+        with urllib.request.urlopen(self.base + (".reset" if reset else ".stats"),
+                                    timeout=30) as answer:
+            counts: dict[str, int] = json.load(answer)
+        return counts
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            assert self._proc.stdin is not None
+            self._proc.stdin.close()
+            self._proc.wait(30)
+            self._proc = None
 
 
 def build_cases(w: Workloads) -> list[Case]:
@@ -698,6 +734,31 @@ def build_cases(w: Workloads) -> list[Case]:
          Contender("python -c pass", lambda: py("-c", "pass")),
          Contender("qemu-img", lambda: ["qemu-img", "info", w.sparse()])]))
 
+    # An image read over HTTP (a local server with range support) against fetching the whole
+    # file: what a job costs in time, and in requests and bytes (the check column).
+    for name, title, image in (("http-sparse-to-raw", "monolithicSparse → raw over HTTP",
+                                w.sparse),
+                               ("http-stream-to-raw", "streamOptimized → raw over HTTP",
+                                w.stream)):
+        mine_http, whole = out(f"{name}.ours.raw"), out(f"{name}.curl.vmdk")
+
+        def fetched(image: Callable[[], str] = image, mine_http: str = mine_http) -> str:
+            w.http.stats(reset=True)
+            run_checked(vmdk_cli("-t", "unsafe", "-O", "raw", w.http.url(image()), mine_http))
+            got = w.http.stats()
+            size = os.path.getsize(image())
+            return (f"{raw_equal(mine_http, w.raw())}; a job: {got['requests'] + got['heads']} "
+                    f"requests, {got['bytes'] / MiB:,.1f} MiB of the {size / MiB:,.1f} MiB file")
+
+        cases.append(Case(
+            name, title, lambda image=image: [image()],
+            [Contender("ours -t unsafe", lambda image=image, mine_http=mine_http: vmdk_cli(
+                "-t", "unsafe", "-O", "raw", w.http.url(image()), mine_http),
+                fresh(mine_http), output=mine_http),
+             Contender("curl (whole file)", lambda image=image, whole=whole: [
+                 "curl", "-sS", "-o", whole, w.http.url(image())], fresh(whole))],
+            verify=fetched))
+
     cp_out = out("ceiling.raw")
     cases.append(Case(
         "cat", "ceiling: cat raw > /dev/null", lambda: [w.raw()],
@@ -871,6 +932,8 @@ def main(argv: list[str] | None = None) -> int:
                                          for label in r.samples} | {"check": r.check}
                            for r in results}, f, indent=1)
     finally:
+        if "work" in locals():
+            work.http.stop()
         if args.keep:
             log(f"kept {workdir}")
         else:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import io
 import os
-from typing import TYPE_CHECKING, Any, Self
+from typing import IO, TYPE_CHECKING, Any, Self
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer  # collections.abc.Buffer from Python 3.12
 
+from ._access import Resolver
 from ._positioned import PositionedDisk
 from .errors import OutOfRangeError
 from .image import Image, MapRun
@@ -196,10 +197,18 @@ class VmdkFile(PositionedDisk):
         return f"<vmdk.VmdkFile {self.image.path!r} {state} size={self.image.size}>"
 
 
-def open(path: str | os.PathLike[str], mode: str = "r", *, allow_external: bool = False,
-         ignore_cid: bool = False, force_share: bool = False,
-         drop_change_tracking: bool = False, missing_as_zeros: bool = False) -> VmdkFile:
+def open(path: str | os.PathLike[str] | IO[bytes], mode: str = "r", *,
+         allow_external: bool = False, ignore_cid: bool = False, force_share: bool = False,
+         drop_change_tracking: bool = False, missing_as_zeros: bool = False,
+         resolver: Resolver | None = None,
+         storage_options: dict[str, Any] | None = None) -> VmdkFile:
     """Open a VMDK image (descriptor, monolithic or bare extent file) as a file object.
+
+    ``path`` is a local path, a URL (``https://``, ``s3://``, ``gs://``, ``az://`` or any
+    fsspec protocol; needs ``pip install 'vmdk[remote]'``, with fsspec's
+    ``storage_options``), or a seekable binary file object (borrowed: it stays open),
+    whose other files, if its descriptor names any, ``resolver(name)`` opens (what it
+    returns is closed with the image).  URLs and file objects open read-only.
 
     ``mode`` is "r" (the default) or "r+" to write.  ``allow_external`` lets
     the descriptor name files outside the image's folder or devices, which is
@@ -214,4 +223,5 @@ def open(path: str | os.PathLike[str], mode: str = "r", *, allow_external: bool 
     return VmdkFile(Image.open(path, mode, allow_external=allow_external, ignore_cid=ignore_cid,
                                force_share=force_share,
                                drop_change_tracking=drop_change_tracking,
-                               missing_as_zeros=missing_as_zeros))
+                               missing_as_zeros=missing_as_zeros, resolver=resolver,
+                               storage_options=storage_options))

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 else:
     from ._numpy import np
 
+from ._access import file_size, pread
 from ._structs import SparseFlags
 from .compact import defragment, next_grain_sector, unused_sectors
 from .errors import (
@@ -262,9 +263,9 @@ def _check_chain(path: str, allow_external: bool, result: CheckResult) -> None:
 
 def _check_flat(extent: FlatExtent, result: CheckResult) -> None:
     assert extent.filename is not None
-    have = os.fstat(extent.fd).st_size
+    have = file_size(extent.src)
     need = extent.base + extent.size
-    if have < need and os.path.isfile(extent.filename):
+    if have < need and (not isinstance(extent.src, int) or os.path.isfile(extent.filename)):
         result.add("corruption", f"flat extent file holds {have} bytes but the descriptor "
                    f"needs {need}", extent.filename)
 
@@ -416,7 +417,7 @@ def _scan_tables(extent: SparseExtent, result: CheckResult,
 def _read_table(extent: SparseExtent, sector: int) -> np.ndarray:
     """The grain table stored at ``sector``, as read from the file (zeros past its end)."""
     n = extent.header.num_gtes_per_gt
-    raw = os.pread(extent.fd, n * 4, sector * SECTOR_SIZE)
+    raw = pread(extent.src, n * 4, sector * SECTOR_SIZE)
     return np.frombuffer(raw.ljust(n * 4, b"\0"), dtype="<u4").astype(np.uint32)
 
 
@@ -503,7 +504,7 @@ def _decide_copies(extent: SparseExtent) -> list[str]:
 
 def _directory_on_disk(extent: SparseExtent, sector: int) -> np.ndarray:
     size = len(extent.gd) * 4
-    raw = os.pread(extent.fd, size, sector * SECTOR_SIZE).ljust(size, b"\0")
+    raw = pread(extent.src, size, sector * SECTOR_SIZE).ljust(size, b"\0")
     return np.frombuffer(raw, dtype="<u4").astype(np.uint32)
 
 

@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import errno
 import logging
-import mmap
 import os
 import re
 import signal
@@ -20,8 +19,9 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, BinaryIO, NoReturn
 
 from . import __version__
+from ._access import is_url
 from ._output import discard_all
-from .convert import DEFAULT_SPARSE_SIZE, Source, convert, open_source
+from .convert import DEFAULT_SPARSE_SIZE, SequentialOutput, Source, convert, copy, open_source
 from .create import PREALLOCATION_MODES, SUBFORMATS, create
 from .errors import UnsupportedFormatError, VmdkError
 from .extents.base import SECTOR_SIZE
@@ -191,6 +191,42 @@ def _human_size(n: int) -> str:
     raise AssertionError
 
 
+def parse_storage_options(items: Sequence[str]) -> dict[str, Any]:
+    """``--storage-option KEY=VALUE`` words as fsspec's storage options: a value is read as
+    JSON where it is JSON (true, 3, {"a": 1}), else kept as text; a dotted key nests
+    (``client_kwargs.endpoint_url=...``)."""
+    import json
+
+    options: dict[str, Any] = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--storage-option {item!r} is not KEY=VALUE")
+        try:
+            value: Any = json.loads(text)
+        except ValueError:
+            value = text
+        *outer, last = key.split(".")
+        node = options
+        for part in outer:
+            node = node.setdefault(part, {})
+            if isinstance(node, dict):
+                continue
+            raise ValueError(f"--storage-option {item!r}: {part} has a value, not options")
+        node[last] = value
+    return options
+
+
+def _configure_remote(args: argparse.Namespace) -> None:
+    """Hand --storage-option and --connections to vmdk.remote (loaded only when given)."""
+    items = getattr(args, "storage_option", None)
+    connections = getattr(args, "connections", None)
+    if items or connections is not None:
+        from .remote import configure
+
+        configure(parse_storage_options(items or []), connections)
+
+
 def _open_flags(args: argparse.Namespace) -> dict[str, Any]:
     flags = {"allow_external": getattr(args, "allow_external", False),
              "force_share": getattr(args, "force_share", False)}
@@ -297,7 +333,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     kwargs = create_kwargs(parse_options(args.options))
     if args.source == "-" or args.recover:
         size = 0  # a stream read front to back: its size is in a header not read yet
-    elif args.source_format == "raw":
+    elif args.source_format == "raw" and not is_url(args.source):
         size = os.path.getsize(args.source)
     elif args.source_format == "ova" or (args.source_format is None and is_ova(args.source)):
         from .ova import ova_disk_size
@@ -441,17 +477,11 @@ def cmd_cat(args: argparse.Namespace) -> int:
 
 def _write_disk(source: Source, out: BinaryIO) -> None:
     """Every byte of the disk to ``out``; ranges the source does not store are written as
-    zeros without reading them."""
-    chunk = 4 << 20
-    buf, zeros = memoryview(mmap.mmap(-1, chunk)), memoryview(bytes(chunk))
-    for span in source.spans():
-        end = span.start + span.length
-        for pos in range(span.start, end, chunk):
-            n = min(chunk, end - pos)
-            if span.data:
-                source.readinto_at(pos, buf[:n])
-            out.write(buf[:n] if span.data else zeros[:n])
-    out.flush()
+    zeros without reading them, and stored ones are read ahead of the writes (side by
+    side from a URL)."""
+    sequential = SequentialOutput(out)
+    copy(source, sequential.write_at, sparse_size=0)
+    sequential.finish(source.size)
 
 
 def cmd_amend(args: argparse.Namespace) -> int:
@@ -690,7 +720,7 @@ def _read_only_would_serve(exc: VmdkError) -> bool:
     if isinstance(exc, ImageInUseError):
         return "open for reading elsewhere" in exc.reason
     return isinstance(exc, UnsupportedFormatError) and (
-        "streamOptimized" in exc.reason
+        "streamOptimized" in exc.reason or "opens read-only" in exc.reason
         or (exc.opt_in is not None and exc.opt_in[0] == "drop_change_tracking"))
 
 
@@ -712,6 +742,10 @@ def _leaf_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.Argument
     for action in subs:
         for child in dict.fromkeys(action.choices.values()):  # aliases share a parser
             yield from _leaf_parsers(child)
+
+
+#: Verbs that read an image named by URL (read-only: an image elsewhere is never written).
+_URL_VERBS = ("info", "map", "check", "compare", "convert", "cat", "serve", "measure")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -744,6 +778,14 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             p.add_argument("--missing-as-zeros", action="store_true",
                            help="read the missing end of a flat extent file shorter than its "
                                 "descriptor says as zeros (refused by default: a cut copy)")
+        if name in _URL_VERBS:
+            p.add_argument("--storage-option", action="append", default=[],
+                           metavar="KEY=VALUE",
+                           help="an fsspec option for images named by URL (s3://, https://...; "
+                                "pip install 'vmdk[remote]'): anon=true, "
+                                "client_kwargs.endpoint_url=URL, ...")
+            p.add_argument("--connections", type=_positive_int, default=None, metavar="N",
+                           help="requests run side by side per image named by URL (default 8)")
         return p
 
     if only in (None, "info"):
@@ -1124,6 +1166,7 @@ def _parse(parser: argparse.ArgumentParser, words: list[str]) -> argparse.Namesp
 def _run(args: argparse.Namespace) -> int:
     """The verb, its errors as one line and an exit code; no output of it left half made."""
     try:
+        _configure_remote(args)
         code = int(args.func(args))
         sys.stdout.flush()
         return code

@@ -8,6 +8,7 @@ unallocated grains in sparse images).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -18,7 +19,7 @@ import os
 import stat
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, cast
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 else:
     from ._numpy import np
 
+from ._access import Readable, file_size, is_url, release
 from ._output import StagedOutput, output_errors
 from .errors import UnsupportedFormatError, VmdkError
 from .extents.base import pread_exact, pwrite_all, stored_ranges
@@ -63,12 +65,21 @@ class Source(Protocol):
 
 
 class RawSource:
-    """A raw disk file; holes found with SEEK_DATA/SEEK_HOLE are not read."""
+    """A raw disk file; holes found with SEEK_DATA/SEEK_HOLE are not read (a file behind
+    a URL tells no holes: all of it is read)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, storage_options: dict[str, Any] | None = None) -> None:
         self.path = path
-        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        self.size = os.lseek(self.fd, 0, os.SEEK_END)
+        self.fd: Readable
+        self.read_ahead = 1
+        if is_url(path):
+            from .remote import open_url
+
+            self.fd = open_url(path, storage_options)[1]
+            self.read_ahead = self.fd.parallel_reads
+        else:
+            self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self.size = file_size(self.fd)
 
     def spans(self) -> Iterator[Span]:
         pos = 0
@@ -87,7 +98,7 @@ class RawSource:
         return [self.path]
 
     def close(self) -> None:
-        os.close(self.fd)
+        release(self.fd)
 
 
 class ImageSource:
@@ -96,13 +107,16 @@ class ImageSource:
     def __init__(self, image: Image) -> None:
         self.image = image
         self.size = image.size
+        #: Chunks a copy reads ahead of the one it writes (see _copy_chunks).
+        self.read_ahead = max([layer.folder.parallel_reads for layer in image.chain()
+                               if layer.folder is not None], default=1)
 
     def spans(self) -> Iterator[Span]:
         fds: dict[str, int] = {}
         for image in self.image.chain():
             for extent in image.extents:
                 fd = getattr(extent, "fd", None)
-                if extent.filename and isinstance(fd, int):
+                if extent.filename and isinstance(fd, int) and fd >= 0:
                     fds.setdefault(extent.filename, fd)
         for run in self.image.map():
             fd = fds.get(run.filename) if run.filename and run.offset is not None else None
@@ -122,7 +136,14 @@ class ImageSource:
 
 
 def open_source(path: str, fmt: str | None = None, **open_args: Any) -> Source:
-    """Open ``path`` as "raw" or "vmdk"; the kind is detected when ``fmt`` is None."""
+    """Open ``path`` as "raw" or "vmdk"; the kind is detected when ``fmt`` is None.  A URL
+    is a VMDK unless ``fmt`` says "raw"."""
+    if is_url(path):
+        if fmt == "raw":
+            return RawSource(path, open_args.get("storage_options"))
+        if fmt not in (None, "vmdk"):
+            raise VmdkError(f"{fmt} sources are not read from URLs (raw or vmdk)", path)
+        return ImageSource(Image.open(path, "r", **open_args))
     with io_errors(path):
         if fmt is None:
             from .ova import is_ova
@@ -269,7 +290,7 @@ def copy(source: Source, write_at: Callable[[int, memoryview], None], *,
     Python: stored grains are copied whole, zeros inside them included.
     """
     written = 0
-    chunks: list[tuple[int, int]] = []  # what goes through Python, in order
+    chunks: list[tuple[int, int, int]] = []  # what goes through Python, in order: see _gathered
     for span in source.spans():
         if not span.data:
             if progress:
@@ -292,12 +313,31 @@ def copy(source: Source, write_at: Callable[[int, memoryview], None], *,
                 # The file ends early: the image decides what that means (zeros past a
                 # short flat file, an error for a grain past a sparse file's end).
                 span = Span(span.start + done, span.length - done, True)
-        chunks.extend((pos, min(CHUNK, span.start + span.length - pos))
-                      for pos in range(span.start, span.start + span.length, CHUNK))
+        chunks.extend((pos, n, n) for pos in range(span.start, span.start + span.length, CHUNK)
+                      for n in [min(CHUNK, span.start + span.length - pos)])
+    if getattr(source, "read_ahead", 1) > 1:
+        chunks = _gathered(chunks)
     return written + _copy_chunks(source, chunks, write_at, sparse_size, progress)
 
 
-def _copy_chunks(source: Source, chunks: list[tuple[int, int]],
+def _gathered(chunks: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Neighbouring chunks read as one, up to CHUNK bytes from the first's start.
+
+    For a source behind a URL: one read of the image then gives the stored runs of
+    many small spans together, which its file fetches as few large ranges.  What
+    lies between the spans reads as zeros without any fetch, and is not written.
+    Each chunk is (start, length, stored bytes): the progress counted the rest already.
+    """
+    out: list[tuple[int, int, int]] = []
+    for pos, n, stored in chunks:
+        if out and pos + n - out[-1][0] <= CHUNK:
+            out[-1] = (out[-1][0], pos + n - out[-1][0], out[-1][2] + stored)
+        else:
+            out.append((pos, n, stored))
+    return out
+
+
+def _copy_chunks(source: Source, chunks: list[tuple[int, int, int]],
                  write_at: Callable[[int, memoryview], None], sparse_size: int,
                  progress: Progress | None) -> int:
     """Read chunk N+1 in a worker thread while chunk N is written.
@@ -309,28 +349,31 @@ def _copy_chunks(source: Source, chunks: list[tuple[int, int]],
     """
     if not chunks:
         return 0
-    buffers = [memoryview(mmap.mmap(-1, CHUNK)) for _ in range(2)]
+    # Reads run ``ahead`` chunks in front of the write: chunk i's buffer is free again once
+    # it was written, which is before the read of chunk i + ahead + 1 is started.
+    ahead = max(1, int(getattr(source, "read_ahead", 1)))
+    buffers = [memoryview(mmap.mmap(-1, CHUNK)) for _ in range(ahead + 1)]
 
     def read(i: int) -> tuple[memoryview, list[tuple[int, int]]]:
-        pos, n = chunks[i]
-        view = buffers[i % 2][:n]
+        pos, n, _stored = chunks[i]
+        view = buffers[i % len(buffers)][:n]
         source.readinto_at(pos, view)
         return view, (nonzero_runs(view, sparse_size) if sparse_size else [(0, n)])
 
     from concurrent.futures import ThreadPoolExecutor
 
     written = 0
-    with ThreadPoolExecutor(1, thread_name_prefix="vmdk-read-ahead") as pool:
-        future = pool.submit(read, 0)
-        for i, (pos, n) in enumerate(chunks):
-            chunk, runs = future.result()
-            if i + 1 < len(chunks):
-                future = pool.submit(read, i + 1)
+    with ThreadPoolExecutor(ahead, thread_name_prefix="vmdk-read-ahead") as pool:
+        futures = collections.deque(pool.submit(read, i) for i in range(min(ahead, len(chunks))))
+        for i, (pos, _n, stored) in enumerate(chunks):
+            chunk, runs = futures.popleft().result()
+            if i + ahead < len(chunks):
+                futures.append(pool.submit(read, i + ahead))
             for start, length in runs:
                 write_at(pos + start, chunk[start:start + length])
                 written += length
             if progress:
-                progress(n)
+                progress(stored)
     return written
 
 
@@ -354,7 +397,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
             progress: Progress | None = None, overwrite: bool = False,
             allow_external: bool = False, force_share: bool = False, ignore_cid: bool = False,
             disk: str | None = None, durable: bool = True, recover: bool = False,
-            missing_as_zeros: bool = False, **create_options: Any) -> int:
+            missing_as_zeros: bool = False, storage_options: dict[str, Any] | None = None,
+            **create_options: Any) -> int:
     """Convert ``src`` into ``dst``; returns the bytes written.  An existing ``dst`` is
     refused (``ImageExistsError``) unless ``overwrite=True``, as :func:`vmdk.create` does.
 
@@ -371,6 +415,11 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     reads as zeros), up to where the stream is cut or its structure breaks.
     ``missing_as_zeros=True`` reads the missing end of a cut flat extent file as
     zeros instead of failing.
+
+    ``src`` may be a URL (read in place, see :mod:`vmdk.remote`), and so may ``dst``
+    for what is written front to back (raw, or ``subformat="streamOptimized"``): it is
+    uploaded as it is made (a multipart upload to object storage), without a local
+    copy.  ``storage_options`` are fsspec's for both.
     """
     from .ova import is_ova
 
@@ -394,9 +443,12 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
                             "(-f raw) or a streamOptimized VMDK, or name a file", "<stdin>")
         return _convert_from_pipe(dst, out_format, subformat, sparse_size, overwrite, durable,
                                   create_options, progress, recover)
-    if dst != "-" and os.path.exists(dst) and os.path.samefile(src, dst):
+    if dst != "-" and not is_url(src) and os.path.exists(dst) and os.path.samefile(src, dst):
         raise VmdkError("source and destination are the same file", dst)
     _refuse_own_files([src], dst, out_format, subformat)
+    if recover and is_url(src):
+        raise VmdkError("--recover reads a stream front to back from a local file or a pipe: "
+                        "pipe the download into 'vmdk convert --recover -'", src)
     if recover:
         return _recover_stream(src, dst, out_format, subformat, sparse_size, overwrite, durable,
                                create_options, progress, disk)
@@ -404,17 +456,21 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
         from .ova import copy_from_ova, ova_disk_size
 
         with _target(dst, ova_disk_size(src, disk), out_format, subformat, sparse_size,
-                     overwrite, durable, create_options, keep=[src]) as (write_at, _block):
+                     overwrite, durable, create_options, keep=[src],
+                     storage_options=storage_options) as (write_at, _block):
             copy_from_ova(src, write_at, disk, progress)
-        return os.path.getsize(dst) if dst != "-" else 0
-    extra = ({"allow_external": allow_external, "force_share": force_share,
-              "ignore_cid": ignore_cid, "missing_as_zeros": missing_as_zeros}
-             if src_format != "raw" else {})
+        return os.path.getsize(dst) if dst != "-" and not is_url(dst) else 0
+    extra: dict[str, Any] = ({"allow_external": allow_external, "force_share": force_share,
+                              "ignore_cid": ignore_cid, "missing_as_zeros": missing_as_zeros}
+                             if src_format != "raw" else {})
+    if storage_options is not None and is_url(src):
+        extra["storage_options"] = storage_options
     source = open_source(src, src_format, **extra)
     try:
         _refuse_own_files(source.files(), dst, out_format, subformat)
         with _target(dst, source.size, out_format, subformat, sparse_size, overwrite,
-                     durable, create_options, keep=source.files()) as (write_at, block):
+                     durable, create_options, keep=source.files(),
+                     storage_options=storage_options) as (write_at, block):
             raw_fd = getattr(getattr(write_at, "__self__", None), "copy_fd", None)
             return copy(source, write_at, sparse_size=block, progress=progress,
                         target_fd=raw_fd if out_format == "raw" else None)
@@ -427,7 +483,9 @@ def _refuse_own_files(files: list[str], dst: str, out_format: str,
     """Never let the output replace a file the source is read from (its extents included)."""
     from .create import refuse_replacing
 
-    if dst == "-":
+    if dst == "-" or is_url(dst):
+        if dst in files:
+            raise VmdkError("source and destination are the same object", dst)
         return
     if out_format == "vmdk":
         refuse_replacing(files, dst, subformat)
@@ -538,7 +596,7 @@ def _write_grains(grains: Iterator[tuple[int, bytes]], write_at: Callable[[int, 
 @contextlib.contextmanager
 def _target(dst: str, size: int, out_format: str, subformat: str, sparse_size: int,
             overwrite: bool, durable: bool, create_options: dict[str, Any],
-            keep: Sequence[str] = ()
+            keep: Sequence[str] = (), storage_options: dict[str, Any] | None = None
             ) -> Iterator[tuple[Callable[[int, memoryview], None], int]]:
     """The destination's ``write_at`` and the zero-detection block size suited to it.
 
@@ -548,8 +606,23 @@ def _target(dst: str, size: int, out_format: str, subformat: str, sparse_size: i
     image's extents (the source's).
     """
     if dst == "-":
-        with output_errors("<stdout>"), _stdout_target(size, out_format, subformat,
-                                                       sparse_size, create_options) as target:
+        if sys.stdout.isatty():
+            raise VmdkError("refusing to write a disk image to a terminal: redirect it to a "
+                            "file or a pipe", "-")
+        _refuse_seeking("standard output", "-", out_format, subformat)
+        with output_errors("<stdout>"), _sequential_target(
+                sys.stdout.buffer, "disk.vmdk", size, out_format, sparse_size,
+                create_options) as target:
+            yield target
+        return
+    if is_url(dst):  # an object written once, front to back: a multipart upload
+        from .remote import upload
+
+        _refuse_seeking("a URL", dst, out_format, subformat)
+        name = dst.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] or "disk.vmdk"
+        with upload(dst, overwrite=overwrite, storage_options=storage_options
+                    ) as out, output_errors(dst), _sequential_target(
+                out, name, size, out_format, sparse_size, create_options) as target:
             yield target
         return
     if out_format not in ("raw", "vmdk"):
@@ -636,27 +709,29 @@ class SequentialOutput:
             n -= len(zeros)
 
 
-@contextlib.contextmanager
-def _stdout_target(size: int, out_format: str, subformat: str, sparse_size: int,
-                   create_options: dict[str, Any]
-                   ) -> Iterator[tuple[Callable[[int, memoryview], None], int]]:
-    """A raw disk or a streamOptimized image written to standard output as it is made
-    (both are written front to back)."""
-    if sys.stdout.isatty():
-        raise VmdkError("refusing to write a disk image to a terminal: redirect it to a file "
-                        "or a pipe", "-")
-    if out_format == "raw":
-        out = SequentialOutput(sys.stdout.buffer)
-        yield out.write_at, sparse_size
-        out.finish(size)
-        return
-    if subformat != "streamOptimized":
-        raise VmdkError("standard output takes raw bytes (-O raw) or a streamOptimized image "
+def _refuse_seeking(where: str, name: str, out_format: str, subformat: str) -> None:
+    """Only raw bytes and streams are written front to back, as a pipe or an upload takes
+    them: other kinds go back to fill in their tables."""
+    if out_format == "vmdk" and subformat != "streamOptimized":
+        raise VmdkError(f"{where} takes raw bytes (-O raw) or a streamOptimized image "
                         "(-o subformat=streamOptimized): other kinds are not written front to "
-                        "back", "-")
+                        "back", name)
+
+
+@contextlib.contextmanager
+def _sequential_target(out: BinaryIO, name: str, size: int, out_format: str, sparse_size: int,
+                       create_options: dict[str, Any]
+                       ) -> Iterator[tuple[Callable[[int, memoryview], None], int]]:
+    """A raw disk or a streamOptimized image (named ``name`` in its descriptor) written to
+    ``out`` as it is made: both are written front to back, so nothing is ever sought."""
+    if out_format == "raw":
+        raw = SequentialOutput(out)
+        yield raw.write_at, sparse_size
+        raw.finish(size)
+        return
     from .create import create_stream
 
-    stream = create_stream(sys.stdout.buffer, size, name="disk.vmdk", **create_options)
+    stream = create_stream(out, size, name=name, **create_options)
     stream.durable = False
     try:
         yield stream.write_at, max(sparse_size, create_options.get("cluster_size", 65536))

@@ -136,6 +136,19 @@ class ImageIOError(VmdkError, OSError):
         self.errno = errno
 
 
+class RemoteError(ImageIOError):
+    """A file behind a URL could not be read: a network fault that outlasted the retries,
+    a refusal (HTTP 403...), or a server that cannot send part of a file.
+
+    ``status`` is the HTTP status when the server answered with one, else None.
+    """
+
+    def __init__(self, message: str, filename: str | os.PathLike[str] | None = None,
+                 status: int | None = None, errno: int | None = None) -> None:
+        super().__init__(message, filename, errno=errno)
+        self.status = status
+
+
 def respell(message: str, opt_in: tuple[str, str] | None, flags: dict[str, str]) -> str:
     """``message``, ending with the hint of ``opt_in`` in Python's spelling, with that hint
     spelled as ``flags`` (keyword -> option) spell it, or dropped where they have none."""

@@ -16,11 +16,21 @@ import os
 import stat
 import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, NoReturn, Self
+from typing import IO, TYPE_CHECKING, Any, NoReturn, Self, cast
 
 if TYPE_CHECKING:
     from uuid import UUID
 
+from ._access import (
+    FileObjectAccess,
+    Folder,
+    RandomAccess,
+    Resolver,
+    ResolverFolder,
+    file_size,
+    is_file_object,
+    is_url,
+)
 from ._structs import COWD_MAGIC, SESPARSE_CONST_MAGIC, SPARSE_MAGIC, SparseFlags
 from .descriptor import Descriptor, ExtentLine, canonical_create_type
 from .errors import (
@@ -111,15 +121,31 @@ def sniff(path: str) -> str:
     """What kind of file ``path`` is: "sparse", "cowd", "sesparse", "descriptor" or "raw"."""
     with open(path, "rb") as f:
         head = f.read(8)
+    kind = _binary_kind(head)
+    if kind is None:
+        return "descriptor" if _looks_like_descriptor(path) else "raw"
+    return kind
+
+
+def _binary_kind(head: bytes) -> str | None:
+    """"sparse", "cowd" or "sesparse" by the file's first 8 bytes, else None."""
     if head[:4] == SPARSE_MAGIC:
         return "sparse"
     if head[:4] == COWD_MAGIC:
         return "cowd"
-    if len(head) == 8 and int.from_bytes(head, "little") == SESPARSE_CONST_MAGIC:
+    if len(head) >= 8 and int.from_bytes(head[:8], "little") == SESPARSE_CONST_MAGIC:
         return "sesparse"
-    if _looks_like_descriptor(path):
-        return "descriptor"
-    return "raw"
+    return None
+
+
+def sniff_file(src: RandomAccess) -> str:
+    """``sniff`` for a file that is not local: one read of its first 4 KiB."""
+    head = src.pread(4096, 0)
+    kind = _binary_kind(head)
+    if kind is None:
+        return ("descriptor" if src.size <= MAX_DESCRIPTOR_BYTES and _descriptor_text(head)
+                else "raw")
+    return kind
 
 
 #: Other disk formats, by their magic: (offset, bytes, name).
@@ -138,6 +164,11 @@ def foreign_format(path: str) -> str | None:
         if size >= 512:
             f.seek(size - 512)
             tail = f.read(8)  # a fixed VHD: raw data with a footer
+    return _foreign_in(head, tail)
+
+
+def _foreign_in(head: bytes, tail: bytes) -> str | None:
+    """The other format whose magic ``head`` (or, for a fixed VHD, ``tail``) holds."""
     for offset, magic, name in _FOREIGN:
         if head[offset:offset + len(magic)] == magic:
             return name
@@ -147,11 +178,15 @@ def foreign_format(path: str) -> str | None:
 def not_vmdk(path: str) -> str:
     """Why ``path`` (which ``sniff`` calls raw) is no VMDK image, in words a user can act on:
     what it is instead, when that can be told."""
-    other = foreign_format(path)
-    if other:
-        return f"a {other} image, not VMDK: convert it with qemu-img first"
     with open(path, "rb") as f:
         head = f.read(512)
+    return _not_vmdk_in(head, foreign_format(path))
+
+
+def _not_vmdk_in(head: bytes, other: str | None) -> str:
+    """``not_vmdk`` for a file whose first 512 bytes are ``head``, of format ``other``."""
+    if other:
+        return f"a {other} image, not VMDK: convert it with qemu-img first"
     if not head:
         return "an empty file, not a VMDK image"
     if len(head) == 512 and head[257:262] == b"ustar":
@@ -177,6 +212,11 @@ def _looks_like_descriptor(path: str) -> bool:
             text = f.read(4096)
     except OSError:
         return False
+    return _descriptor_text(text)
+
+
+def _descriptor_text(text: bytes) -> bool:
+    """Whether a file beginning with ``text`` is a descriptor."""
     # The text ends at the first NUL, as qemu and VMware read it: qemu pads descriptor files
     # with NULs and, when a rewritten CID is shorter, leaves the old text's tail after the NUL.
     text = text.partition(b"\0")[0]
@@ -215,20 +255,34 @@ class Image:
         #: The caller accepted that a write drops changed block tracking (see open()).
         self._drop_tracking = False
         self._lock_fds: list[int] = []
+        #: Where the files of an image that is no local path are found (None: local).
+        self.folder: Folder | None = None
         self.closed = False
 
     # ------------------------------------------------------------------ open
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], mode: str = "r", *,
+    def open(cls, path: str | os.PathLike[str] | IO[bytes], mode: str = "r", *,
              allow_external: bool = False, ignore_cid: bool = False, force_share: bool = False,
              open_parent: bool = True, repair: bool = False,
              drop_change_tracking: bool = False, missing_as_zeros: bool = False,
-             share_parents: bool = False,
+             share_parents: bool = False, resolver: Resolver | None = None,
+             storage_options: dict[str, Any] | None = None,
              _depth: int = 0, _seen: frozenset[str] = frozenset()) -> Image:
         """Open an image; ``force_share`` reads it (and its parents) without locks, and
-        ``share_parents`` only its parents (a snapshot made of a parent in use)."""
-        path = os.fspath(path)
+        ``share_parents`` only its parents (a snapshot made of a parent in use).
+
+        ``path`` may also be a seekable binary file object (borrowed: left open), whose
+        other files ``resolver`` opens by name, or a URL read through fsspec with
+        ``storage_options``; both open read-only, without locks (see vmdk.remote).
+        """
+        if is_file_object(path) or is_url(path):
+            return cls._open_elsewhere(path, mode, resolver=resolver,
+                                       storage_options=storage_options,
+                                       allow_external=allow_external, ignore_cid=ignore_cid,
+                                       open_parent=open_parent,
+                                       missing_as_zeros=missing_as_zeros)
+        path = os.fspath(cast("str | os.PathLike[str]", path))
         if force_share and "+" in mode:
             raise ValueError("force_share reads without locks: a writer must hold its lock "
                              "(open with mode 'r' to read an image in use)")
@@ -330,6 +384,94 @@ class Image:
         image = cls(path, descriptor, extents, read_only=read_only, embedded=embedded,
                     parent=parent, allow_external=allow_external, stores_descriptor=stores)
         image._lock_fds = locks
+        return image
+
+    @classmethod
+    def _open_elsewhere(cls, where: object, mode: str, *, resolver: Resolver | None,
+                        storage_options: dict[str, Any] | None, allow_external: bool,
+                        ignore_cid: bool, open_parent: bool, missing_as_zeros: bool) -> Image:
+        """An image in a file object or behind a URL: read-only, nothing to lock."""
+        name = where if isinstance(where, str) else getattr(where, "name", None)
+        if mode in ("r+", "r+b", "rb+"):
+            raise UnsupportedFormatError(
+                "an image that is not a local file opens read-only: convert it to a local "
+                "file to change it", name if isinstance(name, str) else None)
+        if mode not in ("r", "rb"):
+            raise ValueError(f"invalid mode {mode!r}: use 'r' or 'r+'")
+        folder: Folder
+        access: RandomAccess
+        if isinstance(where, str):
+            from .remote import open_url
+
+            folder, access = open_url(where, storage_options)
+        else:
+            access = FileObjectAccess(cast("IO[bytes]", where))
+            folder = ResolverFolder(resolver)
+        image = cls._open_in(folder, access, allow_external=allow_external,
+                             ignore_cid=ignore_cid, open_parent=open_parent,
+                             missing_as_zeros=missing_as_zeros, depth=0, seen=frozenset())
+        log.info("%s: opened for reading: %s, %d bytes, %d extent%s%s", image.path,
+                 image.create_type, image.size, len(image.extents),
+                 "" if len(image.extents) == 1 else "s",
+                 f", parent {image.parent.path}" if image.parent is not None else "")
+        return image
+
+    @classmethod
+    def _open_in(cls, folder: Folder, access: RandomAccess, *, allow_external: bool,
+                 ignore_cid: bool, open_parent: bool, missing_as_zeros: bool, depth: int,
+                 seen: frozenset[str]) -> Image:
+        """Open the image read from ``access``, whose other files ``folder`` finds.
+
+        ``access`` belongs to the image from here on: released with it, or on failure.
+        """
+        name = access.name
+        embedded: SparseExtent | None = None
+        extents: list[Extent] = []
+        parent: Image | None = None
+        try:
+            if name in seen:
+                raise ChainError("snapshot chain loops back to this image", name)
+            if depth > MAX_CHAIN_DEPTH:
+                raise ChainError(f"snapshot chain is deeper than {MAX_CHAIN_DEPTH} images", name)
+            kind = sniff_file(access)
+            if kind == "sparse":
+                embedded = SparseExtent.open(name, source=access, defer_writes=True)
+                descriptor = _embedded_descriptor(embedded, name)
+            elif kind == "descriptor":
+                descriptor = Descriptor.parse(access.pread(MAX_DESCRIPTOR_BYTES, 0),
+                                              filename=name)
+                access.close()
+            elif kind in ("cowd", "sesparse"):
+                extents = [_open_bare(name, kind, access)]
+                descriptor = _synthesize_descriptor(name, kind, extents[0])
+            else:
+                tail = access.pread(8, access.size - 512) if access.size >= 512 else b""
+                head = access.pread(512, 0)
+                raise UnsupportedFormatError(_not_vmdk_in(head, _foreign_in(head, tail)), name)
+            if canonical_create_type(descriptor.create_type) is None:
+                raise UnsupportedFormatError(
+                    f"unknown createType {descriptor.create_type!r}", name)
+            if not extents:
+                extents = _open_extents(name, descriptor, embedded, True, allow_external,
+                                        missing_as_zeros=missing_as_zeros, folder=folder)
+            if open_parent:
+                parent = _open_parent(name, descriptor, allow_external, ignore_cid, depth,
+                                      seen | {name}, missing_as_zeros=missing_as_zeros,
+                                      folder=folder)
+        except BaseException:
+            for extent in extents + ([embedded] if embedded and embedded not in extents else []):
+                with contextlib.suppress(Exception):
+                    extent.close()
+            access.close()  # once more is harmless: a failure may come before an extent has it
+            if parent is not None:
+                with contextlib.suppress(Exception):
+                    parent.close()
+            raise
+        stores = kind == "descriptor" or (embedded is not None and bool(
+            embedded.header.descriptor_offset and embedded.header.descriptor_size))
+        image = cls(name, descriptor, extents, read_only=True, embedded=embedded,
+                    parent=parent, allow_external=allow_external, stores_descriptor=stores)
+        image.folder = folder
         return image
 
     def __reduce_ex__(self, protocol: object) -> NoReturn:
@@ -673,6 +815,8 @@ class Image:
         return known[0] if known else None
 
     def actual_size(self) -> int:
+        if self.folder is not None:  # no blocks to count: the files' sizes
+            return _stored_size(self)
         seen: set[str] = {self.path}
         total = _allocated(self.path)
         for extent in self.extents:
@@ -730,9 +874,11 @@ class Image:
         if self.descriptor.parent_cid == NO_PARENT_CID or not hint:
             return None
         try:
-            found = find_parent(self.path, hint, allow_external=self.allow_external)
-            return found or resolve_extent_path(self.path, hint,
-                                                allow_external=self.allow_external)
+            found = find_parent(self.path, hint, allow_external=self.allow_external,
+                                folder=self.folder)
+            if found is not None or self.folder is not None:
+                return found
+            return resolve_extent_path(self.path, hint, allow_external=self.allow_external)
         except UnsafePathError:
             return None
 
@@ -812,6 +958,18 @@ def compute_geometry(size: int, adapter: str) -> tuple[int, int, int]:
     return cylinders, heads, sectors
 
 
+def _stored_size(image: Image) -> int:
+    """The bytes of an image's files that are not local: their sizes, each file once."""
+    sizes: dict[str, int] = {}
+    for extent in image.extents:
+        src = getattr(extent, "src", getattr(extent, "_src", None))
+        if extent.filename and isinstance(src, RandomAccess):
+            sizes[extent.filename] = file_size(src)
+    if image.embedded is None:
+        sizes.setdefault(image.path, len(image._descriptor_bytes))
+    return sum(sizes.values())
+
+
 def _allocated(path: str) -> int:
     try:
         return os.stat(path).st_blocks * 512
@@ -846,33 +1004,38 @@ def _embedded_descriptor(extent: SparseExtent, path: str) -> Descriptor:
     return Descriptor.parse(raw, filename=path)
 
 
-def _synthesize_descriptor(path: str, kind: str, extent: SparseExtent | None = None) -> Descriptor:
-    """A descriptor for a bare extent file opened on its own (split part, ESX delta)."""
+def _synthesize_descriptor(path: str, kind: str, extent: Extent | None = None) -> Descriptor:
+    """A descriptor for a bare extent file opened on its own (split part, ESX delta);
+    ``extent`` is the file opened already (a sparse one always is)."""
     name = os.path.basename(path)
-    if kind == "sparse":
-        assert extent is not None
+    if isinstance(extent, SparseExtent):
         compressed = extent.header.has(SparseFlags.COMPRESSED)
         line = ExtentLine("RW", extent.header.capacity, "SPARSE", name, None)
         create_type = "streamOptimized" if compressed else "monolithicSparse"
-    elif kind == "cowd":
+    else:
+        if extent is None:
+            extent = _open_bare(path, kind)
+            try:
+                sectors = extent.size // SECTOR_SIZE
+            finally:
+                extent.close()
+        else:
+            sectors = extent.size // SECTOR_SIZE
+        cowd = kind == "cowd"
+        line = ExtentLine("RW", sectors, "VMFSSPARSE" if cowd else "SESPARSE", name, None)
+        create_type = "vmfsSparse" if cowd else "seSparse"
+    return Descriptor.new(create_type, [line], cid=0xFFFFFFFE)
+
+
+def _open_bare(path: str, kind: str, source: RandomAccess | None = None) -> Extent:
+    """An ESX delta ("cowd" or "sesparse") file opened read-only on its own."""
+    if kind == "cowd":
         from .extents.cowd import CowdExtent
 
-        cowd = CowdExtent.open(path)
-        try:
-            line = ExtentLine("RW", cowd.size // SECTOR_SIZE, "VMFSSPARSE", name, None)
-        finally:
-            cowd.close()
-        create_type = "vmfsSparse"
-    else:
-        from .extents.sesparse import SESparseExtent
+        return CowdExtent.open(path, source=source)
+    from .extents.sesparse import SESparseExtent
 
-        ses = SESparseExtent.open(path)
-        try:
-            line = ExtentLine("RW", ses.size // SECTOR_SIZE, "SESPARSE", name, None)
-        finally:
-            ses.close()
-        create_type = "seSparse"
-    return Descriptor.new(create_type, [line], cid=0xFFFFFFFE)
+    return SESparseExtent.open(path, source=source)
 
 
 def _named_by_bytes(folder: str, name: str, target: str) -> tuple[str, str]:
@@ -922,7 +1085,7 @@ def resolve_extent_path(image_path: str, name: str, *, allow_external: bool) -> 
 
 def _open_extents(path: str, descriptor: Descriptor, embedded: SparseExtent | None,
                   read_only: bool, allow_external: bool, strict: bool = True,
-                  missing_as_zeros: bool = False) -> list[Extent]:
+                  missing_as_zeros: bool = False, folder: Folder | None = None) -> list[Extent]:
     lines = descriptor.extents
     if embedded is not None:
         # A monolithic file is its own extent, whatever name the descriptor still carries
@@ -942,8 +1105,12 @@ def _open_extents(path: str, descriptor: Descriptor, embedded: SparseExtent | No
     named: dict[tuple[int, int], str] = {}
     try:
         for line in lines:
-            extent = _open_extent(path, line, descriptor, read_only, allow_external,
-                                  strict, missing_as_zeros, tables)
+            if folder is None:
+                extent = _open_extent(path, line, descriptor, read_only, allow_external,
+                                      strict, missing_as_zeros, tables)
+            else:
+                extent = _open_extent_in(folder, path, line, descriptor, allow_external,
+                                         missing_as_zeros, tables)
             extents.append(extent)
             _refuse_second_naming(path, extent, named)
     except BaseException:
@@ -956,7 +1123,7 @@ def _open_extents(path: str, descriptor: Descriptor, embedded: SparseExtent | No
 def _refuse_second_naming(path: str, extent: Extent, named: dict[tuple[int, int], str]) -> None:
     """A file with its own allocation map (not flat) holds one extent: named twice, every
     read and write of one line would land in the other's data too."""
-    fd = getattr(extent, "fd", getattr(extent, "_fd", None))
+    fd = getattr(extent, "fd", getattr(extent, "_fd", getattr(extent, "_src", None)))
     if isinstance(extent, (FlatExtent, ZeroExtent)) or not isinstance(fd, int) or fd < 0:
         return
     st = os.fstat(fd)
@@ -1004,6 +1171,46 @@ def _open_extent(path: str, line: ExtentLine, descriptor: Descriptor, read_only:
         if not ro:
             raise UnsupportedFormatError("seSparse extents can only be opened read-only", target)
         return SESparseExtent.open(target, nominal_sectors=line.sectors)
+    raise UnsupportedFormatError(f"{line.type} extent {line.filename!r} has no known header", path)
+
+
+def _open_extent_in(folder: Folder, path: str, line: ExtentLine, descriptor: Descriptor,
+                    allow_external: bool, missing_as_zeros: bool,
+                    tables: TableCache) -> Extent:
+    """``_open_extent`` for an image that is no local path: its extent files are found
+    by ``folder``, under the same rules, and opened read-only."""
+    if line.type == "ZERO":
+        return ZeroExtent(line.sectors)
+    if line.filename is None:
+        raise DescriptorError(f"{line.type} extent has no file name", path)
+    if (canonical_create_type(descriptor.create_type) in RAW_DEVICE_TYPES
+            or line.type in ("VMFSRDM", "VMFSRAW")):
+        raise UnsupportedFormatError(f"raw-disk extent {line.filename!r} names a device, "
+                                     "which only an image on this machine can read", path)
+    target = folder.locate(path, line.filename, allow_external=allow_external)
+    access = folder.open(target)
+    try:
+        if line.type in ("FLAT", "VMFS"):
+            return FlatExtent(target, line.sectors, line.offset or 0,
+                              missing_as_zeros=missing_as_zeros, source=access)
+        kind = sniff_file(access)
+        if kind == "sparse":
+            sparse = SparseExtent.open(target, nominal_sectors=line.sectors, defer_writes=True,
+                                       table_cache=tables, source=access)
+            sparse.size = _sparse_size(line, sparse)
+            return sparse
+        if kind == "cowd":
+            from .extents.cowd import CowdExtent
+
+            return CowdExtent.open(target, nominal_sectors=line.sectors, source=access)
+        if kind == "sesparse":
+            from .extents.sesparse import SESparseExtent
+
+            return SESparseExtent.open(target, nominal_sectors=line.sectors, source=access)
+    except BaseException:
+        access.close()
+        raise
+    access.close()
     raise UnsupportedFormatError(f"{line.type} extent {line.filename!r} has no known header", path)
 
 
@@ -1121,37 +1328,46 @@ def pending_parent_cids(descriptor: Descriptor) -> set[int]:
     return out - {NO_PARENT_CID}
 
 
-def find_parent(path: str, hint: str, *, allow_external: bool) -> str | None:
+def find_parent(path: str, hint: str, *, allow_external: bool,
+                folder: Folder | None = None) -> str | None:
     """The file a child at ``path`` finds as its parent through ``hint`` (its
-    parentFileNameHint), or None when there is none; UnsafePathError as for extents."""
+    parentFileNameHint), or None when there is none; UnsafePathError as for extents.
+    ``folder`` finds the files of a child that is no local path."""
     candidates = [hint]
     base = hint.replace("\\", "/").rsplit("/", 1)[-1]
     if base != hint:
         candidates.insert(0, base)  # Windows and absolute hints: try next to the child first
     for name in candidates:
         try:
-            resolved = resolve_extent_path(path, name, allow_external=allow_external)
+            resolved = (resolve_extent_path(path, name, allow_external=allow_external)
+                        if folder is None else
+                        folder.locate(path, name, allow_external=allow_external))
         except UnsafePathError:
             if name is candidates[-1]:
                 raise
             continue
-        if os.path.exists(resolved):
+        if os.path.exists(resolved) if folder is None else folder.exists(resolved):
             return resolved
     return None
 
 
 def _open_parent(path: str, descriptor: Descriptor, allow_external: bool, ignore_cid: bool,
                  depth: int, seen: frozenset[str], force_share: bool = False, *,
-                 missing_as_zeros: bool = False) -> Image | None:
+                 missing_as_zeros: bool = False, folder: Folder | None = None) -> Image | None:
     hint = descriptor.parent_file_name_hint
     if descriptor.parent_cid == NO_PARENT_CID or not hint:
         return None
-    target = find_parent(path, hint, allow_external=allow_external)
+    target = find_parent(path, hint, allow_external=allow_external, folder=folder)
     if target is None:
         raise ChainError(f"parent image {hint!r} was not found", path)
-    parent = Image.open(target, "r", allow_external=allow_external, ignore_cid=ignore_cid,
-                        force_share=force_share, missing_as_zeros=missing_as_zeros,
-                        _depth=depth + 1, _seen=seen)
+    if folder is not None:
+        parent = Image._open_in(folder, folder.open(target), allow_external=allow_external,
+                                ignore_cid=ignore_cid, open_parent=True,
+                                missing_as_zeros=missing_as_zeros, depth=depth + 1, seen=seen)
+    else:
+        parent = Image.open(target, "r", allow_external=allow_external, ignore_cid=ignore_cid,
+                            force_share=force_share, missing_as_zeros=missing_as_zeros,
+                            _depth=depth + 1, _seen=seen)
     if parent.cid != descriptor.parent_cid and parent.cid in pending_parent_cids(descriptor):
         log.warning("%s: a commit into its parent %r was interrupted; this image reads as it "
                     "did before, and 'vmdk commit' on it again finishes the commit", path, target)

@@ -18,6 +18,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 
+from .._access import Readable
 from ..errors import CorruptImageError, OutOfRangeError, ReadOnlyError
 
 SECTOR_SIZE = 512
@@ -179,12 +180,16 @@ def _bounce_buffer(offset: int) -> memoryview:
     return area[start:start + BOUNCE_SIZE]
 
 
-def pread_exact(fd: int, buf: memoryview, offset: int, filename: str | None) -> int:
+def pread_exact(fd: Readable, buf: memoryview, offset: int, filename: str | None) -> int:
     """Read into ``buf`` at ``offset``; bytes past the file's end read as zeros.
 
     Returns how many bytes came from the file.  A flat extent file shorter than
     its nominal size reads as zeros past its end, as qemu does.
     """
+    if not isinstance(fd, int):
+        got = fd.readinto(buf, offset)
+        zero_fill(buf[got:])
+        return got
     total = len(buf)
     bounce = None
     if total >= _BOUNCE_MIN and not buf.readonly and _slow_copy(_address(buf), offset):
@@ -202,6 +207,18 @@ def pread_exact(fd: int, buf: memoryview, offset: int, filename: str | None) -> 
             break
         done += n
     return done
+
+
+def read_pieces(src: Readable, pieces: list[tuple[memoryview, int]],
+                filename: str | None) -> list[int]:
+    """``pread_exact`` for each (buffer, offset): a remote file fetches neighbouring
+    pieces in one request, a local one reads them one by one as ever."""
+    if isinstance(src, int):
+        return [pread_exact(src, buf, offset, filename) for buf, offset in pieces]
+    got = src.read_pieces(pieces)
+    for (buf, _offset), n in zip(pieces, got):
+        zero_fill(buf[n:])
+    return got
 
 
 def zero_fill(view: memoryview) -> None:
@@ -228,14 +245,19 @@ def pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
         done += os.pwrite(fd, view[done:], offset + done)
 
 
-def stored_ranges(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+def stored_ranges(fd: Readable, start: int, end: int) -> Iterator[tuple[int, int]]:
     """The (start, end) byte ranges of ``start .. end`` that the file stores; the rest
     are holes, which read as zeros.
 
     Found with SEEK_DATA/SEEK_HOLE, so the cost follows what is stored, not the
     range's size.  Where the file system cannot tell (a device, some network file
-    systems), the whole range counts as stored.
+    systems), the whole range counts as stored; so does all of a file that is not local,
+    up to its end.
     """
+    if not isinstance(fd, int):
+        if start < min(end, fd.size):
+            yield start, min(end, fd.size)
+        return
     pos = start
     while pos < end:
         try:
@@ -267,7 +289,7 @@ def zeroed_buffer(size: int) -> memoryview:
     return memoryview(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
 
 
-def read_stored(fd: int, offset: int, size: int, filename: str | None, what: str
+def read_stored(fd: Readable, offset: int, size: int, filename: str | None, what: str
                 ) -> tuple[memoryview, list[tuple[int, int]]]:
     """Bytes ``offset .. offset+size`` of the file, reading only what it stores (its holes
     read as zeros), and the (start, end) ranges of the result that were read.  A short

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 else:
     from .._numpy import np
 
+from .._access import RandomAccess, Readable, file_size, release
 from .._structs import COWD_MAGIC, CowdHeader
 from ..errors import (
     CorruptImageError,
@@ -83,7 +84,8 @@ def split_runs(
 class GrainMappedExtent(Extent):
     """Reads and status for extents addressed through a GD of fixed-size tables."""
 
-    _fd: int
+    #: What reads go through: a local file's descriptor or a file elsewhere; -1 once closed.
+    _src: Readable
     _grain_bytes: int
     _gt_entries: int
 
@@ -96,7 +98,7 @@ class GrainMappedExtent(Extent):
         """Per-grain (kind int8, host byte offset int64) arrays of one existing table."""
 
     def _check_open(self) -> None:
-        if self._fd < 0:
+        if self._src == -1:
             raise ValueError("I/O operation on closed extent")
 
     def _grain_runs(self, first: int, stop: int) -> Iterator[tuple[int, int, int, int]]:
@@ -155,7 +157,7 @@ class GrainMappedExtent(Extent):
         for start, length, kind, host in self._byte_runs(offset, len(view)):
             part = view[start - offset : start - offset + length]
             if kind == DATA:
-                pread_exact(self._fd, part, host, self.filename)
+                pread_exact(self._src, part, host, self.filename)
             elif kind == ZERO:
                 part[:] = bytes(length)
             else:
@@ -183,7 +185,7 @@ class CowdExtent(GrainMappedExtent):
     def __init__(
         self,
         filename: str,
-        fd: int,
+        fd: Readable,
         header: CowdHeader,
         gd: np.ndarray,
         *,
@@ -197,7 +199,8 @@ class CowdExtent(GrainMappedExtent):
         self.size = (
             header.num_sectors if nominal_sectors is None else nominal_sectors
         ) * SECTOR_SIZE
-        self._fd = fd
+        self._src = fd
+        self._fd = fd if isinstance(fd, int) else -1  # writes: local files only
         self._gd = gd
         self._present: np.ndarray | None = None
         self._grain_sectors = header.grain_size
@@ -223,12 +226,14 @@ class CowdExtent(GrainMappedExtent):
     @classmethod
     def open(
         cls, path: str, *, read_only: bool = True, nominal_sectors: int | None = None,
-        defer_writes: bool = False,
+        defer_writes: bool = False, source: RandomAccess | None = None,
     ) -> CowdExtent:
+        """Open ``path``, or read it from ``source`` (read-only), which the extent then owns."""
         path = os.fspath(path)
-        fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
+        fd: Readable = (source if source is not None else
+                        os.open(path, os.O_RDONLY if read_only else os.O_RDWR))
         try:
-            file_sectors = os.fstat(fd).st_size // SECTOR_SIZE
+            file_sectors = file_size(fd) // SECTOR_SIZE
             header = _read_header(fd, path, file_sectors)
             gd = _read_gd(fd, path, header, file_sectors)
             extent = cls(
@@ -243,7 +248,7 @@ class CowdExtent(GrainMappedExtent):
             if not defer_writes:
                 extent.begin_writing()
         except BaseException:
-            os.close(fd)
+            release(fd)
             raise
         return extent
 
@@ -297,7 +302,7 @@ class CowdExtent(GrainMappedExtent):
             self._tables.move_to_end(index)
             return table
         table = _read_gt(
-            self._fd,
+            self._src,
             self.filename or "",
             index,
             int(self._gd[index]),
@@ -435,16 +440,16 @@ class CowdExtent(GrainMappedExtent):
             os.fsync(self._fd)
 
     def close(self) -> None:
-        if self._fd < 0:
+        if self._src == -1:
             return
-        fd, self._fd = self._fd, -1
+        src, fd, self._src, self._fd = self._src, self._fd, -1, -1
         try:
             if self._writing:
                 os.fsync(fd)
                 pwrite_all(fd, _U32.pack(0), _UNCLEAN_AT)
                 os.fsync(fd)
         finally:
-            os.close(fd)
+            release(src)
             self._tables.clear()
 
     def info(self) -> dict[str, object]:
@@ -456,7 +461,7 @@ class CowdExtent(GrainMappedExtent):
         }
 
 
-def _read_header(fd: int, path: str, file_sectors: int) -> CowdHeader:
+def _read_header(fd: Readable, path: str, file_sectors: int) -> CowdHeader:
     raw = bytearray(CowdHeader.SIZE)
     got = pread_exact(fd, memoryview(raw), 0, path)
     if got < CowdHeader.SIZE:
@@ -493,7 +498,7 @@ def _read_header(fd: int, path: str, file_sectors: int) -> CowdHeader:
     return header
 
 
-def _read_gd(fd: int, path: str, header: CowdHeader, file_sectors: int) -> np.ndarray:
+def _read_gd(fd: Readable, path: str, header: CowdHeader, file_sectors: int) -> np.ndarray:
     raw = bytearray(header.num_gd_entries * 4)
     pread_exact(fd, memoryview(raw), header.gd_offset * SECTOR_SIZE, path)
     gd = np.frombuffer(raw, dtype="<u4")
@@ -512,7 +517,7 @@ def _read_gd(fd: int, path: str, header: CowdHeader, file_sectors: int) -> np.nd
 
 
 def _read_gt(
-    fd: int,
+    fd: Readable,
     path: str,
     index: int,
     sector: int,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from .._access import RandomAccess, Readable, file_size, release
 from ..errors import CorruptImageError, MissingExtentError
 from .base import (
     SECTOR_SIZE,
@@ -21,7 +22,10 @@ class FlatExtent(Extent):
     """Bytes stored as they are, starting ``start_sector`` sectors into ``filename``."""
 
     def __init__(self, filename: str, sectors: int, start_sector: int = 0, *,
-                 read_only: bool = True, missing_as_zeros: bool = False) -> None:
+                 read_only: bool = True, missing_as_zeros: bool = False,
+                 source: RandomAccess | None = None) -> None:
+        """Open ``filename``, or read it from ``source`` (read-only), which the extent
+        then owns."""
         self.filename = filename
         #: Read the part past the end of a file shorter than the descriptor says as zeros
         #: (as qemu does) instead of refusing it: a cut copy would otherwise convert
@@ -34,12 +38,18 @@ class FlatExtent(Extent):
             raise CorruptImageError(
                 f"flat extent at sector {start_sector} of {sectors} sectors lies beyond any "
                 "possible file offset", filename)
+        self._dirty = False
+        #: What reads go through: a local file's descriptor (``fd``, which writes use too)
+        #: or a file elsewhere (``fd`` is then -1); -1 once closed.
+        self.src: Readable
+        if source is not None:
+            self.src, self.fd = source, -1
+            return
         flags = os.O_RDONLY if read_only else os.O_RDWR
         try:
-            self.fd = os.open(filename, flags | getattr(os, "O_CLOEXEC", 0))
+            self.src = self.fd = os.open(filename, flags | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError as exc:
             raise MissingExtentError("extent file does not exist", filename) from exc
-        self._dirty = False
 
     @classmethod
     def create(cls, filename: str, sectors: int, *, preallocate: bool = False) -> FlatExtent:
@@ -55,7 +65,7 @@ class FlatExtent(Extent):
 
     def read_into(self, offset: int, buf: memoryview) -> list[tuple[int, int]]:
         self._check_range(offset, len(buf))
-        got = pread_exact(self.fd, buf, self.base + offset, self.filename)
+        got = pread_exact(self.src, buf, self.base + offset, self.filename)
         if got < len(buf) and not self.missing_as_zeros:
             self._refuse_missing(self.base + offset + got)
         return []
@@ -80,7 +90,7 @@ class FlatExtent(Extent):
         runs: list[Run] = []
         pos, end = self.base + offset, self.base + offset + length
         stored_end = end if self.missing_as_zeros else max(pos, min(end, self._file_end()))
-        for data, hole in stored_ranges(self.fd, pos, stored_end):
+        for data, hole in stored_ranges(self.src, pos, stored_end):
             if data > pos:
                 runs.append(Run(pos - self.base, data - pos, Alloc.HOLE, pos, self.filename))
             runs.append(Run(data - self.base, hole - data, Alloc.DATA, data, self.filename))
@@ -93,7 +103,7 @@ class FlatExtent(Extent):
         return runs
 
     def _file_end(self) -> int:
-        return os.lseek(self.fd, 0, os.SEEK_END)  # a device's size too, where fstat says 0
+        return file_size(self.src)  # a device's size too, where fstat says 0
 
     def write(self, offset: int, data: memoryview, backing: BackingReader | None = None) -> None:
         self._check_writable()
@@ -107,12 +117,12 @@ class FlatExtent(Extent):
             self._dirty = False
 
     def close(self) -> None:
-        if self.fd >= 0:
+        if self.src != -1:
             try:
                 self.flush()
             finally:
-                os.close(self.fd)
-                self.fd = -1
+                release(self.src)
+                self.src = self.fd = -1
 
     def info(self) -> dict[str, object]:
         return {"filename": self.filename, "virtual-size": self.size, "format": "FLAT",

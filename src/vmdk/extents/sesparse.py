@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 else:
     from .._numpy import np
 
+from .._access import RandomAccess, Readable, file_size, release
 from .._structs import (
     SESPARSE_CONST_MAGIC,
     SESPARSE_VOLATILE_MAGIC,
@@ -60,7 +61,7 @@ class SESparseExtent(GrainMappedExtent):
     def __init__(
         self,
         filename: str,
-        fd: int,
+        fd: Readable,
         header: SESparseConstHeader,
         volatile: SESparseVolatileHeader,
         gd: np.ndarray,
@@ -73,7 +74,7 @@ class SESparseExtent(GrainMappedExtent):
         self.volatile = volatile
         self.read_only = True
         self.size = (header.capacity if nominal_sectors is None else nominal_sectors) * SECTOR_SIZE
-        self._fd = fd
+        self._src = fd
         self._gd = gd
         self._present = np.flatnonzero(gd)
         self._grain_bytes = GRAIN_SECTORS * SECTOR_SIZE
@@ -83,11 +84,13 @@ class SESparseExtent(GrainMappedExtent):
         self._cache_size = DEFAULT_GT_CACHE
 
     @classmethod
-    def open(cls, path: str, *, nominal_sectors: int | None = None) -> SESparseExtent:
+    def open(cls, path: str, *, nominal_sectors: int | None = None,
+             source: RandomAccess | None = None) -> SESparseExtent:
+        """Open ``path``, or read it from ``source``, which the extent then owns."""
         path = os.fspath(path)
-        fd = os.open(path, os.O_RDONLY)
+        fd: Readable = source if source is not None else os.open(path, os.O_RDONLY)
         try:
-            file_sectors = os.fstat(fd).st_size // SECTOR_SIZE
+            file_sectors = file_size(fd) // SECTOR_SIZE
             header = _read_const_header(fd, path, file_sectors)
             volatile = _read_volatile_header(fd, path, header)
             gd = _read_gd(fd, path, header, file_sectors)
@@ -101,7 +104,7 @@ class SESparseExtent(GrainMappedExtent):
                 file_sectors=file_sectors,
             )
         except BaseException:
-            os.close(fd)
+            release(fd)
             raise
 
     def _present_tables(self) -> np.ndarray:
@@ -124,7 +127,7 @@ class SESparseExtent(GrainMappedExtent):
         table_no = int(self._gd[index]) & 0xFFFFFFFF
         sector = h.grain_tables_offset + table_no * GT_SECTORS
         raw = bytearray(GT_ENTRIES * 8)
-        pread_exact(self._fd, memoryview(raw), sector * SECTOR_SIZE, self.filename)
+        pread_exact(self._src, memoryview(raw), sector * SECTOR_SIZE, self.filename)
         entries = np.frombuffer(raw, dtype="<u8")
         state = entries >> np.uint64(60)
         cluster = ((entries >> np.uint64(48)) & np.uint64(0xFFF)) | (
@@ -151,10 +154,10 @@ class SESparseExtent(GrainMappedExtent):
         return kinds, (h.grains_offset + clusters * GRAIN_SECTORS) * SECTOR_SIZE
 
     def close(self) -> None:
-        if self._fd >= 0:
-            fd, self._fd = self._fd, -1
+        if self._src != -1:
+            src, self._src = self._src, -1
             self._tables.clear()
-            os.close(fd)
+            release(src)
 
     def info(self) -> dict[str, object]:
         return {
@@ -165,14 +168,14 @@ class SESparseExtent(GrainMappedExtent):
         }
 
 
-def _read_header_sector(fd: int, path: str, sector: int, what: str) -> bytes:
+def _read_header_sector(fd: Readable, path: str, sector: int, what: str) -> bytes:
     raw = bytearray(SECTOR_SIZE)
     if pread_exact(fd, memoryview(raw), sector * SECTOR_SIZE, path) < SECTOR_SIZE:
         raise InvalidHeaderError(f"{what} at sector {sector} is past the end of the file", path)
     return bytes(raw)
 
 
-def _read_const_header(fd: int, path: str, file_sectors: int) -> SESparseConstHeader:
+def _read_const_header(fd: Readable, path: str, file_sectors: int) -> SESparseConstHeader:
     h = SESparseConstHeader.unpack(_read_header_sector(fd, path, 0, "seSparse header"))
     if h.magic != SESPARSE_CONST_MAGIC:
         raise InvalidHeaderError(
@@ -206,7 +209,7 @@ def _read_const_header(fd: int, path: str, file_sectors: int) -> SESparseConstHe
     return h
 
 
-def _read_volatile_header(fd: int, path: str, h: SESparseConstHeader) -> SESparseVolatileHeader:
+def _read_volatile_header(fd: Readable, path: str, h: SESparseConstHeader) -> SESparseVolatileHeader:
     if h.volatile_header_offset == 0:
         raise InvalidHeaderError("volatile header offset is 0 (the constant header)", path)
     v = SESparseVolatileHeader.unpack(
@@ -251,7 +254,7 @@ def _check_gd_entries(gd: np.ndarray, lo: int, hi: int, h: SESparseConstHeader,
         )
 
 
-def _read_gd(fd: int, path: str, h: SESparseConstHeader, file_sectors: int) -> np.ndarray:
+def _read_gd(fd: Readable, path: str, h: SESparseConstHeader, file_sectors: int) -> np.ndarray:
     needed = _ceil_div(h.capacity, GT_ENTRIES * GRAIN_SECTORS)
     if needed * 8 > h.grain_dir_size * SECTOR_SIZE:
         raise InvalidHeaderError(

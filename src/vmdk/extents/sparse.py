@@ -37,6 +37,7 @@ else:
     from .._numpy import np
 
 from .. import _deflate
+from .._access import RandomAccess, Readable, pread, release
 from .._structs import (
     GD_AT_END,
     KNOWN_SPARSE_FLAGS,
@@ -66,6 +67,7 @@ from .base import (
     pread_exact,
     pwrite_all,
     pwritev_all,
+    read_pieces,
     read_stored,
     zero_fill,
     zeroed_buffer,
@@ -381,7 +383,7 @@ class SparseExtent(Extent):
     def __init__(
         self,
         filename: str,
-        fd: int,
+        fd: Readable,
         header: SparseHeader,
         *,
         read_only: bool,
@@ -396,10 +398,13 @@ class SparseExtent(Extent):
         self._meta: tuple[list[int], list[int]] | None = None  # see _metadata_areas
         #: Refuse to write when redundant metadata disagrees (off only while repairing).
         self.strict = strict
-        self.fd = fd
+        #: What reads go through: the descriptor of a local file, or a file elsewhere
+        #: (read-only: writes go through ``fd``, which is then -1).
+        self.src = fd
+        self.fd = fd if isinstance(fd, int) else -1
         self.header = header
         self.read_only = read_only
-        self.file_size = os.fstat(fd).st_size
+        self.file_size = os.fstat(fd).st_size if isinstance(fd, int) else fd.size
         #: A writer died with the file open: disagreeing redundant copies are then the
         #: expected trace of an interrupted update, repaired from the primary, not an error.
         self.was_unclean = bool(header.unclean_shutdown)
@@ -478,14 +483,21 @@ class SparseExtent(Extent):
         table_cache: TableCache | None = None,
         strict: bool = True,
         defer_writes: bool = False,
+        source: RandomAccess | None = None,
     ) -> SparseExtent:
-        flags = (os.O_RDONLY if read_only else os.O_RDWR) | getattr(os, "O_CLOEXEC", 0)
+        """Open ``filename``, or read it from ``source`` (a file not on this machine,
+        read-only), which the extent then owns."""
+        fd: Readable
+        if source is not None:
+            fd = source
+        else:
+            flags = (os.O_RDONLY if read_only else os.O_RDWR) | getattr(os, "O_CLOEXEC", 0)
+            try:
+                fd = os.open(filename, flags)
+            except FileNotFoundError as exc:
+                raise MissingExtentError("extent file does not exist", filename) from exc
         try:
-            fd = os.open(filename, flags)
-        except FileNotFoundError as exc:
-            raise MissingExtentError("extent file does not exist", filename) from exc
-        try:
-            raw = os.pread(fd, SparseHeader.SIZE, 0)
+            raw = pread(fd, SparseHeader.SIZE, 0)
             if raw[:4] != SPARSE_MAGIC:
                 raise InvalidHeaderError("not a hosted sparse extent (no KDMV header)", filename)
             if len(raw) < SparseHeader.SIZE:
@@ -497,7 +509,7 @@ class SparseExtent(Extent):
                        nominal_sectors=nominal_sectors, gt_cache_bytes=gt_cache_bytes,
                        table_cache=table_cache, strict=strict, defer_writes=defer_writes)
         except BaseException:
-            os.close(fd)
+            release(fd)
             raise
 
     def _validate_header(self) -> None:
@@ -540,7 +552,7 @@ class SparseExtent(Extent):
         name = self.filename
         if self.file_size < 3 * SECTOR_SIZE:
             raise CorruptImageError("stream is too short to hold a footer", name)
-        tail = os.pread(self.fd, 3 * SECTOR_SIZE, self.file_size - 3 * SECTOR_SIZE)
+        tail = pread(self.src, 3 * SECTOR_SIZE, self.file_size - 3 * SECTOR_SIZE)
         try:
             marker = MetadataMarker.unpack(tail[:SECTOR_SIZE])
             eos = MetadataMarker.unpack(tail[2 * SECTOR_SIZE:])
@@ -573,7 +585,7 @@ class SparseExtent(Extent):
         if count == 0:
             return zeroed_directory(0), [], []
         self._check_area(sector, gd_sectors, what)
-        raw, stored_bytes = read_stored(self.fd, sector * SECTOR_SIZE, count * 4,
+        raw, stored_bytes = read_stored(self.src, sector * SECTOR_SIZE, count * 4,
                                         self.filename, what)
         gd = raw.cast("I")
         stored = [(a // 4, _ceil_div(b, 4)) for a, b in stored_bytes]
@@ -705,7 +717,7 @@ class SparseExtent(Extent):
         h = self.header
         if not h.descriptor_offset or not h.descriptor_size:
             return None
-        raw = os.pread(self.fd, h.descriptor_size * SECTOR_SIZE, h.descriptor_offset * SECTOR_SIZE)
+        raw = pread(self.src, h.descriptor_size * SECTOR_SIZE, h.descriptor_offset * SECTOR_SIZE)
         return raw.split(b"\0", 1)[0]
 
     def write_descriptor(self, data: bytes) -> None:
@@ -727,7 +739,7 @@ class SparseExtent(Extent):
         sector = int(self.gd[index])
         if sector == 0:
             return self._absent_table()  # not cached: it holds nothing
-        raw = os.pread(self.fd, n * 4, sector * SECTOR_SIZE)
+        raw = pread(self.src, n * 4, sector * SECTOR_SIZE)
         if len(raw) != n * 4:
             raise CorruptImageError(f"grain table {index} at sector {sector} is truncated",
                                     self.filename)
@@ -752,7 +764,7 @@ class SparseExtent(Extent):
         """A grain table must equal its redundant copy (checked as each table is first used)."""
         if self.rgd is None or not self.rgd[index]:
             return
-        backup = os.pread(self.fd, len(raw), int(self.rgd[index]) * SECTOR_SIZE)
+        backup = pread(self.src, len(raw), int(self.rgd[index]) * SECTOR_SIZE)
         if backup != raw:
             self._copy_differs(index)
 
@@ -843,6 +855,7 @@ class SparseExtent(Extent):
         gtes = self._entries(first, last)
         holes: list[tuple[int, int]] = []
         compressed: list[tuple[int, int, int]] = []
+        stored: list[tuple[memoryview, int]] = []
         for start, count, kind in self._runs(gtes):
             lo = max(offset, (first + start) * g)
             hi = min(offset + len(buf), (first + start + count) * g)
@@ -852,20 +865,25 @@ class SparseExtent(Extent):
             elif kind == _ZERO:
                 zero_fill(piece)
             elif kind == _DATA:
-                host = int(gtes[start]) * SECTOR_SIZE + (lo - (first + start) * g)
-                self._pread_grains(piece, host)
+                stored.append((piece, int(gtes[start]) * SECTOR_SIZE + (lo - (first + start) * g)))
             else:
                 compressed.append((first + start, lo, hi))
+        if stored:
+            self._pread_grains(stored)
         if compressed:
             self._read_compressed(compressed, buf, offset, gtes, first)
         return holes
 
-    def _pread_grains(self, piece: memoryview, host: int) -> None:
-        got = pread_exact(self.fd, piece, host, self.filename)
-        if got < len(piece):
-            raise CorruptImageError(
-                f"grain data at byte {host} ({len(piece)} bytes) lies past the end of the file",
-                self.filename)
+    def _pread_grains(self, pieces: list[tuple[memoryview, int]]) -> None:
+        """Read runs of stored grains (buffer, host offset): all at once, so a remote
+        file fetches neighbouring runs in one request."""
+        got = (read_pieces(self.src, pieces, self.filename) if len(pieces) > 1 else
+               [pread_exact(self.src, pieces[0][0], pieces[0][1], self.filename)])
+        for (piece, host), n in zip(pieces, got):
+            if n < len(piece):
+                raise CorruptImageError(
+                    f"grain data at byte {host} ({len(piece)} bytes) lies past the end of the "
+                    "file", self.filename)
 
     def _read_compressed(self, grains: list[tuple[int, int, int]], buf: memoryview, offset: int,
                          gtes: array[int], first: int) -> None:
@@ -904,10 +922,24 @@ class SparseExtent(Extent):
         ordered = sorted(grains, key=lambda x: x[1])
         lo = ordered[0][1] * SECTOR_SIZE
         hi = ordered[-1][1] * SECTOR_SIZE + head + 2 * g  # incompressible data grows a little
+        bound = self._record_bound(*ordered[-1])
+        if bound is not None:  # no byte past the last record: a remote file fetches no more
+            hi = min(hi, bound * SECTOR_SIZE)
         window = memoryview(b"")
         if hi - lo <= max(3 * len(ordered) * g, 1 << 20) and hi - lo <= 64 << 20:
-            window = memoryview(os.pread(self.fd, hi - lo, lo))  # sliced, never copied
+            window = memoryview(pread(self.src, hi - lo, lo))  # sliced, never copied
         return [(grain, sector, self._record(grain, sector, window, lo)) for grain, sector in grains]
+
+    def _record_bound(self, grain: int, sector: int) -> int | None:
+        """The first sector after ``sector`` known to hold something else: another grain
+        of ``grain``'s table, or the table itself (a stream writes it after its grains).
+        The record at ``sector`` ends there at the latest."""
+        index = grain // self.header.num_gtes_per_gt
+        table = self._tables.get(self, index)  # in memory: the read just looked it up
+        later = [s for s in table if s > sector] if table is not None else []
+        if self.gd[index] > sector:
+            later.append(int(self.gd[index]))
+        return min(later) if later else None
 
     def _record(self, grain: int, sector: int, window: memoryview,
                 window_start: int) -> memoryview:
@@ -920,7 +952,7 @@ class SparseExtent(Extent):
             raw = window[at:at + head_len + 2 * g]
         else:
             # One read usually covers the whole record: compressed grains are smaller.
-            raw = memoryview(os.pread(self.fd, head_len + g, host))
+            raw = memoryview(pread(self.src, head_len + g, host))
         if len(raw) < head_len:
             raise CorruptImageError(f"grain {grain} at sector {sector} lies past the end of the file",
                                     name)
@@ -936,7 +968,7 @@ class SparseExtent(Extent):
             raise CorruptImageError(f"grain {grain} at sector {sector}: bad compressed size {size}",
                                     name)
         if head_len + size > len(raw):
-            raw = memoryview(os.pread(self.fd, head_len + size, host))
+            raw = memoryview(pread(self.src, head_len + size, host))
             if len(raw) < head_len + size:
                 raise CorruptImageError(f"grain {grain} at sector {sector} is truncated", name)
         return raw[head_len:head_len + size]
@@ -968,6 +1000,7 @@ class SparseExtent(Extent):
         index = offset // span
         last = (end - 1) // span
         empty = self._empty_tables(index, last)
+        self._load_tables(index, last)
         while index <= last:
             if self.gd[index] == 0 or index in empty:
                 stop = index + 1
@@ -992,14 +1025,41 @@ class SparseExtent(Extent):
         without reading them (a fresh image's tables are).  Cached tables are never in
         this set, as their newest entries may not be written yet.  A few tables are
         cheaper to read (and are cached then) than to look for holes."""
-        if last - first < _HOLE_SCAN_TABLES:
-            return set()
+        if last - first < _HOLE_SCAN_TABLES or not isinstance(self.src, int):
+            return set()  # a file elsewhere tells no holes: its tables are read as needed
         slots = [i for i in _slots_with_tables(self.gd, first, last + 1)
                  if not self._tables.has(self, i)]
         size = self.header.num_gtes_per_gt * 4
         holes = in_holes(self.fd, [int(self.gd[i]) * SECTOR_SIZE for i in slots], size,
                          self.file_size)
         return {i for i, hole in zip(slots, holes) if hole}
+
+    def _load_tables(self, first: int, last: int) -> None:
+        """Bring the tables of slots ``first .. last`` (and their redundant copies) into
+        memory together, as many as the cache holds: from a file elsewhere, in as few
+        requests as their places allow, not one request per table."""
+        if isinstance(self.src, int):
+            return  # a local file reads each table as it is used, at no cost worth saving
+        n = self.header.num_gtes_per_gt
+        room = max(1, self._tables.budget // (n * 4) // 2)
+        slots = [i for i in itertools.islice(_slots_with_tables(self.gd, first, last + 1), room)
+                 if not self._tables.has(self, i)]
+        if not slots:
+            return
+        copies = [self.rgd is not None and bool(self.rgd[i]) for i in slots]
+        pieces = [(memoryview(bytearray(n * 4)), int(self.gd[i]) * SECTOR_SIZE) for i in slots]
+        pieces += [(memoryview(bytearray(n * 4)), int(self.rgd[i]) * SECTOR_SIZE)
+                   for i, has in zip(slots, copies) if has and self.rgd is not None]
+        got = read_pieces(self.src, pieces, self.filename)
+        backups = iter(pieces[len(slots):])
+        for i, (buf, _at), n_read, has in zip(slots, pieces, got, copies):
+            if n_read < n * 4:
+                raise CorruptImageError(f"grain table {i} at sector {int(self.gd[i])} is "
+                                        "truncated", self.filename)
+            raw = bytes(buf)
+            if has and bytes(next(backups)[0]) != raw:
+                self._copy_differs(i)
+            self._tables.put(self, i, u32_array(raw))
 
     def _table_status(self, lo: int, hi: int) -> list[Run]:
         g = self.grain_bytes
@@ -1320,7 +1380,7 @@ class SparseExtent(Extent):
         return self.header.pack()
 
     def close(self) -> None:
-        if self.fd < 0:
+        if self.src == -1:
             return
         try:
             if self._writing:
@@ -1328,8 +1388,8 @@ class SparseExtent(Extent):
                 self._mark_unclean(False)
         finally:
             self._tables.drop(self)
-            os.close(self.fd)
-            self.fd = -1
+            release(self.src)
+            self.src = self.fd = -1
 
     # -------------------------------------------------------------------- info
 
@@ -1371,7 +1431,7 @@ class SparseExtent(Extent):
             indexes = used[k:k + step]
             sectors = gd[indexes].astype(np.int64)
             self._refuse_truncated_tables(indexes, sectors)
-            primary = read_tables(self.fd, sectors, n)
+            primary = read_tables(self.src, sectors, n)
             backup = None if rgd is None else self._copies_of(
                 sectors, rgd[indexes].astype(np.int64), primary)
             differ = _rows_differing(primary, backup)
@@ -1388,7 +1448,7 @@ class SparseExtent(Extent):
         """The redundant copies (at ``copies``) of the tables at ``sectors``; a table without
         a copy of its own (none, or the directories name one table) gets the primary."""
         own = (copies != 0) & (copies != sectors)
-        backup = read_tables(self.fd, np.where(own, copies, 0), self.header.num_gtes_per_gt)
+        backup = read_tables(self.src, np.where(own, copies, 0), self.header.num_gtes_per_gt)
         if not own.all():
             backup[~own] = primary[~own]
         return backup
@@ -1420,9 +1480,14 @@ class SparseExtent(Extent):
         pairs = list(zip(numbers.tolist(), sectors.tolist()))
         bad, first = 0, None
         for i in range(0, len(pairs), 256):
-            for pair in pairs[i:i + 256]:
+            batch = pairs[i:i + 256]
+            try:  # neighbours in one read (one request from a file elsewhere)
+                records = self._fetch_records(batch)
+            except CorruptImageError:  # a damaged record: each on its own, to count them
+                records = None
+            for k, pair in enumerate(batch):
                 try:
-                    self._inflate(*self._fetch_records([pair])[0])
+                    self._inflate(*(records[k] if records else self._fetch_records([pair])[0]))
                 except CorruptImageError as exc:
                     bad += 1
                     first = first or exc.reason

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 else:
     from .._numpy import np
 
+from .._access import Readable, pread
 from .base import SECTOR_SIZE, stored_ranges
 
 
@@ -50,7 +51,7 @@ WINDOW_BYTES = 8 << 20
 GAP_BYTES = 64 << 10
 
 
-def in_holes(fd: int, offsets: Sequence[int], size: int, file_size: int) -> list[bool]:
+def in_holes(fd: Readable, offsets: Sequence[int], size: int, file_size: int) -> list[bool]:
     """For each ``size``-byte area at ``offsets``, whether it lies wholly in a hole of the
     file, so reads as zeros.  An area reaching past the end of the file is not in a hole:
     reading it is an error the caller reports."""
@@ -68,7 +69,7 @@ def in_holes(fd: int, offsets: Sequence[int], size: int, file_size: int) -> list
     return holes
 
 
-def read_tables(fd: int, sectors: np.ndarray, entries: int) -> np.ndarray:
+def read_tables(fd: Readable, sectors: np.ndarray, entries: int) -> np.ndarray:
     """The tables of ``entries`` u32 each stored at ``sectors``, as the file holds them:
     a (len(sectors), entries) array, zeros where the file has holes or ends, and for
     sector 0 (no table: the header is there)."""
@@ -85,17 +86,17 @@ def read_tables(fd: int, sectors: np.ndarray, entries: int) -> np.ndarray:
     rows, offsets = order[stored], ordered[stored]
     for first, last in _windows(offsets, size):
         lo, hi = int(offsets[first]), int(offsets[last - 1]) + size
-        raw = os.pread(fd, hi - lo, lo)
+        raw = pread(fd, hi - lo, lo)
         window = np.frombuffer(raw.ljust(hi - lo, b"\0"), dtype="<u4")
         at = (offsets[first:last] - lo) // 4
         out[rows[first:last]] = window[at[:, None] + np.arange(entries)]
     return out
 
 
-def _holding_data(fd: int, ordered: np.ndarray, size: int) -> np.ndarray:
+def _holding_data(fd: Readable, ordered: np.ndarray, size: int) -> np.ndarray:
     """Which of the ``size``-byte areas at the sorted offsets hold any stored byte."""
-    file_size = os.fstat(fd).st_size
-    lo, hi = int(ordered[0]), min(int(ordered[-1]) + size, file_size)
+    end = os.fstat(fd).st_size if isinstance(fd, int) else fd.size
+    lo, hi = int(ordered[0]), min(int(ordered[-1]) + size, end)
     ranges = np.array(list(stored_ranges(fd, lo, hi)), dtype=np.int64).reshape(-1, 2)
     if not ranges.size:
         return np.zeros(ordered.shape, dtype=bool)

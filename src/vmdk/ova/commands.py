@@ -178,7 +178,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
                    help="trust descriptor paths outside an image's folder, and devices")
     q.add_argument("-U", "--force-share", action="store_true",
                    help="read disks another process has open for writing")
-    q.add_argument("package", help="the OVA to write (replaced if it exists)")
+    q.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an fsspec option for a package written to a URL (s3://...; pip "
+                        "install 'vmdk[remote]'): uploaded as it is written")
+    q.add_argument("package", help="the OVA to write (replaced if it exists), or a URL")
 
     from .targets import describe_targets
 

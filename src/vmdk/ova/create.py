@@ -466,13 +466,23 @@ def create_ova(app: Appliance, ova: str | os.PathLike[str], *,
                algorithm: str = manifest.DEFAULT_ALGORITHM, signer: Signer | None = None,
                compression_level: int = 1, progress: Callable[[int], None] | None = None,
                allow_external: bool = False, force_share: bool = False) -> None:
-    """Package ``app`` as the OVA ``ova``; it appears only when whole."""
+    """Package ``app`` as the OVA ``ova``; it appears only when whole.
+
+    ``ova`` may be a URL (``s3://...``): the package is then uploaded as it is written
+    (see :func:`vmdk.remote.upload`); its disks are packed in a local temporary folder
+    first, as the OVF that leads the package gives their sizes.
+    """
+    from .._access import is_url
     from .._output import StagedOutput
     from ..image import io_errors
 
     ova = os.fspath(ova)
     app.check()
     algorithm = manifest.check_algorithm(algorithm)
+    if is_url(ova):
+        _upload_ova(app, ova, algorithm, signer, compression_level, progress, allow_external,
+                    force_share)
+        return
     with io_errors(ova):
         stage = StagedOutput(ova, overwrite=True, image=False)
     with stage, io_errors(ova):
@@ -486,6 +496,26 @@ def create_ova(app: Appliance, ova: str | os.PathLike[str], *,
             out.flush()
             os.fsync(out.fileno())
         stage.commit()
+
+
+def _upload_ova(app: Appliance, url: str, algorithm: str, signer: Signer | None,
+                compression_level: int, progress: Callable[[int], None] | None,
+                allow_external: bool, force_share: bool) -> None:
+    """``create_ova`` to a URL: the disks packed in a temporary folder, the archive
+    streamed to the upload."""
+    import tempfile
+
+    from .._output import output_errors
+    from ..remote import upload
+
+    with tempfile.TemporaryDirectory(prefix="vmdk-ova-") as folder:
+        disks = pack_disks(app, folder, compression_level=compression_level,
+                           progress=progress, allow_external=allow_external,
+                           force_share=force_share)
+        descriptor = describe(app, disks)
+        with upload(url, overwrite=True) as out, output_errors(url):
+            write_package(out, app.name, descriptor, [(d.member, d.path) for d in disks],
+                          algorithm, signer)
 
 
 def export_ova(src: str | os.PathLike[str], ova: str | os.PathLike[str], *,
