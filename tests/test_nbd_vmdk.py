@@ -90,3 +90,44 @@ def test_one_writer_many_readers(image: Path, tmp_path: Path) -> None:
             assert "wrote" in write.stdout, write.stdout + write.stderr
     with vmdk.open(image) as disk:
         assert disk.read(4096) == b"\x33" * 4096
+
+
+def test_block_status_costs_what_the_client_walks(tmp_path: Path, qemu_img: str) -> None:
+    """qemu-img asks for the status from each extent it reaches to the end of the disk; the
+    server mapped all of that every time, time squared in the disk's size (qemu-img convert
+    from nbd:// ran at half qemu-nbd's speed).  A reply may cover less: it maps a window."""
+    path = tmp_path / "many.vmdk"
+    size = 256 * MiB
+    with vmdk.create(path, size) as disk:
+        for i in range(0, size, 2 * MiB):  # 128 data extents, each followed by a hole
+            disk.write_at(i, b"\x01" * 65536)
+    with vmdk.open(path) as disk:
+        mapped: list[int] = []
+        real = disk.map
+
+        def counting(offset: int = 0, length: int | None = None) -> list[vmdk.image.MapRun]:
+            mapped.append(size - offset if length is None else length)
+            return real(offset, length)
+
+        disk.map = counting  # type: ignore[method-assign]
+        with NbdServer(disk, port=0, read_only=True) as server:
+            run(qemu_img, "convert", "-f", "raw", server.uri, tmp_path / "out.raw")
+    with vmdk.open(path) as disk:
+        assert (tmp_path / "out.raw").read_bytes() == disk.read()
+    assert sum(mapped) <= 4 * size, f"mapped {sum(mapped) >> 20} MiB for a {size >> 20} MiB disk"
+
+
+def test_block_status_after_a_write_tells_the_truth(tmp_path: Path) -> None:
+    """The window of block status a server keeps is forgotten on any write: a client
+    mapping the disk after another client wrote sees the new data."""
+    if not have("nbdinfo") or not have("qemu-io"):
+        pytest.skip("nbdinfo and qemu-io are needed")
+    path = tmp_path / "d.vmdk"
+    vmdk.create(path, 16 * MiB).close()
+    with vmdk.open(path, "r+") as disk, NbdServer(disk, port=0) as server:
+        before = run("nbdinfo", "--map", server.uri).stdout  # maps (and keeps) a window
+        run("qemu-io", "-f", "raw", "-c", "write -P 1 4M 64k", server.uri)
+        after = run("nbdinfo", "--map", server.uri).stdout
+    assert [line.split()[0] for line in before.splitlines()] == ["0"]  # one hole
+    assert any(line.split()[0] == str(4 * MiB) and "data" in line
+               for line in after.splitlines()), after

@@ -116,6 +116,10 @@ def nbd_errno(exc: BaseException) -> Errno:
     return Errno.EIO
 
 
+#: How much of the disk a block-status reply maps at first (see _Session._status_runs).
+STATUS_WINDOW = 64 << 20
+
+
 def block_states(
     runs: Iterable[MapRun], offset: int, length: int
 ) -> Iterator[tuple[int, BlockState]]:
@@ -136,6 +140,29 @@ def block_states(
         pos = stop
     if pos < end:
         yield end - pos, BlockState(0)
+
+
+class StatusWindow:
+    """The allocation map of the window the last block-status reply used, shared by every
+    client: a client walks the disk extent by extent, each time asking up to its end, and
+    the next question usually falls inside the window mapped for the last.  A write by
+    anyone forgets it (see _Session.handle)."""
+
+    def __init__(self) -> None:
+        self.start = self.end = 0
+        self.runs: Sequence[MapRun] = ()
+
+    def runs_from(self, offset: int, length: int) -> tuple[Sequence[MapRun], int] | None:
+        """The runs and how far from ``offset`` they answer, when the window holds it."""
+        if not self.start <= offset < self.end:
+            return None
+        return self.runs, min(length, self.end - offset)
+
+    def keep(self, start: int, end: int, runs: Sequence[MapRun]) -> None:
+        self.start, self.end, self.runs = start, end, runs
+
+    def forget(self) -> None:
+        self.keep(0, 0, ())
 
 
 class WriterSlot:
@@ -165,11 +192,12 @@ class _Session:
     """Carries out the requests of one client on the shared device."""
 
     def __init__(self, device: BlockDevice, lock: threading.Lock, conn: p.ServerConnection,
-                 writer: WriterSlot | None = None) -> None:
+                 writer: WriterSlot | None = None, status: StatusWindow | None = None) -> None:
         self.device = device
         self.lock = lock
         self.conn = conn
         self.writer = writer if writer is not None else WriterSlot()
+        self.status = status if status is not None else StatusWindow()
 
     def close(self) -> None:
         with self.lock:
@@ -187,9 +215,11 @@ class _Session:
         assert isinstance(event, p.Request)
         try:
             with self.lock:
-                if isinstance(event, _WRITES) and not self.writer.claim(self):
-                    return self.conn.reply_error(
-                        event, Errno.EPERM, "another client is writing to this export")
+                if isinstance(event, _WRITES):
+                    if not self.writer.claim(self):
+                        return self.conn.reply_error(
+                            event, Errno.EPERM, "another client is writing to this export")
+                    self.status.forget()  # the map it holds may no longer be true
                 return action(self, event)
         except (VmdkError, OSError) as exc:
             log.warning("%s failed: %s", type(event).__name__, exc)
@@ -236,10 +266,24 @@ class _Session:
             length -= n
 
     def block_status(self, request: p.BlockStatus) -> bytes:
-        runs = self.device.map(request.offset, request.length)
-        return self.conn.reply_block_status(
-            request, block_states(runs, request.offset, request.length)
-        )
+        runs, span = self._status_runs(request.offset, request.length)
+        return self.conn.reply_block_status(request, block_states(runs, request.offset, span))
+
+    def _status_runs(self, offset: int, length: int) -> tuple[Sequence[MapRun], int]:
+        """The allocation of a window from ``offset`` (the protocol lets a reply cover less
+        than was asked).  Clients ask up to the end of the disk at every extent they
+        reach: mapping all of it each time cost time squared in the disk's size.  A
+        window that holds one kind only says little, so it grows while that is so."""
+        known = self.status.runs_from(offset, length)
+        if known is not None:
+            return known
+        span = min(length, STATUS_WINDOW)
+        runs = self.device.map(offset, span)
+        while len(runs) <= 1 and span < length:
+            span = min(length, span * 8)
+            runs = self.device.map(offset, span)
+        self.status.keep(offset, offset + span, runs)
+        return runs, span
 
     def disconnect(self, request: p.Disconnect) -> bytes:
         if self.device.writable():
@@ -336,7 +380,8 @@ class _Client:
         self.sock = sock
         self.peer = peer
         self.conn = p.ServerConnection({owner.export_name: owner.export})
-        self.session = _Session(owner.device, owner.lock, self.conn, owner.writer)
+        self.session = _Session(owner.device, owner.lock, self.conn, owner.writer,
+                                owner.status)
         self.budget = budget
         self.limits = owner.limits
         self.out = memoryview(self.conn.greeting())  # the reply being sent
@@ -709,6 +754,7 @@ class NbdServer:
                              request_timeout=request_timeout, max_in_flight=max_in_flight)
         self.lock = threading.Lock()
         self.writer = WriterSlot()
+        self.status = StatusWindow()
         self._host, self._port, self._unix_socket = host, port, unix_socket
         self._address: tuple[str, int] | str | None = None
         self._loop: _Loop | None = None
