@@ -36,7 +36,7 @@ from vmdk.convert import convert
 from vmdk.extents.sparse import SparseExtent
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-ENV = {**os.environ, "PYTHONPATH": os.fspath(SRC)}
+ENV = {**os.environ, "PYTHONPATH": os.fspath(SRC), "PYTHONFAULTHANDLER": "1"}
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 #: What a staging folder left by a killed process is called.
 STAGING = re.compile(r"\..+\.vmdk-partial-\d+-[0-9a-f]{8}")
@@ -159,7 +159,7 @@ def test_interrupted_convert_leaves_the_old_output(tmp_path: Path, sources: dict
         proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(rng.uniform(0.05, max(0.06, full * 0.9)))
         proc.send_signal(sig)
-        _, err = proc.communicate(timeout=120)
+        err = _stderr_of(proc, f"seed {seed}, {sig.name}")
         if proc.returncode == 0:  # the first run was slower (a loaded machine): aim earlier
             full = min(full, time.monotonic() - started)
         after = files(folder)
@@ -181,6 +181,17 @@ def test_interrupted_convert_leaves_the_old_output(tmp_path: Path, sources: dict
     print(summary)
     record_property("rounds", summary)
     assert interrupted() >= 3, summary
+
+
+def _stderr_of(proc: subprocess.Popen[bytes], what: str) -> bytes:
+    """The process's stderr once it ended; one that hangs fails the test with every
+    thread's stack (faulthandler answers SIGABRT), not a bare timeout."""
+    try:
+        return proc.communicate(timeout=120)[1]
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        _, err = proc.communicate(timeout=30)
+        pytest.fail(f"{what}: the convert did not end in 120 s:\n{err.decode()[-8000:]}")
 
 
 def _check_new_output(kind: str, target: Path, new: Path, *, qemu: bool = True) -> None:
