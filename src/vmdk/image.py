@@ -370,19 +370,13 @@ class Image:
         except BaseException:
             # The first failure is the one to report; closing must not stop halfway and
             # keep a lock held.
-            for extent in extents + ([embedded] if embedded and embedded not in extents else []):
-                with contextlib.suppress(Exception):
-                    extent.close()
+            _close_quietly(extents, embedded, parent)
             for fd in locks:
                 os.close(fd)
-            if parent is not None:
-                with contextlib.suppress(Exception):
-                    parent.close()
             raise
-        stores = kind == "descriptor" or (embedded is not None and bool(
-            embedded.header.descriptor_offset and embedded.header.descriptor_size))
         image = cls(path, descriptor, extents, read_only=read_only, embedded=embedded,
-                    parent=parent, allow_external=allow_external, stores_descriptor=stores)
+                    parent=parent, allow_external=allow_external,
+                    stores_descriptor=_stores_descriptor(kind, embedded))
         image._lock_fds = locks
         return image
 
@@ -459,18 +453,12 @@ class Image:
                                       seen | {name}, missing_as_zeros=missing_as_zeros,
                                       folder=folder)
         except BaseException:
-            for extent in extents + ([embedded] if embedded and embedded not in extents else []):
-                with contextlib.suppress(Exception):
-                    extent.close()
+            _close_quietly(extents, embedded, parent)
             access.close()  # once more is harmless: a failure may come before an extent has it
-            if parent is not None:
-                with contextlib.suppress(Exception):
-                    parent.close()
             raise
-        stores = kind == "descriptor" or (embedded is not None and bool(
-            embedded.header.descriptor_offset and embedded.header.descriptor_size))
         image = cls(name, descriptor, extents, read_only=True, embedded=embedded,
-                    parent=parent, allow_external=allow_external, stores_descriptor=stores)
+                    parent=parent, allow_external=allow_external,
+                    stores_descriptor=_stores_descriptor(kind, embedded))
         image.folder = folder
         return image
 
@@ -1049,6 +1037,24 @@ def _named_by_bytes(folder: str, name: str, target: str) -> tuple[str, str]:
     other = os.fsdecode(raw)
     found = os.path.normpath(os.path.join(folder, other))
     return (other, found) if other != name and os.path.lexists(found) else (name, target)
+
+
+def _close_quietly(extents: list[Extent], embedded: SparseExtent | None,
+                   parent: Image | None) -> None:
+    """Close what a failed open had opened; a second failure must not hide the first."""
+    for extent in extents + ([embedded] if embedded and embedded not in extents else []):
+        with contextlib.suppress(Exception):
+            extent.close()
+    if parent is not None:
+        with contextlib.suppress(Exception):
+            parent.close()
+
+
+def _stores_descriptor(kind: str, embedded: SparseExtent | None) -> bool:
+    """Whether the image has a place for its descriptor (a file of its own, or the area
+    embedded in a monolithic sparse file); a bare extent's is made up and not written."""
+    return kind == "descriptor" or (embedded is not None and bool(
+        embedded.header.descriptor_offset and embedded.header.descriptor_size))
 
 
 #: What allow_external does for a name outside the image's folder.
