@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ._positioned import PositionedDisk
 from .errors import OutOfRangeError, ReadOnlyError, VmdkError
 from .partitions import EXTENDED_TYPES, PartitionTableError, partition_table_of
 
@@ -92,7 +93,7 @@ class DiskFile:
 # --------------------------------------------------------------------- the files
 
 
-class _DiskReader(io.RawIOBase):
+class _DiskReader(PositionedDisk):
     """A disk as a read-only file object, for reading its partition table."""
 
     def __init__(self, disk: Disk) -> None:
@@ -100,16 +101,12 @@ class _DiskReader(io.RawIOBase):
         self._disk = disk
         self._pos = 0
 
+    @property
+    def size(self) -> int:
+        return self._disk.size
+
     def readable(self) -> bool:
         return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        self._pos = offset + {os.SEEK_SET: 0, os.SEEK_CUR: self._pos,
-                              os.SEEK_END: self._disk.size}[whence]
-        return self._pos
 
     def readinto(self, buffer: Buffer) -> int:
         view = memoryview(buffer).cast("B")
