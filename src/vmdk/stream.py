@@ -75,7 +75,7 @@ BATCH_BYTES = 1 << 20
 WINDOW_PER_THREAD = 2
 
 PathOrFile = str | bytes | os.PathLike[str] | os.PathLike[bytes] | BinaryIO
-Compressor = Callable[[bytes], bytes]
+Compressor = Callable[[bytes | memoryview], bytes]
 
 
 def _sectors(nbytes: int) -> int:
@@ -96,7 +96,7 @@ def make_compressor(level: int) -> Compressor:
     if _isal_zlib is not None:
         isal, isal_level = _isal_zlib, min(level, ISAL_MAX_LEVEL)
 
-        def compress(data: bytes) -> bytes:
+        def compress(data: bytes | memoryview) -> bytes:
             out: bytes = isal.compress(data, isal_level)
             return out if len(out) <= deflate_bound(len(data)) else zlib.compress(data, 0)
 
@@ -143,11 +143,15 @@ class StreamWriter:
         self._next_grain = 0  # lowest grain index still acceptable
         self._offset = 0  # byte position of write(); bytes below it are final
         self._partial = bytearray()  # bytes of the grain holding _offset, up to _offset
-        self._batch: list[tuple[int, bytes]] = []  # non-zero grains not yet handed out
         self._batch_grains = max(1, BATCH_BYTES // self._grain_bytes)
-        self._pending: collections.deque[tuple[list[int], Future[list[bytes]]]] = (
-            collections.deque())
         self._window = WINDOW_PER_THREAD * threads
+        #: Batch buffers, used in turn: the one being filled and one per batch in flight.
+        #: Grains are copied into them once, and their pages are touched only once.
+        self._buffers: list[bytearray] = []
+        self._buffer_turn = 0
+        self._batch: list[int] = []  # indexes of the non-zero grains in the current buffer
+        self._pending: collections.deque[tuple[list[int], Future[tuple[bytes, list[int]]]]] = (
+            collections.deque())
         #: Output not yet handed to the file: whole records, written with one writev.
         self._out: list[bytes] = []
         self._queued = 0  # bytes in _out
@@ -251,13 +255,43 @@ class StreamWriter:
                 f"{grain_index} does not come after grain {self._next_grain - 1}", self.name)
 
     def _submit(self, grain_index: int, data: bytes | bytearray | memoryview) -> None:
-        grain = self._full_grain(grain_index, data)
+        """Copy a grain into the batch buffer at full grain size, unless it is all zeros.
+
+        A batch never spans two grain tables, so each table follows its own grains.
+        """
+        view = memoryview(data).cast("B")
+        length = self._checked_length(grain_index, len(view))
         self._next_grain = grain_index + 1
-        if grain == self._zero_grain:
+        if self._batch and grain_index // GTES_PER_GT != self._batch[0] // GTES_PER_GT:
+            self._dispatch()
+        buffer = self._buffer()
+        start = len(self._batch) * self._grain_bytes
+        end = start + self._grain_bytes
+        buffer[start:start + length] = view[:length]
+        if length < self._grain_bytes:  # the last grain, or a disk part of it: zero-padded
+            buffer[start + length:end] = self._zero_grain[length:]
+        if buffer.startswith(self._zero_grain, start):  # compares in place, stopping early
             return
-        self._batch.append((grain_index, grain))
+        self._batch.append(grain_index)
         if len(self._batch) >= self._batch_grains:
             self._dispatch()
+
+    def _checked_length(self, grain_index: int, length: int) -> int:
+        """The bytes of a grain given as ``length`` bytes that are on the disk: a whole grain
+        may be given for the last one, which the disk's end cuts short."""
+        disk_part = self._grain_length(grain_index)
+        if length == self._grain_bytes or length == disk_part:
+            return min(length, disk_part)  # past the disk's end a grain is stored as zeros
+        raise ValueError(
+            f"grain {grain_index} must be {self._grain_bytes} bytes"
+            + (f" or {disk_part}" if disk_part != self._grain_bytes else "")
+            + f", got {length}")
+
+    def _buffer(self) -> bytearray:
+        """The batch buffer being filled: free, since at most the window is in flight."""
+        if self._buffer_turn == len(self._buffers):
+            self._buffers.append(bytearray(self._batch_grains * self._grain_bytes))
+        return self._buffers[self._buffer_turn]
 
     def _dispatch(self) -> None:
         """Hand the collected grains to a worker, first waiting for room in the window."""
@@ -265,26 +299,12 @@ class StreamWriter:
             return
         if len(self._pending) >= self._window:
             self._emit_oldest()
-        indexes = [index for index, _ in self._batch]
-        grains = [grain for _, grain in self._batch]
-        self._batch = []
+        indexes, self._batch = self._batch, []
+        view = memoryview(self._buffer())[:len(indexes) * self._grain_bytes]
+        self._buffer_turn = (self._buffer_turn + 1) % (self._window + 1)
         lbas = [index * self._header.grain_size for index in indexes]
-        self._pending.append((indexes, self._pool.submit(_records, self._compress, grains,
-                                                         lbas)))
-
-    def _full_grain(self, grain_index: int, data: bytes | bytearray | memoryview) -> bytes:
-        """An immutable copy of ``data`` at full grain size, checking its length."""
-        length = len(memoryview(data).cast("B"))
-        disk_part = self._grain_length(grain_index)
-        if length == self._grain_bytes:
-            grain = bytes(data)
-            return grain if disk_part == length else grain[:disk_part].ljust(length, b"\0")
-        if length == disk_part:
-            return bytes(data).ljust(self._grain_bytes, b"\0")
-        raise ValueError(
-            f"grain {grain_index} must be {self._grain_bytes} bytes"
-            + (f" or {disk_part}" if disk_part != self._grain_bytes else "")
-            + f", got {length}")
+        self._pending.append((indexes, self._pool.submit(
+            _records, self._compress, view, self._grain_bytes, lbas)))
 
     def _take(self, view: memoryview) -> int:
         """Consume the start of ``view`` at ``_offset``; return how many bytes were used."""
@@ -328,7 +348,10 @@ class StreamWriter:
 
     def _sector(self) -> int:
         """File sector where the next record starts (output is always sector-aligned)."""
-        sector = (self._flushed + self._queued) // SECTOR_SIZE
+        return self._reachable((self._flushed + self._queued) // SECTOR_SIZE)
+
+    def _reachable(self, sector: int) -> int:
+        """``sector``, if a table entry can point at it."""
         if sector > MAX_FILE_SECTOR:
             raise UnsupportedFormatError(
                 "the image grew past 2 TiB, beyond the reach of the u32 sector numbers in "
@@ -336,20 +359,21 @@ class StreamWriter:
         return sector
 
     def _emit_oldest(self) -> None:
+        """Queue the oldest batch's records (made whole by a worker) and note where each lies."""
         indexes, future = self._pending.popleft()
-        for grain_index, record in zip(indexes, future.result(), strict=True):
-            self._emit(grain_index, record)
-        if self._queued >= FLUSH_BYTES:
-            self._drain()
-
-    def _emit(self, grain_index: int, record: bytes) -> None:
-        """Queue a grain record (made whole by a worker) and note where it lies."""
-        gt_index, slot = divmod(grain_index, GTES_PER_GT)
+        records, sectors = future.result()
+        gt_index = indexes[0] // GTES_PER_GT  # one table per batch: see _submit
         if gt_index != self._gt_index:
             self._finish_gt()
             self._gt_index = gt_index
-        self._gt[slot] = self._sector()
-        self._queue(record)
+        sector = self._sector()
+        for grain_index, count in zip(indexes, sectors, strict=True):
+            self._gt[grain_index % GTES_PER_GT] = sector
+            sector += count
+        self._reachable(sector - sectors[-1])
+        self._queue(records)
+        if self._queued >= FLUSH_BYTES:
+            self._drain()
 
     def _queue(self, data: bytes) -> None:
         self._out.append(data)
@@ -401,6 +425,7 @@ class StreamWriter:
         self._pending.clear()
         self._batch.clear()
         self._release()
+        self._buffers.clear()
 
     def _release(self) -> None:
         self._closed = True
@@ -436,15 +461,19 @@ def _open_target(fileobj_or_path: PathOrFile) -> tuple[BinaryIO, bool]:
     return open(fileobj_or_path, "wb", buffering=0), True
 
 
-def _records(compress: Compressor, grains: list[bytes], lbas: list[int]) -> list[bytes]:
-    """Each grain as its whole record: marker, compressed data, padding to a sector.
-    Made by the worker that compressed it, so the writing thread only queues them."""
-    out = []
-    for grain, lba in zip(grains, lbas, strict=True):
-        data = compress(grain)
-        pad = -(GrainMarker.SIZE + len(data)) % SECTOR_SIZE
-        out.append(b"".join((GrainMarker(lba, len(data)).pack(), data, _ZEROS[:pad])))
-    return out
+def _records(compress: Compressor, grains: memoryview, grain_bytes: int,
+             lbas: list[int]) -> tuple[bytes, list[int]]:
+    """The batch's grains as whole records (marker, compressed data, padding to a sector),
+    joined, and the sectors each takes.  Made by the worker that compressed them, so the
+    writing thread queues one buffer per batch."""
+    parts: list[bytes] = []
+    sectors: list[int] = []
+    for i, lba in enumerate(lbas):
+        data = compress(grains[i * grain_bytes:(i + 1) * grain_bytes])
+        size = GrainMarker.SIZE + len(data)
+        parts += (GrainMarker(lba, len(data)).pack(), data, _ZEROS[:-size % SECTOR_SIZE])
+        sectors.append(_sectors(size))
+    return b"".join(parts), sectors
 
 
 _ZEROS = bytes(SECTOR_SIZE)
