@@ -623,6 +623,29 @@ def build_cases(w: Workloads) -> list[Case]:
                ["-O", "vmdk", "-o", "subformat=streamOptimized"], "vmdk", "vmdk", synced=False,
                ceiling="stream-ceiling")
 
+    # A package is a stream plus a tar: ours (converted straight into the tar, digested on the
+    # way, synced) against the same stream made by convert, put in a tar and synced.
+    ova_mine, ova_stream, ova_tar = out("export.ours.ova"), out("export-disk.vmdk"), out(
+        "export.tar.ova")
+    convert_then_tar = ('"$0" -m vmdk convert -o subformat=streamOptimized "$1" "$2" && '
+                        'tar cf "$3" -C "$(dirname "$2")" "$(basename "$2")" && sync "$3"')
+
+    def ova_check() -> str:
+        same = subprocess.run(py("-m", "vmdk", "compare", w.raw(), ova_mine), env=child_env(),
+                              stdin=subprocess.DEVNULL, capture_output=True).returncode == 0
+        sound = subprocess.run(py("-m", "vmdk", "ova", "verify", ova_mine), env=child_env(),
+                               stdin=subprocess.DEVNULL, capture_output=True).returncode == 0
+        return f"disk {'same' if same else 'DIFFERS'}; ova verify {'passes' if sound else 'FAILS'}"
+
+    cases.append(Case(
+        "export-ova", "raw → OVA (export-ova, synced)", lambda: [w.raw()],
+        [Contender("ours", lambda: py("-m", "vmdk", "export-ova", w.raw(), ova_mine),
+                   fresh(ova_mine), output=ova_mine),
+         Contender("convert + tar", lambda: ["sh", "-c", convert_then_tar, sys.executable,
+                                             w.raw(), ova_stream, ova_tar],
+                   fresh(ova_stream, ova_tar), output=ova_tar)],
+        ceiling="stream-ceiling", verify=ova_check))
+
     # Random 4 KiB I/O at queue depth 1. qemu-io gets one -c per operation and
     # the cost of a run with a single operation is subtracted (start-up, open, close).
     def qemu_io(write: bool, image: Callable[[], str], cache: str = "writeback"

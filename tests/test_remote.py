@@ -416,6 +416,56 @@ def test_ova_create_uploads_the_package(s3: str, small: Path, tmp_path: Path) ->
     assert _same_file(tmp_path / "disk.raw", small / "disk.raw")
 
 
+def test_ova_create_to_a_url_makes_no_local_copy(s3: str, small: Path, tmp_path: Path) -> None:
+    """Disks that must be converted are streamed into the upload: the command runs with no
+    temporary folder to use, and the package is whole and exact."""
+    import s3fs
+
+    no_temp = ("import sys, tempfile; tempfile.tempdir = sys.argv.pop(1); "
+               "from vmdk.cli import main; sys.exit(main(sys.argv[1:]))")
+    run(sys.executable, "-c", no_temp, tmp_path / "no-such-folder", "ova", "create",
+        "--disk", f"{small / 'disk.raw'},format=raw", "--disk", small / "disk.vmdk",
+        "--disk", small / "stream.vmdk", "--storage-option", f"client_kwargs.endpoint_url={s3}",
+        "s3://images/out/streamed.ova")
+    got = tmp_path / "streamed.ova"
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3}).get_file("images/out/streamed.ova",
+                                                                   str(got))
+    assert _vmdk("ova", "verify", got, check=False).returncode == 0
+    for disk in ("1", "2", "3"):
+        _vmdk("convert", "-O", "raw", "--disk", disk, got, tmp_path / f"{disk}.raw")
+        assert _same_file(tmp_path / f"{disk}.raw", small / "disk.raw")
+
+
+def test_a_disk_changed_between_the_two_passes_uploads_nothing(
+        s3: str, small: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import s3fs
+
+    from vmdk import convert as convert_module, remote
+    from vmdk.ova.create import Appliance, Disk, create_ova
+
+    source = tmp_path / "changing.raw"
+    shutil.copyfile(small / "disk.raw", source)
+    real = convert_module.convert_to_stream
+    calls = []
+
+    def then_change(*args: object, **kwargs: object) -> object:
+        made = real(*args, **kwargs)  # type: ignore[arg-type]
+        if not calls:  # a guest writes to the disk after the measuring pass
+            with open(source, "r+b") as f:
+                f.seek(SMALL // 2)
+                f.write(random.Random(3).randbytes(1 << 20))
+        calls.append(made)
+        return made
+
+    monkeypatch.setattr(convert_module, "convert_to_stream", then_change)
+    monkeypatch.setattr(remote.settings, "storage_options", {"client_kwargs": {"endpoint_url": s3}})
+    with pytest.raises(vmdk.VmdkError, match="changed while the package was made") as caught:
+        create_ova(Appliance("app", [Disk(str(source), format="raw")]), "s3://images/out/ch.ova")
+    assert caught.value.filename == str(source)
+    assert len(calls) == 1  # the second pass stopped where it outgrew the first
+    assert not s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3}).exists("images/out/ch.ova")
+
+
 def test_serve_without_read_only_says_how_to_serve_a_url(web: RangeServer) -> None:
     failed = _vmdk("serve", "--socket", "/nonexistent/x.sock", web.url("disk.vmdk"), check=False)
     assert failed.returncode == 1

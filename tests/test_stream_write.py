@@ -429,7 +429,9 @@ def test_output_is_written_in_large_chunks(monkeypatch: pytest.MonkeyPatch) -> N
 
     case = CASES["partial-last-grain"]
     write_by_grains(Counting(), make_disk(case), case, compression_level=0)
-    assert len(sizes) <= 4 and max(sizes) >= 1 << 20
+    # A batch of records at a time (grains are dropped or compressed to about 700 KiB a
+    # batch here), small pieces joined: never a write per grain.
+    assert len(sizes) <= 6 and min(sizes[:-1]) >= 1 << 16
 
 
 # -- peers -----------------------------------------------------------------------------------

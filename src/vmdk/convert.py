@@ -19,7 +19,7 @@ import os
 import stat
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple, Protocol, cast
 
 log = logging.getLogger(__name__)
 
@@ -478,6 +478,61 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
         source.close()
 
 
+class Streamed(NamedTuple):
+    """What :func:`convert_to_stream` made: the disk's size and the bytes its grains hold."""
+
+    capacity: int
+    populated: int
+
+
+def convert_to_stream(src: str | os.PathLike[str], out: BinaryIO, *, name: str,
+                      src_format: str | None = None, disk: str | None = None,
+                      progress: Progress | None = None, **options: Any) -> Streamed:
+    """Convert ``src`` (raw, any VMDK or an OVA's disk) into a streamOptimized image
+    written to ``out`` front to back: ``out`` is never sought, so it may be a tar member
+    being written, an upload or a pipe.  ``name`` is the extent name its descriptor
+    carries.  ``options`` are :func:`vmdk.create`'s (``compression_level``,
+    ``adapter_type``...) and the source's (``allow_external``, ``force_share``).
+
+    The same source and options always give the same bytes, whatever the thread count.
+    """
+    from .create import create_stream
+    from .ova import is_ova
+
+    src = os.fspath(src)
+    open_args = {key: options.pop(key) for key in ("allow_external", "force_share")
+                 if key in options}
+    block = max(DEFAULT_SPARSE_SIZE, options.get("cluster_size", 65536))
+    if src_format == "ova" or (src_format is None and is_ova(src)):
+        from .ova import copy_from_ova, ova_disk_size
+
+        stream = create_stream(out, ova_disk_size(src, disk), name=name, **options)
+        with _finished(stream):
+            copy_from_ova(src, stream.write_at, disk, progress)
+    else:
+        source = open_source(src, src_format, **(open_args if src_format != "raw" else {}))
+        try:
+            stream = create_stream(out, source.size, name=name, **options)
+            with _finished(stream):
+                copy(source, stream.write_at, sparse_size=block, progress=progress)
+        finally:
+            source.close()
+    return Streamed(stream.size, stream.stored_bytes)
+
+
+@contextlib.contextmanager
+def _finished(stream: Any) -> Iterator[None]:
+    """Close a stream being written when the block succeeds (the caller syncs what holds
+    it), abandon it footerless when the block fails."""
+    stream.durable = False
+    try:
+        yield
+    except BaseException:
+        stream.abandon()
+        raise
+    stream.close()
+
+
 def _refuse_own_files(files: list[str], dst: str, out_format: str,
                       subformat: str = "monolithicSparse") -> None:
     """Never let the output replace a file the source is read from (its extents included)."""
@@ -732,10 +787,5 @@ def _sequential_target(out: BinaryIO, name: str, size: int, out_format: str, spa
     from .create import create_stream
 
     stream = create_stream(out, size, name=name, **create_options)
-    stream.durable = False
-    try:
+    with _finished(stream):
         yield stream.write_at, max(sparse_size, create_options.get("cluster_size", 65536))
-    except BaseException:
-        stream.abandon()
-        raise
-    stream.close()

@@ -193,6 +193,7 @@ def upload(url: str, *, overwrite: bool, storage_options: dict[str, Any] | None 
     except BaseException:
         with contextlib.suppress(Exception):
             out.discard()  # aborts a multipart upload: nothing is left half made
+        out.closed = True  # else its __del__ would try to finish the discarded upload
         raise
     _call(url, "finish writing", out.close, retry=False)
 

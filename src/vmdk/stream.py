@@ -27,7 +27,7 @@ import io
 import os
 import stat
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO, Self
@@ -157,6 +157,8 @@ class StreamWriter:
         self._queued = 0  # bytes in _out
         self._flushed = 0  # bytes already handed to the file
         self._closed = False
+        #: Bytes of the disk that the stored (non-zero) grains cover: an OVF's populatedSize.
+        self.stored_bytes = 0
 
         #: False skips the final fsync (qemu-img's "-t unsafe").
         self.durable = True
@@ -272,6 +274,7 @@ class StreamWriter:
             buffer[start + length:end] = self._zero_grain[length:]
         if buffer.startswith(self._zero_grain, start):  # compares in place, stopping early
             return
+        self.stored_bytes += self._grain_length(grain_index)
         self._batch.append(grain_index)
         if len(self._batch) >= self._batch_grains:
             self._dispatch()
@@ -405,8 +408,9 @@ class StreamWriter:
         copy of the compressed data into a buffer first."""
         if self._owns_file:
             _writev_all(self._file.fileno(), self._out)
-        else:  # a borrowed object promises write() only: one large write
-            self._file.write(b"".join(self._out))
+        else:  # a borrowed object promises write() only: few writes, large ones uncopied
+            for chunk in _coalesced(self._out):
+                self._file.write(chunk)
         self._flushed += self._queued
         self._out, self._queued = [], 0
 
@@ -479,6 +483,21 @@ def _records(compress: Compressor, grains: memoryview, grain_bytes: int,
 _ZEROS = bytes(SECTOR_SIZE)
 #: The most buffers one writev takes (IOV_MAX on Linux).
 _IOV_MAX = 1024
+
+
+def _coalesced(chunks: list[bytes], least: int = 1 << 16) -> Iterator[bytes]:
+    """``chunks`` with each run of ones under ``least`` bytes joined into one."""
+    small: list[bytes] = []
+    for chunk in chunks:
+        if len(chunk) < least:
+            small.append(chunk)
+            continue
+        if small:
+            yield b"".join(small)
+            small = []
+        yield chunk
+    if small:
+        yield b"".join(small)
 
 
 def _writev_all(fd: int, chunks: list[bytes]) -> None:
@@ -590,6 +609,11 @@ class StreamFile(PositionedDisk):
 
     def flush(self) -> None:
         """Nothing to do before close: a stream is only valid once its footer is written."""
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of the disk held by the grains stored so far (all-zero grains are not)."""
+        return self._writer.stored_bytes
 
     @property
     def durable(self) -> bool:

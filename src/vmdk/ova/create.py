@@ -2,23 +2,33 @@
 
 The appliance is described by :class:`Appliance` (from options, or from a
 small YAML file through :func:`load_yaml`).  Disks are converted to
-streamOptimized (header version 3) in parallel; a source that already is
-one is checked and streamed into the tar as it is, without a copy.  The
-package is ustar, the OVF first, files in References order, then the
-manifest (SHA256 unless asked otherwise) and, when a key is given, the
-certificate.  It appears under its name only when whole.
+streamOptimized (header version 3) straight into the tar, one after another
+(each conversion compresses on every core); a source that already is one is
+checked and copied in as it is.  The package is ustar, the OVF first, files in
+References order, then the manifest (SHA256 unless asked otherwise) and, when
+a key is given, the certificate.  It appears under its name only when whole.
+
+The OVF at the front gives each disk's size, known only once it is made.  A
+local package is written in one pass: room is kept for the OVF and for each
+disk's tar header, and both are written there at the end (the OVF padded with
+trailing blanks to the room kept, which XML allows).  A package uploaded to a
+URL is written front to back, with no local copy: each disk is converted once
+to learn its size and again into the upload (the output is the same bytes
+every time), at twice the compression work.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import re
 import struct
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from .._structs import SECTOR_SIZE, SparseFlags, SparseHeader
 from ..errors import VmdkError
@@ -235,28 +245,22 @@ def measure(path: str, **open_args: Any) -> tuple[int, int]:
         return image.size, sum(r.length for r in image.map() if r.data)
 
 
-def pack_disks(app: Appliance, folder: str, *, compression_level: int = 1,
-               progress: Callable[[int], None] | None = None, **open_args: Any
-               ) -> list[PackedDisk]:
-    """Every disk as a streamOptimized file: sources that are one as they are, the others
-    converted into ``folder``, in parallel."""
-    def one(n: int, disk: Disk) -> PackedDisk:
-        member = f"{app.name}-disk{n}.vmdk"
+def _as_is(app: Appliance, **open_args: Any) -> list[PackedDisk | None]:
+    """Each disk that goes into the package as it is (a v3 stream), measured; None for the
+    disks to convert."""
+    packed: list[PackedDisk | None] = []
+    for n, disk in enumerate(app.disks, 1):
         if disk.format != "raw" and is_stream_v3(disk.source):
             capacity, populated = measure(disk.source, **open_args)
-            return PackedDisk(disk.source, member, capacity, populated,
-                              os.path.getsize(disk.source))
-        from ..convert import convert
+            packed.append(PackedDisk(disk.source, _member(app, n), capacity, populated,
+                                     os.path.getsize(disk.source)))
+        else:
+            packed.append(None)
+    return packed
 
-        out = os.path.join(folder, member)
-        convert(disk.source, out, src_format=disk.format, subformat="streamOptimized",
-                adapter_type="lsilogic", compression_level=compression_level,
-                progress=progress, durable=False, **open_args)
-        return PackedDisk(out, member, *measure(out), os.path.getsize(out))
 
-    workers = max(1, min(len(app.disks), os.cpu_count() or 1))
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(one, range(1, len(app.disks) + 1), app.disks))
+def _member(app: Appliance, n: int) -> str:
+    return f"{app.name}-disk{n}.vmdk"
 
 
 # -------------------------------------------------------------------------- the OVF
@@ -408,6 +412,9 @@ class Signer:
             return cls(key_pem, f.read())
 
 
+T = TypeVar("T")
+
+
 class DigestingWriter:
     """The tar's writer, taking each member's digest on the way."""
 
@@ -417,6 +424,7 @@ class DigestingWriter:
         self.tar = TarWriter(out)
         self.algorithm = algorithm
         self.digests: list[tuple[str, str]] = []
+        self._reserved: dict[int, tuple[int, int]] = {}  # digest slot -> (offset, size)
 
     def add_bytes(self, name: str, data: bytes) -> None:
         digest = manifest.hasher(self.algorithm)
@@ -430,24 +438,112 @@ class DigestingWriter:
 
     def add_stream(self, name: str, size: int, src: IO[bytes]) -> None:
         """A member of ``size`` bytes read from ``src`` (which must hold them all)."""
+        def copy(sink: _MemberSink) -> None:
+            while chunk := src.read(min(4 << 20, size - sink.written)):
+                sink.write(chunk)
+
+        self.add_made(name, size, copy)
+
+    def add_made(self, name: str, size: int | None, make: Callable[[_MemberSink], T]) -> T:
+        """A member whose data ``make`` writes to the file object it is given; returns what
+        ``make`` does.  ``size`` None: as many bytes as it writes (the output must seek).
+        Other sizes raise :class:`~vmdk.ova.tar.MemberSizeError` when the data differs."""
+        sink = _MemberSink(self.tar, manifest.hasher(self.algorithm))
+        if size is None:
+            self.tar.begin_unsized(name)
+        else:
+            self.tar.begin(name, size)
+        made = make(sink)
+        self.tar.end()  # raises when the data came short
+        self.digests.append((name, sink.hexdigest()))
+        return made
+
+    def reserve(self, name: str, size: int) -> int:
+        """Room for a member of ``size`` bytes that :meth:`fill` writes later (the output
+        must seek); returns its slot."""
+        self._reserved[len(self.digests)] = (self.tar.reserve(name, size), size)
+        self.digests.append((name, ""))
+        return len(self.digests) - 1
+
+    def fill(self, slot: int, data: bytes) -> None:
+        at, size = self._reserved.pop(slot)
+        if len(data) != size:
+            raise ValueError(f"{self.digests[slot][0]}: {len(data)} bytes for the {size} kept")
+        self.tar.fill(at, data)
         digest = manifest.hasher(self.algorithm)
-        self.tar.begin(name, size)
-        while chunk := src.read(min(4 << 20, size)):
-            digest.update(chunk)
-            self.tar.write(chunk)
-            size -= len(chunk)
-        self.tar.end()  # raises when the source ended early
-        self.digests.append((name, digest.hexdigest()))
+        digest.update(data)
+        self.digests[slot] = (self.digests[slot][0], digest.hexdigest())
 
     def finish(self, name: str, signer: Signer | None = None) -> None:
         """The manifest of every member so far (``name``.mf), the certificate when signed,
         and the end of the archive."""
+        assert not self._reserved, "a reserved member was never filled"
         mf = manifest.format_manifest(self.algorithm, self.digests)
         self.tar.add_bytes(f"{name}.mf", mf)
         if signer is not None:
             self.tar.add_bytes(f"{name}.cert", manifest.sign(
                 mf, f"{name}.mf", signer.key_pem, signer.cert_pem, self.algorithm))
         self.tar.close()
+
+
+class _MemberSink:
+    """The write-only file object a member's data goes through: tarred, counted, digested.
+
+    Large ``bytes`` are digested on a thread of their own while the next are made and
+    written (hashlib lets go of the GIL); one at a time, so in order.
+    """
+
+    def __init__(self, tar: Any, digest: Any) -> None:
+        self.tar, self._digest = tar, digest
+        self.written = 0
+        self._hashing: Future[None] | None = None
+
+    def write(self, data: bytes | memoryview) -> int:
+        self.tar.write(data)
+        self.written += len(data)
+        self._wait()
+        if isinstance(data, bytes) and len(data) >= _HASH_APART:
+            self._hashing = _hasher().submit(self._digest.update, data)
+        else:
+            self._digest.update(data)
+        return len(data)
+
+    def flush(self) -> None:
+        """Nothing is held here."""
+
+    def hexdigest(self) -> str:
+        self._wait()
+        return str(self._digest.hexdigest())
+
+    def _wait(self) -> None:
+        if self._hashing is not None:
+            hashing, self._hashing = self._hashing, None
+            hashing.result()
+
+
+#: Writes at least this large are digested apart from the writing thread.
+_HASH_APART = 1 << 18
+_hashers: list[ThreadPoolExecutor] = []
+
+
+def _hasher() -> ThreadPoolExecutor:
+    if not _hashers:
+        _hashers.append(ThreadPoolExecutor(1, thread_name_prefix="vmdk-digest"))
+    return _hashers[0]
+
+
+class _Counter:
+    """A write-only file object that only counts: a conversion's first, measuring pass."""
+
+    def __init__(self) -> None:
+        self.written = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        self.written += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        """Nothing is held here."""
 
 
 def write_package(out: IO[bytes], name: str, descriptor: bytes, files: list[tuple[str, str]],
@@ -462,15 +558,37 @@ def write_package(out: IO[bytes], name: str, descriptor: bytes, files: list[tupl
     writer.finish(name, signer)
 
 
+@dataclass
+class _Packing:
+    """What packing one appliance needs to know, shared by both ways of writing it."""
+
+    app: Appliance
+    algorithm: str
+    signer: Signer | None
+    compression_level: int
+    progress: Callable[[int], None] | None
+    open_args: dict[str, Any]
+
+    def convert(self, n: int, out: Any) -> PackedDisk:
+        """Disk ``n`` (from 1) converted into ``out``, which counts what it is given."""
+        from ..convert import convert_to_stream
+
+        disk, member = self.app.disks[n - 1], _member(self.app, n)
+        made = convert_to_stream(disk.source, out, name=member, src_format=disk.format,
+                                 progress=self.progress, adapter_type="lsilogic",
+                                 compression_level=self.compression_level, **self.open_args)
+        return PackedDisk(disk.source, member, made.capacity, made.populated, out.written)
+
+
 def create_ova(app: Appliance, ova: str | os.PathLike[str], *,
                algorithm: str = manifest.DEFAULT_ALGORITHM, signer: Signer | None = None,
                compression_level: int = 1, progress: Callable[[int], None] | None = None,
                allow_external: bool = False, force_share: bool = False) -> None:
     """Package ``app`` as the OVA ``ova``; it appears only when whole.
 
-    ``ova`` may be a URL (``s3://...``): the package is then uploaded as it is written
-    (see :func:`vmdk.remote.upload`); its disks are packed in a local temporary folder
-    first, as the OVF that leads the package gives their sizes.
+    ``ova`` may be a URL (``s3://...``): the package is then uploaded as it is
+    written (see :func:`vmdk.remote.upload`), with no local copy; each disk to
+    convert is then converted twice (see the module's notes).
     """
     from .._access import is_url
     from .._output import StagedOutput
@@ -478,44 +596,76 @@ def create_ova(app: Appliance, ova: str | os.PathLike[str], *,
 
     ova = os.fspath(ova)
     app.check()
-    algorithm = manifest.check_algorithm(algorithm)
+    packing = _Packing(app, manifest.check_algorithm(algorithm), signer, compression_level,
+                       progress, {"allow_external": allow_external, "force_share": force_share})
     if is_url(ova):
-        _upload_ova(app, ova, algorithm, signer, compression_level, progress, allow_external,
-                    force_share)
+        _upload_ova(packing, ova)
         return
     with io_errors(ova):
         stage = StagedOutput(ova, overwrite=True, image=False)
     with stage, io_errors(ova):
-        disks = pack_disks(app, os.path.dirname(stage.path),
-                           compression_level=compression_level, progress=progress,
-                           allow_external=allow_external, force_share=force_share)
-        descriptor = describe(app, disks)
         with open(stage.path, "wb") as out:
-            write_package(out, app.name, descriptor, [(d.member, d.path) for d in disks],
-                          algorithm, signer)
+            _write_in_one_pass(packing, out)
             out.flush()
             os.fsync(out.fileno())
         stage.commit()
 
 
-def _upload_ova(app: Appliance, url: str, algorithm: str, signer: Signer | None,
-                compression_level: int, progress: Callable[[int], None] | None,
-                allow_external: bool, force_share: bool) -> None:
-    """``create_ova`` to a URL: the disks packed in a temporary folder, the archive
-    streamed to the upload."""
-    import tempfile
+#: Stands for every number the OVF takes from a disk not made yet: no size has more digits.
+_LONGEST_NUMBER = 10 ** 19
 
+
+def _write_in_one_pass(packing: _Packing, out: IO[bytes]) -> None:
+    """The package, disks converted straight into it; the OVF and the disks' tar headers
+    are written where room was kept for them, once the disks are made."""
+    app = packing.app
+    writer = DigestingWriter(out, packing.algorithm)
+    as_is = _as_is(app, **packing.open_args)
+    room = len(describe(app, [p or PackedDisk("", _member(app, n), *[_LONGEST_NUMBER] * 3)
+                              for n, p in enumerate(as_is, 1)]))
+    slot = writer.reserve(f"{app.name}.ovf", room)
+    packed = []
+    for n, known in enumerate(as_is, 1):
+        if known is not None:
+            writer.add_file(known.member, known.path)
+            packed.append(known)
+        else:
+            packed.append(writer.add_made(_member(app, n), None,
+                                          functools.partial(packing.convert, n)))
+    writer.fill(slot, _padded(describe(app, packed), room))
+    writer.finish(app.name, packing.signer)
+
+
+def _padded(descriptor: bytes, size: int) -> bytes:
+    """``descriptor`` made ``size`` bytes long by blanks after its root element."""
+    return descriptor.rstrip(b"\n").ljust(size - 1) + b"\n"
+
+
+def _upload_ova(packing: _Packing, url: str) -> None:
+    """``create_ova`` to a URL, front to back: the disks to convert are converted once to
+    learn their sizes for the OVF at the front, then again into the upload."""
     from .._output import output_errors
     from ..remote import upload
+    from .tar import MemberSizeError
 
-    with tempfile.TemporaryDirectory(prefix="vmdk-ova-") as folder:
-        disks = pack_disks(app, folder, compression_level=compression_level,
-                           progress=progress, allow_external=allow_external,
-                           force_share=force_share)
-        descriptor = describe(app, disks)
-        with upload(url, overwrite=True) as out, output_errors(url):
-            write_package(out, app.name, descriptor, [(d.member, d.path) for d in disks],
-                          algorithm, signer)
+    app = packing.app
+    as_is = _as_is(app, **packing.open_args)
+    packed = [known or packing.convert(n, _Counter()) for n, known in enumerate(as_is, 1)]
+    with upload(url, overwrite=True) as out, output_errors(url):
+        writer = DigestingWriter(out, packing.algorithm)
+        writer.add_bytes(f"{app.name}.ovf", describe(app, packed))
+        for n, (known, expected) in enumerate(zip(as_is, packed, strict=True), 1):
+            if known is not None:
+                writer.add_file(known.member, known.path)
+                continue
+            made: PackedDisk | None = None
+            with contextlib.suppress(MemberSizeError):
+                made = writer.add_made(expected.member, expected.size,
+                                       functools.partial(packing.convert, n))
+            if made != expected:
+                raise VmdkError("changed while the package was made: its second conversion "
+                                "differs from the first", expected.path)
+        writer.finish(app.name, packing.signer)
 
 
 def export_ova(src: str | os.PathLike[str], ova: str | os.PathLike[str], *,
@@ -543,4 +693,4 @@ def build_ovf(name: str, disk_file: str, disk_file_size: int, capacity: int, pop
 
 __all__ = ["Appliance", "Controller", "DigestingWriter", "Disk", "Nic", "PackedDisk", "Signer",
            "appliance_from_dict", "build_ovf", "create_ova", "describe", "export_ova",
-           "is_stream_v3", "load_yaml", "measure", "pack_disks", "write_package"]
+           "is_stream_v3", "load_yaml", "measure", "write_package"]

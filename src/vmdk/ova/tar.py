@@ -272,12 +272,22 @@ def header(name: str, size: int, mtime: int | None = None) -> bytes:
     return bytes(block)
 
 
+class MemberSizeError(ValueError):
+    """A member's data did not match the size its header announced."""
+
+
 class TarWriter:
-    """Writes members one after another into ``out``; :meth:`close` ends the archive."""
+    """Writes members one after another into ``out``; :meth:`close` ends the archive.
+
+    A member's size goes in its header, before its data.  When it is not known
+    beforehand, :meth:`begin_unsized` leaves room for the header and :meth:`end`
+    writes it there (``out`` must seek), and :meth:`reserve` holds room for data
+    that :meth:`fill` writes later.
+    """
 
     def __init__(self, out: IO[bytes]) -> None:
         self._out = out
-        self._open: tuple[str, int, int] | None = None  # name, size, bytes written
+        self._open: tuple[str, int | None, int, int] | None = None  # name, size, done, at
 
     def add_bytes(self, name: str, data: bytes) -> None:
         self.begin(name, len(data))
@@ -288,23 +298,52 @@ class TarWriter:
         """Start a member whose ``size`` bytes are then given to :meth:`write`."""
         assert self._open is None, "a member is still open"
         self._out.write(header(name, size))
-        self._open = (name, size, 0)
+        self._open = (name, size, 0, -1)
+
+    def begin_unsized(self, name: str) -> None:
+        """Start a member whose size is what :meth:`write` gets before :meth:`end`."""
+        assert self._open is None, "a member is still open"
+        at = self._out.tell()
+        self._out.write(bytes(BLOCK))  # an end-of-archive block until end() replaces it
+        self._open = (name, None, 0, at)
 
     def write(self, data: bytes | memoryview) -> None:
         assert self._open is not None
-        name, size, done = self._open
-        if done + len(data) > size:
-            raise ValueError(f"{name}: more than the {size} bytes its header announced")
+        name, size, done, at = self._open
+        if size is not None and done + len(data) > size:
+            raise MemberSizeError(f"{name}: more than the {size} bytes its header announced")
         self._out.write(data)
-        self._open = (name, size, done + len(data))
+        self._open = (name, size, done + len(data), at)
 
     def end(self) -> None:
         assert self._open is not None
-        name, size, done = self._open
-        if done != size:
-            raise ValueError(f"{name}: {done} bytes written, its header announced {size}")
-        self._out.write(bytes(-size % BLOCK))
+        name, size, done, at = self._open
+        if size is not None and done != size:
+            raise MemberSizeError(f"{name}: {done} bytes written, its header announced {size}")
+        self._out.write(bytes(-done % BLOCK))
+        if size is None:
+            self._write_at(at, header(name, done))
         self._open = None
+
+    def reserve(self, name: str, size: int) -> int:
+        """A member of ``size`` bytes whose data :meth:`fill` gives later; returns where
+        the data goes."""
+        self.begin(name, size)
+        at = self._out.tell()
+        self._out.write(bytes(size))
+        self._open = (name, size, size, -1)
+        self.end()
+        return at
+
+    def fill(self, at: int, data: bytes) -> None:
+        """The data of a member made by :meth:`reserve`, of the size reserved."""
+        self._write_at(at, data)
+
+    def _write_at(self, at: int, data: bytes) -> None:
+        end = self._out.tell()
+        self._out.seek(at)
+        self._out.write(data)
+        self._out.seek(end)
 
     def close(self) -> None:
         """The end-of-archive marker: two zero blocks."""
@@ -316,6 +355,7 @@ __all__ = [
     "USTAR_MAX_SIZE",
     "Member",
     "MemberReader",
+    "MemberSizeError",
     "TarWriter",
     "Walker",
     "header",
