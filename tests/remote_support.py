@@ -15,6 +15,7 @@ import os
 import sys
 import re
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,13 +40,16 @@ class RangeServer(http.server.ThreadingHTTPServer):
         self.bytes = 0
         self.log: list[tuple[str, int, int]] = []  # (name, start, end) of each GET
         self.lock = threading.Lock()
+        self.delay = 0.0  # seconds each ranged GET waits before its answer: a distant server
+        self.in_flight = 0  # GETs being answered now
+        self.peak = 0  # the most GETs answered at once
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}/{name}"
 
     def reset(self) -> None:
         with self.lock:
-            self.requests = self.heads = self.bytes = 0
+            self.requests = self.heads = self.bytes = self.peak = 0
             self.log = []
 
 
@@ -102,6 +106,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         path = self._file()
         if path is None:
             return
+        with self.server.lock:
+            self.server.in_flight += 1
+            self.server.peak = max(self.server.peak, self.server.in_flight)
+        try:
+            self._send_range(path)
+        finally:
+            with self.server.lock:
+                self.server.in_flight -= 1
+
+    def _send_range(self, path: str) -> None:
         size = os.path.getsize(path)
         start, end = 0, size
         match = _RANGE.match(self.headers.get("Range", ""))
@@ -109,6 +123,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if ranged and match:
             start = int(match.group(1))
             end = min(size, int(match.group(2)) + 1) if match.group(2) else size
+        if ranged and self.server.delay:
+            time.sleep(self.server.delay)
         with open(path, "rb") as f:
             f.seek(start)
             body = f.read(end - start)

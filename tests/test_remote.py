@@ -121,6 +121,42 @@ def test_cat_and_compare_read_urls(web: RangeServer, images: Path, tmp_path: Pat
     assert web.bytes <= 1.05 * (images / "disk.vmdk").stat().st_size + METADATA
 
 
+@pytest.mark.parametrize("verb", ["compare", "convert"])
+def test_sequential_jobs_read_ahead_from_a_url(web: RangeServer, images: Path, tmp_path: Path,
+                                               verb: str) -> None:
+    """Against a distant server (each range answered after 20 ms), the next ranges are
+    asked for while the ones before are used: several requests at once, all data fetched
+    once."""
+    web.delay = 0.02
+    try:
+        args = ([web.url("disk.vmdk"), images / "disk.raw"] if verb == "compare" else
+                ["-O", "raw", web.url("disk.vmdk"), tmp_path / "out.raw"])
+        assert _vmdk(verb, *args).returncode == 0
+    finally:
+        web.delay = 0
+    assert web.peak >= 3, web.peak
+    assert web.bytes <= 1.05 * (images / "disk.vmdk").stat().st_size + METADATA
+
+
+@pytest.mark.parametrize("where", [(640 << 10) * 700 + 4097, (640 << 10) * 900 + (100 << 10)])
+def test_compare_from_a_url_finds_the_first_difference(web: RangeServer, images: Path,
+                                                       tmp_path: Path, where: int) -> None:
+    """Read ahead and in gathered ranges, the first differing byte is still the one found:
+    inside stored data, and in a hole of the image that the other side fills."""
+    changed = tmp_path / "changed.raw"
+    shutil.copyfile(images / "disk.raw", changed)
+    with open(changed, "r+b") as f:
+        f.seek(where)
+        old = f.read(1)
+        f.seek(where)
+        f.write(bytes([old[0] ^ 0xFF]))
+        f.seek(where + (3 << 20))  # a later difference must not be the one reported
+        f.write(b"\xAA")
+    found = _vmdk("compare", web.url("disk.vmdk"), changed, check=False)
+    assert found.returncode == 1
+    assert f"offset {where}!" in found.stdout
+
+
 def test_check_reads_a_url(web: RangeServer) -> None:
     out = _vmdk("check", web.url("disk.vmdk")).stdout
     assert "No errors were found" in out
