@@ -121,6 +121,14 @@ def _add_timeouts(protocol: str, options: dict[str, Any]) -> None:
         client.setdefault("timeout", aiohttp.ClientTimeout(total=None, connect=TIMEOUT,
                                                            sock_read=TIMEOUT))
         options["client_kwargs"] = client
+    elif protocol in ("gs", "gcs"):
+        import aiohttp
+
+        options.setdefault("requests_timeout", aiohttp.ClientTimeout(
+            total=None, connect=TIMEOUT, sock_read=TIMEOUT))
+    elif protocol in ("az", "abfs", "abfss"):
+        options.setdefault("connection_timeout", TIMEOUT)
+        options.setdefault("read_timeout", TIMEOUT)
     elif protocol in ("s3", "s3a"):
         config = dict(options.get("config_kwargs") or {})
         config.setdefault("connect_timeout", TIMEOUT)
@@ -165,7 +173,7 @@ class RemoteFolder(Folder):
 
     def exists(self, name: str) -> bool:
         fs, path = filesystem(name, self.storage_options)
-        return bool(_call(name, "look for", lambda: fs.exists(path)))
+        return bool(_call(name, "look for", lambda: fs.exists(path, **_deadline(fs))))
 
 
 #: Bytes an upload sends per part (and holds in memory): S3 takes at most 10,000 parts,
@@ -184,7 +192,7 @@ def upload(url: str, *, overwrite: bool, storage_options: dict[str, Any] | None 
     (ImageExistsError) unless ``overwrite``.
     """
     fs, path = filesystem(url, storage_options)
-    if not overwrite and _call(url, "look for", lambda: fs.exists(path)):
+    if not overwrite and _call(url, "look for", lambda: fs.exists(path, **_deadline(fs))):
         raise ImageExistsError("already exists (overwrite=True replaces it)", url)
     out = _call(url, "write to", lambda: fs.open(path, "wb", block_size=UPLOAD_PART),
                 retry=False)
@@ -229,7 +237,7 @@ class RemoteFile(RandomAccess):
         self.size = self._size()
 
     def _size(self) -> int:
-        info = _call(self.name, "open", lambda: self.fs.info(self.path))
+        info = _call(self.name, "open", lambda: self.fs.info(self.path, **_deadline(self.fs)))
         size = info.get("size")
         if info.get("type") == "directory":
             raise UnsupportedFormatError("is a folder, not an image", self.name)
@@ -299,7 +307,8 @@ class RemoteFile(RandomAccess):
             data: bytes = sync(self.fs.loop, _http_range, self.fs, self.path, start, end,
                                end - start == self.size)
             return data
-        return bytes(self.fs.cat_file(self.path, start=start, end=end))
+        return bytes(self.fs.cat_file(self.path, start=start, end=end,
+                                      **_deadline(self.fs, end - start)))
 
     def close(self) -> None:
         if self.requests:
@@ -331,6 +340,21 @@ async def _http_range(fs: Any, url: str, start: int, end: int, whole: bool) -> b
             raise _Status(answer.status, answer.reason or "")
         data: bytes = await answer.read()
         return data
+
+
+#: The slowest transfer a call is given time for, on top of its deadline (bytes a second).
+SLOWEST_RATE = 64 << 10
+
+
+def _deadline(fs: AbstractFileSystem, nbytes: int = 0) -> dict[str, float]:
+    """A bound on one whole call, where fsspec takes one (its asynchronous filesystems:
+    HTTP, S3, GCS, Azure): socket timeouts bound each wait, but not the retries and
+    lookups some backends make on their own (gcsfs, the Azure SDK)."""
+    from fsspec.asyn import AsyncFileSystem
+
+    if not isinstance(fs, AsyncFileSystem):
+        return {}
+    return {"timeout": 4 * TIMEOUT + nbytes / SLOWEST_RATE}
 
 
 def _call(name: str, what: str, func: Callable[[], Any], *, retry: bool = True) -> Any:
@@ -383,6 +407,8 @@ def _transient(exc: BaseException, status: int | None) -> bool:
 
 
 def _describe(exc: BaseException, status: int | None) -> str:
+    if isinstance(exc, TimeoutError) or type(exc).__name__ == "FSTimeoutError":
+        return f"no answer in time ({type(exc).__name__})"
     text = str(exc) or type(exc).__name__
     if status is not None and str(status) not in text:
         text = f"HTTP {status}: {text}"
