@@ -477,3 +477,55 @@ def test_next_table_matches_definition(entries: list[int], start: int, stop: int
         assert sparse.next_table(gd, start, stop) == expected
     finally:
         sparse._SKIP_SLOTS, sparse._ZERO_SLOTS = skip, zeros
+
+
+@pytest.mark.parametrize("kind", ["monolithicSparse", "streamOptimized"])
+def test_threads_reading_one_image_share_its_caches(tmp_path: Path, kind: str) -> None:
+    """convert and compare read a URL's image on several threads at once. With the table
+    cache evicting all the time (a tiny budget) and the interpreter switching threads as
+    often as it can, every read must still give the right bytes: the caches' bookkeeping
+    once failed with "OrderedDict mutated during iteration" and KeyError."""
+    import random
+    import sys
+    import threading
+
+    import vmdk
+    from vmdk.convert import convert
+
+    size, stride = 1 << 30, 32 << 20  # one grain table per stride
+    path = tmp_path / "many-tables.vmdk"
+    with vmdk.create(path, size) as disk:
+        for k in range(size // stride):
+            disk.write_at(k * stride, bytes([k + 1]) * 4096)
+    if kind == "streamOptimized":
+        convert(path, tmp_path / "s.vmdk", subformat="streamOptimized", durable=False)
+        path = tmp_path / "s.vmdk"
+    errors: list[str] = []
+    switching = sys.getswitchinterval()
+    with vmdk.open(path) as disk:
+        image = disk.image
+        image.extents[0]._tables.budget = 1  # evict all but the few it must keep
+
+        def reader(seed: int) -> None:
+            rnd = random.Random(seed)
+            buf = memoryview(bytearray(16))
+            try:
+                for _ in range(2000):
+                    k = rnd.randrange(size // stride)
+                    image.readinto_at(k * stride, buf)
+                    if bytes(buf) != bytes([k + 1]) * 16:
+                        errors.append(f"table {k} read {bytes(buf)!r}")
+                        return
+            except Exception as exc:  # noqa: BLE001 - reported by the test's thread
+                errors.append(repr(exc))
+
+        sys.setswitchinterval(1e-6)
+        try:
+            threads = [threading.Thread(target=reader, args=(seed,)) for seed in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        finally:
+            sys.setswitchinterval(switching)
+    assert errors == []

@@ -19,6 +19,7 @@ state and contiguous host bytes, with numpy over whole tables.
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
 import struct
 from collections import OrderedDict
@@ -299,7 +300,8 @@ class CowdExtent(GrainMappedExtent):
         """The raw u32 entries of an existing table, through the LRU cache."""
         table = self._tables.get(index)
         if table is not None:
-            self._tables.move_to_end(index)
+            with contextlib.suppress(KeyError):  # another reader may have just evicted it
+                self._tables.move_to_end(index)
             return table
         table = _read_gt(
             self._src,

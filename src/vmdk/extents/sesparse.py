@@ -16,6 +16,7 @@ subclass, not a MemoryError.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import OrderedDict
 from typing import TYPE_CHECKING
@@ -113,7 +114,8 @@ class SESparseExtent(GrainMappedExtent):
     def _decoded(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         cached = self._tables.get(index)
         if cached is not None:
-            self._tables.move_to_end(index)
+            with contextlib.suppress(KeyError):  # another reader may have just evicted it
+                self._tables.move_to_end(index)
             return cached
         decoded = self._read_gt(index)
         self._tables[index] = decoded

@@ -24,6 +24,7 @@ import logging
 import os
 import struct
 import sys
+import threading
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -263,6 +264,8 @@ class TableCache:
 
     A table changed in memory (dirty) leaves only after its extent wrote it back,
     which syncs the grain data first: eviction never loses a write or reorders it.
+    Several threads may read one image at once (convert and compare read ahead), so
+    the bookkeeping is done under a lock.
     """
 
     def __init__(self, budget: int = DEFAULT_GT_CACHE_BYTES) -> None:
@@ -270,36 +273,42 @@ class TableCache:
         self._tables: OrderedDict[tuple[int, int], tuple[SparseExtent, array[int]]] = (
             OrderedDict())
         self._bytes = 0
+        self._lock = threading.RLock()  # re-entered: eviction writes dirty tables back
 
     def get(self, extent: SparseExtent, index: int) -> array[int] | None:
         key = (extent._serial, index)
-        hit = self._tables.get(key)
-        if hit is None:
-            return None
-        self._tables.move_to_end(key)
-        return hit[1]
+        with self._lock:
+            hit = self._tables.get(key)
+            if hit is None:
+                return None
+            self._tables.move_to_end(key)
+            return hit[1]
 
     def put(self, extent: SparseExtent, index: int, table: array[int]) -> None:
-        self.pop(extent, index)
-        self._tables[(extent._serial, index)] = (extent, table)
-        self._bytes += table.itemsize * len(table)
-        self._evict()
+        with self._lock:
+            self.pop(extent, index)
+            self._tables[(extent._serial, index)] = (extent, table)
+            self._bytes += table.itemsize * len(table)
+            self._evict()
 
     def pop(self, extent: SparseExtent, index: int) -> None:
-        hit = self._tables.pop((extent._serial, index), None)
-        if hit is not None:
-            self._bytes -= hit[1].itemsize * len(hit[1])
+        with self._lock:
+            hit = self._tables.pop((extent._serial, index), None)
+            if hit is not None:
+                self._bytes -= hit[1].itemsize * len(hit[1])
 
     def has(self, extent: SparseExtent, index: int) -> bool:
         return (extent._serial, index) in self._tables
 
     def indexes(self, extent: SparseExtent) -> list[int]:
-        return [index for serial, index in self._tables if serial == extent._serial]
+        with self._lock:
+            return [index for serial, index in self._tables if serial == extent._serial]
 
     def drop(self, extent: SparseExtent) -> None:
         """Forget every table of a closed extent."""
-        for index in self.indexes(extent):
-            self.pop(extent, index)
+        with self._lock:
+            for index in self.indexes(extent):
+                self.pop(extent, index)
 
     def _evict(self) -> None:
         while self._bytes > self.budget and len(self._tables) > _MIN_CACHED_TABLES:
