@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import vmdk
 from vmdk.convert import RawSource, convert, nonzero_runs
@@ -23,6 +25,35 @@ def test_nonzero_runs_finds_blocks_and_tails() -> None:
     assert nonzero_runs(memoryview(data), 4096) == [(4096, 4096), (3 * 4096, 8192),
                                                     (10 * 4096, 100)]
     assert nonzero_runs(memoryview(bytes(8192)), 4096) == []
+
+
+@given(st.lists(st.sampled_from(["zero", "data", "last-byte", "first-byte"]), max_size=24),
+       st.sampled_from([512, 4096, 32768, 65536]), st.integers(0, 700))
+@settings(max_examples=150, deadline=None)
+def test_nonzero_runs_matches_a_byte_by_byte_model(kinds: list[str], block: int,
+                                                   tail: int) -> None:
+    """Both ways of finding runs (numpy for small blocks, one compare a block for large
+    ones, which stream and sparse outputs use without loading numpy) against the model."""
+    data = bytearray(len(kinds) * block + tail)
+    for i, kind in enumerate(kinds):
+        at = i * block
+        if kind == "data":
+            data[at:at + block] = bytes(range(1, 256)) * (block // 255) + b"\1" * (block % 255)
+        elif kind == "last-byte":
+            data[at + block - 1] = 7
+        elif kind == "first-byte":
+            data[at] = 7
+    if tail:
+        data[-1] = 9
+    pieces = [(at, min(block, len(data) - at)) for at in range(0, len(data), block)]
+    stored = [(at, n) for at, n in pieces if any(data[at:at + n])]
+    model: list[tuple[int, int]] = []
+    for at, n in stored:
+        if model and sum(model[-1]) == at:
+            model[-1] = (model[-1][0], model[-1][1] + n)
+        else:
+            model.append((at, n))
+    assert nonzero_runs(memoryview(data), block) == model
 
 
 def test_raw_source_skips_holes(tmp_path: Path) -> None:

@@ -26,16 +26,13 @@ import dataclasses
 import io
 import os
 import stat
+import sys
 import zlib
+from array import array
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, BinaryIO, Self
-
-if TYPE_CHECKING:
-    import numpy as np
-else:
-    from ._numpy import np
+from typing import Any, BinaryIO, Self
 
 from ._deflate import deflate_bound
 from ._positioned import PositionedDisk
@@ -137,8 +134,8 @@ class StreamWriter:
         self._num_grains = -(-capacity_sectors // grain_size)
         self._zero_grain = bytes(self._grain_bytes)
         self._header = stream_header(capacity_sectors, grain_size, len(descriptor))
-        self._gd = np.zeros(-(-self._num_grains // GTES_PER_GT), dtype="<u4")
-        self._gt = np.zeros(GTES_PER_GT, dtype="<u4")
+        self._gd = _u32_zeros(-(-self._num_grains // GTES_PER_GT))
+        self._gt = _u32_zeros(GTES_PER_GT)
         self._gt_index = -1  # grain-table range being filled; -1 before the first grain
         self._next_grain = 0  # lowest grain index still acceptable
         self._offset = 0  # byte position of write(); bytes below it are final
@@ -386,9 +383,9 @@ class StreamWriter:
         """Write the grain table of the range being filled, if any, and point the GD at it."""
         if self._gt_index < 0:
             return
-        self._write_metadata(MarkerType.GRAIN_TABLE, self._gt.tobytes())
-        self._gd[self._gt_index] = self._sector() - _sectors(self._gt.nbytes)
-        self._gt[:] = 0
+        self._write_metadata(MarkerType.GRAIN_TABLE, _le_bytes(self._gt))
+        self._gd[self._gt_index] = self._sector() - _sectors(4 * len(self._gt))
+        self._gt = _u32_zeros(GTES_PER_GT)
         self._gt_index = -1
 
     def _write_metadata(self, kind: MarkerType, block: bytes) -> None:
@@ -398,7 +395,7 @@ class StreamWriter:
 
     def _write_trailer(self) -> None:
         gd_sector = self._sector() + 1
-        self._write_metadata(MarkerType.GRAIN_DIRECTORY, self._gd.tobytes())
+        self._write_metadata(MarkerType.GRAIN_DIRECTORY, _le_bytes(self._gd))
         footer = dataclasses.replace(self._header, gd_offset=gd_sector)
         self._write_metadata(MarkerType.FOOTER, footer.pack())
         self._queue(MetadataMarker(0, MarkerType.EOS).pack())
@@ -498,6 +495,18 @@ def _coalesced(chunks: list[bytes], least: int = 1 << 16) -> Iterator[bytes]:
         yield chunk
     if small:
         yield b"".join(small)
+
+
+def _u32_zeros(n: int) -> array[int]:
+    return array("I", bytes(4 * n))
+
+
+def _le_bytes(entries: array[int]) -> bytes:
+    """Table or directory entries as the file holds them: little-endian u32."""
+    if sys.byteorder == "big":
+        entries = array("I", entries)
+        entries.byteswap()
+    return entries.tobytes()
 
 
 def _writev_all(fd: int, chunks: list[bytes]) -> None:
