@@ -40,10 +40,14 @@ def _vmdk(*args: str | os.PathLike[str], check: bool = True) -> subprocess.Compl
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 1 GiB monolithicSparse image with about 10% data (64 KiB of every 640 KiB, written
     front to back as a guest would fill it), its streamOptimized copy, and the raw disk."""
-    root = tmp_path_factory.mktemp("remote")
-    rnd = random.Random(7)
-    with vmdk.create(root / "disk.vmdk", GiB) as disk:
-        for pos in range(0, GiB, 640 << 10):
+    return _images_in(tmp_path_factory.mktemp("remote"), GiB, seed=7)
+
+
+def _images_in(root: Path, size: int, seed: int) -> Path:
+    """disk.vmdk with 64 KiB of random data in every 640 KiB, stream.vmdk and disk.raw."""
+    rnd = random.Random(seed)
+    with vmdk.create(root / "disk.vmdk", size) as disk:
+        for pos in range(0, size, 640 << 10):
             disk.write_at(pos, rnd.randbytes(64 << 10))
     _vmdk("convert", "-o", "subformat=streamOptimized", root / "disk.vmdk", root / "stream.vmdk")
     _vmdk("convert", "-O", "raw", root / "disk.vmdk", root / "disk.raw")
@@ -357,14 +361,7 @@ SMALL = 64 << 20
 @pytest.fixture(scope="module")
 def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 64 MiB monolithicSparse image with 10% data, its stream copy and the raw disk."""
-    root = tmp_path_factory.mktemp("small")
-    rnd = random.Random(8)
-    with vmdk.create(root / "disk.vmdk", SMALL) as disk:
-        for pos in range(0, SMALL, 640 << 10):
-            disk.write_at(pos, rnd.randbytes(64 << 10))
-    _vmdk("convert", "-o", "subformat=streamOptimized", root / "disk.vmdk", root / "stream.vmdk")
-    _vmdk("convert", "-O", "raw", root / "disk.vmdk", root / "disk.raw")
-    return root
+    return _images_in(tmp_path_factory.mktemp("small"), SMALL, seed=8)
 
 
 
